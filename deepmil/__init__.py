@@ -1,0 +1,1 @@
+"""Min-max entropy weakly supervised localisation: model, losses and training loops."""

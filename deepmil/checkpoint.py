@@ -1,0 +1,75 @@
+"""Atomic checkpoint files, resumable training state and loading of user checkpoints."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def atomic_write(path: Path, write: callable) -> None:
+    """Call ``write(file_object)`` on a temporary file next to ``path``, fsync, then rename.
+
+    A crash or a failing write leaves any previous ``path`` untouched and no partial file.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "wb") as stream:
+            write(stream)
+            stream.flush()
+            os.fsync(stream.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def save_torch(obj: Any, path: Path) -> None:
+    """``torch.save`` through :func:`atomic_write`."""
+    atomic_write(path, lambda stream: torch.save(obj, stream))
+
+
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
+                   best: dict[str, Any], history: list[dict]) -> dict[str, Any]:
+    """Everything needed to continue training after ``epoch`` (0-based) has finished."""
+    return {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "best": best, "history": history}
+
+
+def read_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a checkpoint file on the CPU, with a clear error if it is missing or unreadable."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:
+        raise ValueError(f"checkpoint {path} cannot be read ({error})") from error
+
+
+def load_model_weights(model: nn.Module, path: Path, strict: bool = True) -> None:
+    """Load a state dict (or the ``model`` entry of a training checkpoint) into ``model``.
+
+    A checkpoint of another architecture or class count is an error naming the file and the
+    mismatching keys.
+    """
+    state = read_checkpoint(path)
+    if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    own = model.state_dict()
+    wrong_shapes = [f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}"
+                    for key, value in state.items()
+                    if key in own and tuple(value.shape) != tuple(own[key].shape)]
+    if wrong_shapes:
+        raise ValueError(f"checkpoint {path} does not fit this model (different architecture "
+                         f"or class count?): " + "; ".join(wrong_shapes[:5]))
+    result = model.load_state_dict(state, strict=False)
+    if strict and (result.missing_keys or result.unexpected_keys):
+        raise ValueError(f"checkpoint {path} does not fit this model: missing keys "
+                         f"{result.missing_keys[:5]}, unexpected keys "
+                         f"{result.unexpected_keys[:5]} (use --strict false to allow this)")

@@ -1,0 +1,815 @@
+"""Configuration: schema, loading, validation, command-line overrides and seed resolution.
+
+A configuration is a plain nested dict whose keys are those of the shipped YAML files
+(``config["model"]["kmax"]``, ``config["optimizer"]["lr_scheduler"]["step_size"]``...).
+Every key has a type, a default and an allowed range; :func:`validate_config` fills the
+defaults and rejects anything else with a :class:`ConfigError` naming the file, the dotted key,
+the value and what is allowed.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import difflib
+import logging
+import math
+import os
+import re
+import tempfile
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deepmil.pooling import feature_map_size
+
+logger = logging.getLogger(__name__)
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "config_yaml"
+CONFIG_ALIASES = {"glas-no-erase.yaml": "glas-no-erasing.yaml"}
+DEFAULT_DATA_ROOT = "./data"
+DATA_ROOT_ENV = "DEEPMIL_DATA_ROOT"
+SEED_ENV = "MYSEED"
+SEED_LIMIT = 2**32
+DATASETS = ("glas", "Caltech-UCSD-Birds-200-2011", "Oxford-flowers-102", "synthetic")
+MODEL_NAMES = ("resnet18", "resnet50", "resnet101", "tv_resnet18", "tv_resnet50", "tv_resnet101")
+FORCED_VALUES = {"show_hists": False, "floating": 2}
+REQUIRED = object()
+
+
+class ConfigError(ValueError):
+    """A configuration file, override or environment value is invalid."""
+
+
+class _Reject(Exception):
+    """Raised by a value check; carries what is wrong (the caller adds what is allowed)."""
+
+
+@dataclass(frozen=True)
+class Check:
+    """How one value is checked: ``normalise`` returns the accepted value or raises ``_Reject``."""
+
+    expected: str
+    normalise: Callable[[Any], Any]
+
+
+@dataclass(frozen=True)
+class Field:
+    """One leaf key of the schema."""
+
+    default: Any
+    check: Check
+
+
+# ----------------------------------------------------------------------------- value checks
+
+
+def _show(value: Any) -> str:
+    """A value as written in YAML (``true``, ``null``, ``[480, 480]``, ``'abc'``)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _range_text(low: float | None, high: float | None, low_open: bool, high_open: bool) -> str:
+    if low is not None and high is not None:
+        return f" in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    if low is not None:
+        return f" {'>' if low_open else '>='} {low}"
+    return ""
+
+
+def _in_range(value: float, low: float | None, high: float | None, low_open: bool,
+              high_open: bool) -> bool:
+    above = low is None or (value > low if low_open else value >= low)
+    below = high is None or (value < high if high_open else value <= high)
+    return above and below
+
+
+def _numeric(noun: str, accepts: Callable[[Any], bool], low: float | None, high: float | None,
+             low_open: bool, high_open: bool, nullable: bool) -> Check:
+    expected = noun + _range_text(low, high, low_open, high_open)
+    if nullable:
+        expected = "null or " + expected
+
+    def normalise(value: Any) -> Any:
+        if value is None and nullable:
+            return None
+        if not accepts(value):
+            raise _Reject("has the wrong type")
+        if not _in_range(value, low, high, low_open, high_open):
+            raise _Reject("is out of range")
+        return value
+
+    return Check(expected, normalise)
+
+
+def integer(low: int | None = None, high: int | None = None, nullable: bool = False) -> Check:
+    """An int (not a bool) in ``[low, high]``."""
+    return _numeric("an integer", _is_int, low, high, False, False, nullable)
+
+
+def number(low: float | None = None, high: float | None = None, low_open: bool = False,
+           high_open: bool = False, nullable: bool = False) -> Check:
+    """A finite int or float (kept as given: WILDCAT's ``get_k`` tells ``1`` from ``1.0``)."""
+    return _numeric("a number", _is_number, low, high, low_open, high_open, nullable)
+
+
+def boolean() -> Check:
+    """``true`` or ``false``."""
+    def normalise(value: Any) -> bool:
+        if not isinstance(value, bool):
+            raise _Reject("has the wrong type")
+        return value
+
+    return Check("true or false", normalise)
+
+
+def choice(*options: Any) -> Check:
+    """One of ``options``."""
+    def normalise(value: Any) -> Any:
+        if not any(value == option and type(value) is type(option) for option in options):
+            raise _Reject("is not an allowed value")
+        return value
+
+    return Check("one of " + ", ".join(_show(option) for option in options), normalise)
+
+
+def text(nullable: bool = False) -> Check:
+    """A non-empty string."""
+    def normalise(value: Any) -> str | None:
+        if value is None and nullable:
+            return None
+        if not isinstance(value, str) or not value:
+            raise _Reject("has the wrong type")
+        return value
+
+    return Check("null or a non-empty string" if nullable else "a non-empty string", normalise)
+
+
+def pair(item: Check, names: str, nullable: bool = False) -> Check:
+    """A two-element list (a tuple is accepted and turned into a list)."""
+    expected = f"a list [{names}], each {item.expected}"
+    if nullable:
+        expected = "null or " + expected
+
+    def normalise(value: Any) -> list | None:
+        if value is None and nullable:
+            return None
+        if not isinstance(value, (list, tuple)) or len(value) != 2:
+            raise _Reject("has the wrong type")
+        return [item.normalise(element) for element in value]
+
+    return Check(expected, normalise)
+
+
+def int_list() -> Check:
+    """A strictly increasing list of integers >= 0 (scheduler milestones)."""
+    def normalise(value: Any) -> list[int] | None:
+        if value is None:
+            return None
+        if not isinstance(value, (list, tuple)) or not all(_is_int(v) for v in value):
+            raise _Reject("has the wrong type")
+        if any(v < 0 for v in value) or any(a >= b for a, b in zip(value, value[1:])):
+            raise _Reject("is out of range")
+        return list(value)
+
+    return Check("null or a strictly increasing list of integers >= 0", normalise)
+
+
+def class_names() -> Check:
+    """A mapping class name -> id (ids 0..n-1, each once) or an encoding file name."""
+    def normalise(value: Any) -> dict | str:
+        if isinstance(value, str) and value:
+            return value
+        if not isinstance(value, dict) or not value:
+            raise _Reject("has the wrong type")
+        if not all(_is_int(v) for v in value.values()):
+            raise _Reject("has the wrong type")
+        if sorted(value.values()) != list(range(len(value))):
+            raise _Reject("is not an allowed value")
+        return {str(name): index for name, index in value.items()}
+
+    return Check("an encoding file name or a mapping class name -> id using each id "
+                 "0..n-1 once", normalise)
+
+
+def device_id() -> Check:
+    """``cpu``, a GPU index or a comma-separated list of indices (null = automatic)."""
+    def normalise(value: Any) -> str | None:
+        if value is None:
+            return None
+        if _is_int(value) and value >= 0:
+            return str(value)
+        if isinstance(value, str) and parse_cudaid_text(value) is not None:
+            return value.strip()
+        raise _Reject("is not an allowed value")
+
+    return Check("null, cpu, a GPU index or a comma-separated list of GPU indices", normalise)
+
+
+def parse_cudaid_text(value: str) -> str | None:
+    """``value`` stripped if it is ``cpu`` or a comma list of GPU indices, else ``None``."""
+    value = value.strip()
+    if value == "cpu" or re.fullmatch(r"[0-9]+(,[0-9]+)*", value):
+        return value
+    return None
+
+
+# ----------------------------------------------------------------------------- schema
+
+PROBABILITY = number(0, 1, high_open=True)
+POSITIVE = number(0, low_open=True)
+NON_NEGATIVE = number(0)
+
+MODEL_SCHEMA: dict[str, Any] = {
+    "name": Field("resnet101", choice(*MODEL_NAMES)),
+    "pretrained": Field(True, boolean()),
+    "num_classes": Field(REQUIRED, integer(2)),
+    "num_masks": Field(1, choice(1)),
+    "scale": Field([0.5, 0.5], pair(number(0, 1, low_open=True), "h, w")),
+    "modalities": Field(5, integer(1)),
+    "kmax": Field(0.09, POSITIVE),
+    "kmin": Field(0.09, NON_NEGATIVE),
+    "alpha": Field(0.0, NON_NEGATIVE),
+    "dropout": Field(0.0, PROBABILITY),
+    "sigma": Field(0.5, number(0, 1)),
+    "w": Field(8.0, POSITIVE),
+    "smooth_out": Field(False, boolean()),
+    "mask_normalization": Field("batch", choice("batch", "sample")),
+    "apply_min_term": Field(False, boolean()),
+    "pretrained_cache": Field(None, text(nullable=True)),
+}
+
+LR_SCHEDULER_SCHEMA: dict[str, Any] = {
+    "name": Field("mystep", choice("mystep", "step", "multistep")),
+    "step_size": Field(40, integer(1)),
+    "gamma": Field(0.1, POSITIVE),
+    "min_lr": Field(1e-7, NON_NEGATIVE),
+    "last_epoch": Field(-1, integer(-1)),
+    "milestones": Field(None, int_list()),
+}
+
+OPTIMIZER_SCHEMA: dict[str, Any] = {
+    "name": Field("sgd", choice("sgd", "adam")),
+    "lr": Field(0.001, POSITIVE),
+    "momentum": Field(0.9, PROBABILITY),
+    "nesterov": Field(True, boolean()),
+    "dampening": Field(0.0, number(0, 1)),
+    "weight_decay": Field(1e-5, NON_NEGATIVE),
+    "betas": Field([0.9, 0.999], pair(PROBABILITY, "beta1, beta2")),
+    "eps": Field(1e-8, POSITIVE),
+    "amsgrad": Field(False, boolean()),
+    "lr_scheduler": LR_SCHEDULER_SCHEMA,
+}
+
+SYNTHETIC_SCHEMA: dict[str, Any] = {
+    "num_classes": Field(2, integer(2)),
+    "image_size": Field(128, integer(32)),
+    "n_train": Field(240, integer(1)),
+    "n_test": Field(100, integer(1)),
+    "seed": Field(0, integer(0, SEED_LIMIT - 1)),
+    "min_objects": Field(1, integer(1)),
+    "max_objects": Field(4, integer(1)),
+}
+
+SCHEMA: dict[str, Any] = {
+    "MYSEED": Field(0, integer(0, SEED_LIMIT - 1)),
+    "dataset": Field(REQUIRED, choice(*DATASETS)),
+    "fold_name": Field(None, text(nullable=True)),
+    "data_root": Field(None, text(nullable=True)),
+    "img_extension": Field(None, text(nullable=True)),
+    "name_classes": Field(REQUIRED, class_names()),
+    "nbr_classes": Field(REQUIRED, integer(2)),
+    "split": Field(0, integer(0)),
+    "fold": Field(0, integer(0)),
+    "fold_folder": Field("./folds", text()),
+    "resize": Field(None, integer(1, nullable=True)),
+    "crop_size": Field([480, 480], pair(integer(1), "h, w")),
+    "up_scale_small_dim_to": Field(None, integer(1, nullable=True)),
+    "padding_size": Field(None, pair(PROBABILITY, "h, w", nullable=True)),
+    "pad_eval": Field(False, boolean()),
+    "padding_mode": Field("reflect", choice("reflect", "constant", "edge", "symmetric")),
+    "preload": Field(True, boolean()),
+    "batch_size": Field(8, integer(1)),
+    "num_workers": Field(8, integer(0)),
+    "max_epochs": Field(400, integer(-1)),
+    "nbr_times_erase": Field(0, integer(0)),
+    "epoch_start_erasing": Field(1, integer(0)),
+    "sigma_erase": Field(10.0, POSITIVE),
+    "erase_in_inference": Field(False, boolean()),
+    "path_pre_trained": Field(None, text(nullable=True)),
+    "strict": Field(True, boolean()),
+    "exact_eval_crop": Field(False, boolean()),
+    "normalize": Field(True, boolean()),
+    "alpha": Field(128, integer(0, 255)),
+    "floating": Field(2, integer(0)),
+    "height_tag": Field(50, integer(0)),
+    "use_tags": Field(True, boolean()),
+    "show_hists": Field(False, boolean()),
+    "bins": Field(100, integer(1)),
+    "rangeh": Field([0, 1], pair(number(), "low, high")),
+    "extension": Field(["jpeg", "JPEG"], pair(text(), "file extension, PIL format")),
+    "exp_root": Field("exps", text()),
+    "cudaid": Field(None, device_id()),
+    "yaml": Field(None, text(nullable=True)),
+    "synthetic": SYNTHETIC_SCHEMA,
+    "model": MODEL_SCHEMA,
+    "optimizer": OPTIMIZER_SCHEMA,
+}
+
+# Command-line flags kept from the original driver: flag -> (dotted key, value type).
+FLAG_KEYS: dict[str, tuple[str, str]] = {
+    "bsize": ("batch_size", "int"),
+    "lr": ("optimizer.lr", "float"),
+    "momentum": ("optimizer.momentum", "float"),
+    "wdecay": ("optimizer.weight_decay", "float"),
+    "stepsize": ("optimizer.lr_scheduler.step_size", "int"),
+    "epoch": ("max_epochs", "int"),
+    "fold": ("fold", "int"),
+    "split": ("split", "int"),
+    "alpha": ("model.alpha", "float"),
+    "kmax": ("model.kmax", "float"),
+    "kmin": ("model.kmin", "float"),
+    "dout": ("model.dropout", "float"),
+    "modalities": ("model.modalities", "int"),
+    "pretrained": ("model.pretrained", "bool"),
+    "w": ("model.w", "float"),
+    "modelname": ("model.name", "str"),
+    "nbrerase": ("nbr_times_erase", "int"),
+    "epocherase": ("epoch_start_erasing", "int"),
+    "path_pre_trained": ("path_pre_trained", "str"),
+    "strict": ("strict", "bool"),
+}
+
+
+# ----------------------------------------------------------------------------- YAML
+
+
+class _Loader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that also reads exponent floats without a dot (``1e-5``) as floats."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."))
+
+
+def parse_yaml(text_value: str) -> Any:
+    """Parse YAML safely (``yaml.safe_load`` semantics, plus ``1e-5`` read as a float)."""
+    return yaml.load(text_value, Loader=_Loader)  # noqa: S506 - _Loader derives from SafeLoader
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _unknown_key_error(source: str, prefix: str, key: Any,
+                       section: Mapping[str, Any]) -> ConfigError:
+    dotted = prefix + str(key)
+    close = difflib.get_close_matches(str(key), list(section), n=3, cutoff=0.6)
+    hint = f" (did you mean {', '.join(prefix + c for c in close)}?)" if close else ""
+    where = f"in {prefix[:-1]}" if prefix else "at the top level"
+    return ConfigError(f"{source}: unknown key {dotted}{hint}; allowed keys {where}: "
+                       f"{', '.join(section)}")
+
+
+def _check_value(dotted: str, value: Any, check: Check, source: str) -> Any:
+    try:
+        return check.normalise(value)
+    except _Reject as reject:
+        raise ConfigError(f"{source}: {dotted} = {_show(value)} {reject} "
+                          f"(expected {check.expected})") from None
+
+
+def _normalise_section(raw: Any, schema: Mapping[str, Any], prefix: str, source: str) -> dict:
+    if not isinstance(raw, dict):
+        name = prefix[:-1] or "the configuration"
+        raise ConfigError(f"{source}: {name} = {_show(raw)} has the wrong type "
+                          f"(expected a mapping)")
+    for key in raw:
+        if key not in schema:
+            raise _unknown_key_error(source, prefix, key, schema)
+    section = {}
+    for key, spec in schema.items():
+        dotted = prefix + key
+        if isinstance(spec, dict):
+            section[key] = _normalise_section(raw.get(key, {}), spec, dotted + ".", source)
+        elif key in raw:
+            section[key] = _check_value(dotted, raw[key], spec.check, source)
+        elif spec.default is REQUIRED:
+            raise ConfigError(f"{source}: missing key {dotted} (expected {spec.check.expected})")
+        else:
+            section[key] = copy.deepcopy(spec.default)
+    return section
+
+
+def _check_class_counts(config: dict, source: str) -> None:
+    nbr, model_classes = config["nbr_classes"], config["model"]["num_classes"]
+    if nbr != model_classes:
+        raise ConfigError(f"{source}: nbr_classes = {nbr} and model.num_classes = {model_classes} "
+                          f"differ (expected the same number)")
+    dataset = config["dataset"]
+    allowed = {"glas": (2,), "Caltech-UCSD-Birds-200-2011": (200, 5), "Oxford-flowers-102": (102,),
+               "synthetic": (config["synthetic"]["num_classes"],)}[dataset]
+    if nbr not in allowed:
+        expected = " or ".join(str(a) for a in allowed)
+        if dataset == "synthetic":
+            expected = f"synthetic.num_classes = {expected}"
+        raise ConfigError(f"{source}: nbr_classes = {nbr} is not allowed for dataset {dataset} "
+                          f"(expected {expected})")
+    names = config["name_classes"]
+    if isinstance(names, dict) and len(names) != nbr:
+        raise ConfigError(f"{source}: name_classes = {_show(names)} has {len(names)} classes "
+                          f"(expected nbr_classes = {nbr})")
+
+
+def _classifier_map(crop: list[int], scale: list[float]) -> tuple[list[int], list[int]]:
+    """Classifier input size ``int(crop * scale)`` and its layer4 map size, per dimension."""
+    size = [int(c * s) for c, s in zip(crop, scale)]
+    return size, [feature_map_size(s) for s in size]
+
+
+def _selected_positions(kmax: float, crop: list[int], scale: list[float]) -> int:
+    _, (height, width) = _classifier_map(crop, scale)
+    return round(kmax * height * width)
+
+
+def _check_wildcat_k(config: dict, source: str) -> None:
+    """Refuse a crop whose classifier feature map makes ``round(kmax * n)`` zero.
+
+    ``scale <= 1``, so the classifier map is never larger than the localizer's: checking it is
+    enough. Counts (ints) and ``1.0`` always select at least one position.
+    """
+    kmax, scale, crop = config["model"]["kmax"], config["model"]["scale"], config["crop_size"]
+    if not isinstance(kmax, float) or kmax >= 1 or _selected_positions(kmax, crop, scale) > 0:
+        return
+    size, (height, width) = _classifier_map(crop, scale)
+    n = height * width
+    larger = next((c for c in range(32, 8193, 32) if _selected_positions(kmax, [c, c], scale) > 0),
+                  None)
+    crop_hint = "a larger crop_size"
+    if larger:
+        crop_hint += f" (e.g. [{larger}, {larger}])"
+    kmax_hint = f" or model.kmax > {0.5 / n:g}" if n else ""
+    raise ConfigError(
+        f"{source}: model.kmax = {kmax} selects no position of the classifier feature map: "
+        f"crop_size = {_show(crop)} scaled by model.scale = {_show(scale)} gives a "
+        f"{size[0]}x{size[1]} classifier input, a {height}x{width} map (n = {n}) and "
+        f"round({kmax} * {n}) = 0, while WILDCAT pooling needs at least one position. "
+        f"Use {crop_hint}{kmax_hint}.")
+
+
+def _check_optimizer(config: dict, source: str) -> None:
+    optimizer = config["optimizer"]
+    if optimizer["name"] == "sgd" and optimizer["nesterov"] and (
+            optimizer["momentum"] <= 0 or optimizer["dampening"] != 0):
+        raise ConfigError(
+            f"{source}: optimizer.nesterov = true needs optimizer.momentum > 0 and "
+            f"optimizer.dampening = 0 (got momentum = {optimizer['momentum']}, "
+            f"dampening = {optimizer['dampening']})")
+    scheduler = optimizer["lr_scheduler"]
+    if scheduler["name"] == "multistep" and not scheduler["milestones"]:
+        raise ConfigError(f"{source}: optimizer.lr_scheduler.milestones = "
+                          f"{_show(scheduler['milestones'])} is missing (expected a non-empty "
+                          f"list of epochs when optimizer.lr_scheduler.name = 'multistep')")
+
+
+def _check_ranges(config: dict, source: str) -> None:
+    low, high = config["rangeh"]
+    if low >= high:
+        raise ConfigError(f"{source}: rangeh = {_show(config['rangeh'])} is out of range "
+                          f"(expected [low, high] with low < high)")
+    synthetic = config["synthetic"]
+    if synthetic["min_objects"] > synthetic["max_objects"]:
+        raise ConfigError(f"{source}: synthetic.min_objects = {synthetic['min_objects']} is out "
+                          f"of range (expected at most synthetic.max_objects = "
+                          f"{synthetic['max_objects']})")
+
+
+def _check_synthetic_crop(config: dict, source: str) -> None:
+    """The training crop must fit in a (padded) synthetic image, whose size is known."""
+    if config["dataset"] != "synthetic":
+        return
+    size = config["synthetic"]["image_size"]
+    ratios = config["padding_size"] or [0, 0]
+    padded = [size + 2 * int(ratio * size) for ratio in ratios]
+    if any(c > p for c, p in zip(config["crop_size"], padded)):
+        raise ConfigError(f"{source}: crop_size = {_show(config['crop_size'])} is out of range "
+                          f"(expected at most the padded synthetic image size {_show(padded)})")
+
+
+def _force_upstream_values(config: dict, source: str) -> None:
+    for key, value in FORCED_VALUES.items():
+        if config[key] != value:
+            logger.warning("%s: %s = %s is forced to %s", source, key, _show(config[key]),
+                           _show(value))
+            config[key] = value
+
+
+def validate_config(raw: Any, source: str) -> dict:
+    """Fill the defaults of ``raw``, check every key and the cross-key rules; return a new dict.
+
+    ``source`` (a file name, ``command line``...) starts every error message.
+    ``show_hists`` and ``floating`` are forced to ``false`` and ``2`` (with a warning).
+    """
+    config = _normalise_section(raw, SCHEMA, "", source)
+    _check_class_counts(config, source)
+    _check_wildcat_k(config, source)
+    _check_optimizer(config, source)
+    _check_ranges(config, source)
+    _check_synthetic_crop(config, source)
+    _force_upstream_values(config, source)
+    return config
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def available_configs() -> list[str]:
+    """Names of the YAML files shipped in ``config_yaml/``."""
+    return sorted(path.name for path in CONFIG_DIR.glob("*.yaml"))
+
+
+def resolve_yaml_path(name: str) -> Path:
+    """Find a configuration: a bare file name is looked up in the repository's ``config_yaml/``
+    (``glas-no-erase.yaml`` is an alias of ``glas-no-erasing.yaml``); anything else is a path,
+    relative to the working directory or else to the repository."""
+    path = Path(name)
+    if path.name == name:
+        candidates = [CONFIG_DIR / name]
+        if name in CONFIG_ALIASES:
+            candidates.append(CONFIG_DIR / CONFIG_ALIASES[name])
+    else:
+        candidates = [path] if path.is_absolute() else [path, REPO_ROOT / path]
+    for candidate in candidates:
+        if candidate.is_file():
+            if candidate.name != path.name:
+                logger.info("%s is an alias of %s", name, candidate.name)
+            return candidate
+    raise ConfigError(f"configuration {name!r} not found; tried {', '.join(map(str, candidates))}. "
+                      f"Available in {CONFIG_DIR}: {', '.join(available_configs())}")
+
+
+def display_path(path: str | Path) -> str:
+    """``path`` relative to the repository when it lies inside it (shorter error messages)."""
+    resolved = Path(path).resolve()
+    if resolved.is_relative_to(REPO_ROOT):
+        return str(resolved.relative_to(REPO_ROOT))
+    return str(path)
+
+
+def load_config(path: str | Path) -> dict:
+    """Read a YAML configuration file, fill the defaults and validate it."""
+    source = display_path(path)
+    try:
+        raw = parse_yaml(Path(path).read_text(encoding="utf-8"))
+    except OSError as error:
+        raise ConfigError(f"{source}: cannot read the configuration ({error})") from None
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: invalid YAML ({error})") from None
+    return validate_config({} if raw is None else raw, source)
+
+
+def save_config(config: Mapping[str, Any], path: str | Path) -> None:
+    """Write ``config`` as YAML atomically (temporary file in the same folder, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as stream:
+            yaml.safe_dump(dict(config), stream, sort_keys=False, default_flow_style=None)
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+# ----------------------------------------------------------------------------- overrides
+
+
+def _leaf_field(dotted: str, source: str) -> Field:
+    section: Mapping[str, Any] = SCHEMA
+    parts = dotted.split(".")
+    for depth, part in enumerate(parts):
+        prefix = "".join(p + "." for p in parts[:depth])
+        if part not in section:
+            raise _unknown_key_error(source, prefix, part, section)
+        section = section[part]
+        if isinstance(section, Field) and depth < len(parts) - 1:
+            raise ConfigError(f"{source}: {prefix + part} is not a section (cannot set {dotted})")
+    if not isinstance(section, Field):
+        raise ConfigError(f"{source}: {dotted} is a section; set one of its keys "
+                          f"({', '.join(dotted + '.' + key for key in section)})")
+    return section
+
+
+def _get(config: Mapping[str, Any], dotted: str) -> Any:
+    value: Any = config
+    for part in dotted.split("."):
+        value = value[part]
+    return value
+
+
+def _set(config: dict, dotted: str, value: Any) -> None:
+    *sections, leaf = dotted.split(".")
+    target = config
+    for part in sections:
+        target = target[part]
+    target[leaf] = value
+
+
+def override_values(config: Mapping[str, Any], changes: list[tuple[str, Any, str]],
+                    source: str) -> dict:
+    """Apply already-typed ``(dotted key, value, origin)`` changes and revalidate the result.
+
+    Each value is checked against the schema with ``origin`` in the message; the cross-key rules
+    are checked once all changes are applied (with ``source``). Every change is logged as
+    ``key: old -> new``. Returns a new dict.
+    """
+    updated = copy.deepcopy(dict(config))
+    for dotted, value, origin in changes:
+        field = _leaf_field(dotted, origin)
+        new = _check_value(dotted, value, field.check, origin)
+        logger.info("%s: %s -> %s", dotted, _show(_get(updated, dotted)), _show(new))
+        _set(updated, dotted, new)
+    return validate_config(updated, source)
+
+
+def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, str], source: str) -> dict:
+    """Apply ``{"model.kmax": "0.2", ...}``: values are parsed as YAML, then validated.
+
+    Returns a new, validated dict; each change is logged as ``key: old -> new``.
+    """
+    changes = [(dotted, _parse_value(dotted, raw, source), source)
+               for dotted, raw in overrides.items()]
+    return override_values(config, changes, source)
+
+
+def _parse_value(dotted: str, raw: str, source: str) -> Any:
+    try:
+        return parse_yaml(raw)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{source}: {dotted} = {raw!r} is not valid YAML ({error})") from None
+
+
+# ----------------------------------------------------------------------------- run values
+
+
+def resolve_seed(config: dict) -> int:
+    """Seed of the run: env ``MYSEED`` if set, else ``config['MYSEED']`` (default 0).
+
+    The result is stored in ``config['MYSEED']`` and returned. An invalid env value is an error.
+    """
+    raw = os.environ.get(SEED_ENV)
+    if raw is None:
+        logger.warning("environment variable %s is not set; using seed MYSEED = %d",
+                       SEED_ENV, config["MYSEED"])
+        return config["MYSEED"]
+    if not re.fullmatch(r"[0-9]+", raw.strip()) or int(raw) >= SEED_LIMIT:
+        raise ConfigError(f"environment variable {SEED_ENV} = {raw!r} is not a valid seed "
+                          f"(expected an integer in [0, 2**32))")
+    config["MYSEED"] = int(raw)
+    return config["MYSEED"]
+
+
+def resolve_data_root(config: Mapping[str, Any], cli_value: str | None) -> str:
+    """``--data-root`` > env ``DEEPMIL_DATA_ROOT`` > ``config['data_root']`` > ``./data``."""
+    for value in (cli_value, os.environ.get(DATA_ROOT_ENV), config.get("data_root")):
+        if value:
+            return str(value)
+    return DEFAULT_DATA_ROOT
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_bool(value: str) -> bool:
+    """``true/false/1/0/yes/no`` (any case) for argparse."""
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(
+        f"invalid boolean {value!r} (expected true/false, 1/0, yes/no)")
+
+
+def parse_cudaid(value: str) -> str:
+    """``cpu``, a GPU index or a comma-separated list of GPU indices, for argparse."""
+    parsed = parse_cudaid_text(value)
+    if parsed is None:
+        raise argparse.ArgumentTypeError(
+            f"invalid device {value!r} (expected cpu, a GPU index or a comma list such as 0,1)")
+    return parsed
+
+
+def parse_assignment(value: str) -> tuple[str, str]:
+    """``section.key=value`` -> ``("section.key", "value")``, for argparse."""
+    key, sep, raw = value.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"invalid --set {value!r} (expected section.key=value)")
+    return key.strip(), raw
+
+
+FLAG_TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str,
+                                               "bool": parse_bool}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The training command line: ``--yaml``, ``--cudaid``, the original override flags, ``--set``
+    and the run options ``--data-root --exp-root --quiet --overwrite --resume``."""
+    parser = argparse.ArgumentParser(description="Train / evaluate the min-max entropy model.",
+                                     allow_abbrev=False)
+    parser.add_argument("--yaml", default=None,
+                        help="config file name in config_yaml/ (or a path to a YAML file); "
+                             "required unless --resume is given")
+    parser.add_argument("--cudaid", type=parse_cudaid, default=None,
+                        help="cpu, a GPU index or a comma list (default: first GPU, else cpu)")
+    for flag, (dotted, kind) in FLAG_KEYS.items():
+        parser.add_argument(f"--{flag}", type=FLAG_TYPES[kind], default=None,
+                            help=f"overrides {dotted} ({kind})")
+    parser.add_argument("--set", action="append", type=parse_assignment, default=[],
+                        metavar="SECTION.KEY=VALUE",
+                        help="override any config key (value read as YAML); repeatable")
+    parser.add_argument("--data-root", default=None,
+                        help=f"parent folder of the datasets (else ${DATA_ROOT_ENV}, the config "
+                             f"key data_root, then {DEFAULT_DATA_ROOT})")
+    parser.add_argument("--exp-root", default=None, help="overrides the config key exp_root")
+    parser.add_argument("--quiet", action="store_true", help="log warnings and errors only")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="reuse an existing experiment folder")
+    parser.add_argument("--resume", default=None, metavar="EXP_DIR",
+                        help="resume the experiment stored in EXP_DIR")
+    return parser
+
+
+def resumed_config(args: argparse.Namespace) -> dict:
+    """The configuration saved in the experiment folder ``args.resume``.
+
+    Only the run options (``--cudaid``, ``--data-root``, ``--quiet``) may change on resume; the
+    seed must stay the one the run started with.
+    """
+    path = Path(args.resume) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--resume {args.resume}: {path} not found; is it an experiment folder?")
+    changed = [f"--{flag}" for flag in FLAG_KEYS if getattr(args, flag) is not None]
+    if args.yaml or args.set or args.exp_root or changed:
+        raise ConfigError("--resume continues a run with its saved configuration; drop "
+                          + ", ".join(changed + ["--yaml"] * bool(args.yaml)
+                                      + ["--set"] * bool(args.set)
+                                      + ["--exp-root"] * bool(args.exp_root)))
+    config = load_config(path)
+    saved_seed = config["MYSEED"]
+    if resolve_seed(config) != saved_seed:
+        raise ConfigError(f"--resume {args.resume}: the run used seed {saved_seed} but "
+                          f"{SEED_ENV} = {config['MYSEED']}; unset it or set it to {saved_seed}")
+    config["data_root"] = resolve_data_root(config, args.data_root)
+    config["cudaid"] = args.cudaid
+    return config
+
+
+def config_from_args(args: argparse.Namespace) -> dict:
+    """The fully resolved configuration of a parsed command line (see ``tools.get_yaml_args``)."""
+    if args.resume:
+        return resumed_config(args)
+    if not args.yaml:
+        raise ConfigError("--yaml NAME is required (a file of config_yaml/ or a path)")
+    path = resolve_yaml_path(args.yaml)
+    config = load_config(path)
+    changes = [(dotted, getattr(args, flag), f"command line (--{flag})")
+               for flag, (dotted, _) in FLAG_KEYS.items() if getattr(args, flag) is not None]
+    origin = "command line (--set)"
+    changes += [(dotted, _parse_value(dotted, raw, origin), origin) for dotted, raw in args.set]
+    source = display_path(path)
+    config = override_values(config, changes, f"{source} with command-line overrides")
+    if args.strict is None:
+        if not config["strict"]:
+            logger.warning("strict = false in %s is ignored: checkpoints load strictly unless "
+                           "--strict false is given", source)
+        config["strict"] = True
+    if args.exp_root is not None:
+        config["exp_root"] = _check_value("exp_root", args.exp_root, SCHEMA["exp_root"].check,
+                                          "command line (--exp-root)")
+    config["data_root"] = resolve_data_root(config, args.data_root)
+    config["cudaid"] = args.cudaid
+    config["yaml"] = args.yaml
+    resolve_seed(config)
+    return config

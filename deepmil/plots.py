@@ -1,0 +1,168 @@
+"""Figures: learning curves and mask overlay panels written as PNG files.
+
+Figures are built with ``matplotlib.figure.Figure`` (rendered by Agg, never registered with
+pyplot), so no global backend or figure state is touched and nothing stays open after saving.
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from matplotlib.axes import Axes
+from matplotlib.figure import Figure
+
+OVERLAY_ALPHA = 128 / 255
+MOVING_AVERAGE = 20
+PANEL_TITLES = ("image", "ground truth", "prediction (R+ >= 0.5)", "continuous R+")
+CURVE_GROUPS = (
+    ("losses", "loss", lambda key: "loss" in key),
+    ("classification error", "error (%)", lambda key: "error" in key),
+    ("localisation", "F1", lambda key: "f1" in key),
+    ("learning rate", "lr", lambda key: key == "lr" or key.endswith("_lr")),
+)
+LR_GROUP = 3
+
+
+def _group_of(key: str) -> int | None:
+    for index, (_, _, matches) in enumerate(CURVE_GROUPS):
+        if matches(key):
+            return index
+    return None
+
+
+def _series(history: Sequence[Mapping[str, object]], key: str) -> np.ndarray:
+    out = np.full(len(history), np.nan)
+    for i, entry in enumerate(history):
+        value = entry.get(key)
+        if value is None:
+            continue
+        try:
+            out[i] = float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"history entry {i}: '{key}' = {value!r} is not a number") from None
+    return out
+
+
+def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing mean over up to ``window`` previous values (NaNs ignored)."""
+    out = np.full_like(values, np.nan)
+    for i in range(len(values)):
+        chunk = values[max(0, i - window + 1):i + 1]
+        if np.isfinite(chunk).any():
+            out[i] = np.nanmean(chunk)
+    return out
+
+
+def plot_learning_curves(history: Sequence[Mapping[str, object]], path: str | Path) -> Path:
+    """Plot per-epoch statistics into a PNG: one subplot per group (losses, errors, F1, lr).
+
+    ``history`` holds one dict per epoch (``epoch``, ``train_loss``, ``valid_cl_error``,
+    ``valid_f1_pos``, ``lr``...); only the keys present are drawn, missing/None values are gaps.
+    With more than 20 epochs a trailing 20-epoch moving average is drawn dashed over each curve
+    (except the learning rate, drawn on a log scale). Returns the written path.
+    """
+    if not history:
+        raise ValueError(f"plot_learning_curves: empty history, nothing to plot into {path}")
+    keys = sorted({key for entry in history for key in entry if key != "epoch"})
+    groups: dict[int, list[str]] = {}
+    for key in keys:
+        index = _group_of(key)
+        if index is not None:
+            groups.setdefault(index, []).append(key)
+    if not groups:
+        raise ValueError(f"plot_learning_curves: no plottable key among {keys} for {path}")
+    epochs = (_series(history, "epoch") if all("epoch" in entry for entry in history)
+              else np.arange(len(history), dtype=float))
+    fig = Figure(figsize=(8, 3 * len(groups)), layout="constrained")
+    axes = fig.subplots(len(groups), 1, sharex=True, squeeze=False)
+    for ax, index in zip(axes[:, 0], sorted(groups)):
+        title, ylabel, _ = CURVE_GROUPS[index]
+        smooth = len(history) > MOVING_AVERAGE and index != LR_GROUP
+        for key in groups[index]:
+            values = _series(history, key)
+            line, = ax.plot(epochs, values, marker="." if len(values) < 50 else None, label=key)
+            if smooth:
+                ax.plot(epochs, _moving_average(values, MOVING_AVERAGE), linestyle="--",
+                        color=line.get_color(), linewidth=1)
+        if index == LR_GROUP:
+            ax.set_yscale("log")
+        if smooth:
+            title = f"{title} (dashed: {MOVING_AVERAGE}-epoch moving average)"
+        ax.set_title(title)
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8, loc="best")
+    axes[-1, 0].set_xlabel("epoch")
+    return _save(fig, path)
+
+
+def denormalize_image(tensor: torch.Tensor) -> np.ndarray:
+    """``3 x H x W`` image normalised with mean 0.5 / std 0.5 -> ``H x W x 3`` uint8 array."""
+    if tensor.dim() != 3 or tensor.shape[0] != 3:
+        raise ValueError(f"denormalize_image expects a 3xHxW tensor, got {tuple(tensor.shape)}")
+    pixels = (tensor.detach().float().cpu() * 0.5 + 0.5).clamp(0, 1) * 255
+    return pixels.round().to(torch.uint8).permute(1, 2, 0).numpy()
+
+
+def _check_sample(index: int, sample: Mapping[str, object]) -> None:
+    missing = [k for k in ("image", "gt_mask", "pred_mask", "caption") if k not in sample]
+    if missing:
+        raise ValueError(f"save_mask_panels: sample {index} lacks keys {missing}")
+    image = np.asarray(sample["image"])
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"save_mask_panels: sample {index} image must be an HxWx3 uint8 array, "
+                         f"got shape {image.shape} dtype {image.dtype}")
+    for key in ("gt_mask", "pred_mask"):
+        if np.asarray(sample[key]).shape != image.shape[:2]:
+            raise ValueError(f"save_mask_panels: sample {index} {key} has shape "
+                             f"{np.asarray(sample[key]).shape}, image is {image.shape[:2]}")
+
+
+def _overlay(ax: Axes, image: np.ndarray, mask: np.ndarray) -> None:
+    ax.imshow(image)
+    ax.imshow(mask, cmap="seismic", vmin=0.0, vmax=1.0, alpha=OVERLAY_ALPHA,
+              interpolation="nearest")
+
+
+def save_mask_panels(samples: Sequence[Mapping[str, object]], path: str | Path,
+                     title: str | None = None) -> Path:
+    """One row per sample: image, ground-truth overlay, thresholded prediction overlay and
+    continuous prediction overlay ('seismic' colormap, alpha 128/255: blue = 0, red = 1), with
+    the sample's caption above the row. Returns the written PNG path."""
+    if not samples:
+        raise ValueError(f"save_mask_panels: no sample to draw into {path}")
+    for index, sample in enumerate(samples):
+        _check_sample(index, sample)
+    height, width = np.asarray(samples[0]["image"]).shape[:2]
+    panel_w = 3.0
+    panel_h = max(1.5, min(6.0, panel_w * height / width)) + 0.6
+    fig = Figure(figsize=(4 * panel_w, panel_h * len(samples) + (0.5 if title else 0)),
+                 layout="constrained")
+    rows = np.atleast_1d(fig.subfigures(len(samples), 1))
+    for row, sample in zip(rows, samples):
+        image = np.asarray(sample["image"])
+        pred = np.asarray(sample["pred_mask"], dtype=float)
+        gt = np.asarray(sample["gt_mask"], dtype=float)
+        panels = (None, gt, (pred >= 0.5).astype(float), pred)
+        axes = row.subplots(1, 4)
+        for ax, panel_title, mask in zip(axes, PANEL_TITLES, panels):
+            if mask is None:
+                ax.imshow(image)
+            else:
+                _overlay(ax, image, mask)
+            ax.set_title(panel_title, fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+        row.suptitle(str(sample["caption"]), fontsize=10)
+    if title:
+        fig.suptitle(title, fontsize=12, fontweight="bold")
+    return _save(fig, path)
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=100)
+    return path

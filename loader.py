@@ -1,0 +1,556 @@
+"""Data pipeline: fold CSVs, class encodings, image datasets, transforms, collation and loaders."""
+
+from __future__ import annotations
+
+import csv
+import operator
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset, SequentialSampler
+from torch.utils.data.distributed import DistributedSampler
+from torchvision.transforms.v2 import functional as TF
+
+import reproducibility
+
+DATASET_SUBFOLDERS = {
+    "glas": "GlaS-2015/Warwick QU Dataset (Released 2016_07_08)",
+    "Caltech-UCSD-Birds-200-2011": "Caltech-UCSD-Birds-200-2011",
+    "Oxford-flowers-102": "Oxford-flowers-102",
+    "synthetic": "synthetic",
+}
+DATASET_FAMILIES = {
+    "glas": "glas",
+    "Caltech-UCSD-Birds-200-2011": "cub",
+    "Oxford-flowers-102": "oxf",
+    "synthetic": "synthetic",
+}
+FAMILIES = ("glas", "cub", "oxf", "synthetic")
+JITTER_FAMILIES = ("glas", "synthetic")
+SPLITS = ("train", "valid", "test")
+PADDING_MODES = ("constant", "edge", "reflect", "symmetric")
+EVAL_MULTIPLE = 32
+CUB_MASK_THRESHOLD = 127.5
+JITTER_RANGES = ((0.5, 1.5), (0.5, 1.5), (0.5, 1.5), (-0.05, 0.05))
+JITTER_OPS: tuple[Callable[[Image.Image, float], Image.Image], ...] = (
+    TF.adjust_brightness,
+    TF.adjust_contrast,
+    TF.adjust_saturation,
+    TF.adjust_hue,
+)
+DATA_ROOT_HINT = "set it with --data-root or the DEEPMIL_DATA_ROOT environment variable"
+
+
+class FoldRow(NamedTuple):
+    """One fold CSV row: image and mask paths relative to the dataset root, class name."""
+
+    image: str
+    mask: str
+    label: str
+
+
+class Geometry(NamedTuple):
+    """Evaluation geometry of one sample; sizes are (height, width)."""
+
+    original: tuple[int, int]
+    upscaled: tuple[int, int]
+    padded: tuple[int, int]
+    padding: tuple[int, int, int, int]
+
+
+# ----------------------------------------------------------------------------- paths
+
+
+def dataset_family(name: str) -> str:
+    """Pipeline family ("glas", "cub", "oxf", "synthetic") of a dataset name."""
+    if name not in DATASET_FAMILIES:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASET_FAMILIES)}")
+    return DATASET_FAMILIES[name]
+
+
+def dataset_root(config: Mapping[str, Any]) -> Path:
+    """Folder holding the files of ``config['dataset']`` (fold CSV paths are relative to it)."""
+    dataset_family(config["dataset"])
+    if config.get("data_root") is None:
+        raise ValueError(f"config key 'data_root' is not set; {DATA_ROOT_HINT}")
+    root = Path(config["data_root"]) / DATASET_SUBFOLDERS[config["dataset"]]
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset folder not found: {root}; {DATA_ROOT_HINT}")
+    return root
+
+
+def fold_dir(config: Mapping[str, Any]) -> Path:
+    """``fold_folder / (fold_name or dataset) / split_<s> / fold_<f>``."""
+    name = config.get("fold_name") or config["dataset"]
+    return Path(config["fold_folder"]) / name / f"split_{config['split']}" / f"fold_{config['fold']}"
+
+
+# ----------------------------------------------------------------------------- CSV and encoding
+
+
+def read_fold_csv(path: str | Path) -> list[FoldRow]:
+    """Rows of a header-less fold CSV (``,`` delimiter, ``|`` quote character, 3 columns)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"fold CSV not found: {path}")
+    rows = []
+    with path.open(newline="", encoding="utf-8") as handle:
+        reader = csv.reader(handle, delimiter=",", quotechar="|")
+        for fields in reader:
+            line = reader.line_num
+            if line != len(rows) + 1:
+                raise ValueError(f"{path}, line {len(rows) + 1}: a row spans several lines")
+            if len(fields) != 3:
+                raise ValueError(
+                    f"{path}, line {line}: expected 3 columns (image, mask, class), got {len(fields)}"
+                )
+            if not all(fields):
+                raise ValueError(f"{path}, line {line}: empty field in {fields}")
+            rows.append(FoldRow(*fields))
+    if not rows:
+        raise ValueError(f"fold CSV is empty: {path}")
+    return rows
+
+
+def _check_encoding(mapping: Any, source: str) -> dict[str, int]:
+    """Validate a class-name -> id mapping whose ids must be exactly 0 .. n-1."""
+    if not isinstance(mapping, Mapping) or not mapping:
+        raise ValueError(f"class encoding in {source} must be a non-empty mapping, got {mapping!r}")
+    encoding = {str(name): value for name, value in mapping.items()}
+    if len(encoding) != len(mapping):
+        raise ValueError(f"class encoding in {source} has duplicate class names")
+    for name, value in encoding.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"class encoding in {source}: id of {name!r} is not an integer: {value!r}")
+    if sorted(encoding.values()) != list(range(len(encoding))):
+        raise ValueError(f"class encoding in {source}: ids must be 0 .. {len(encoding) - 1} without gaps")
+    return encoding
+
+
+def load_encoding(name_classes: Mapping[str, int] | str, fold_directory: str | Path) -> dict[str, int]:
+    """Class encoding from an inline mapping or a YAML file name inside ``fold_directory``."""
+    if isinstance(name_classes, Mapping):
+        return _check_encoding(name_classes, "config key 'name_classes'")
+    if not isinstance(name_classes, str):
+        raise ValueError(f"config key 'name_classes' must be a mapping or a file name, got {name_classes!r}")
+    path = Path(fold_directory) / name_classes
+    if not path.is_file():
+        raise FileNotFoundError(f"class encoding file not found: {path} (config key 'name_classes')")
+    with path.open(encoding="utf-8") as handle:
+        mapping = yaml.safe_load(handle)
+    return _check_encoding(mapping, str(path))
+
+
+def encode_labels(rows: Sequence[FoldRow], encoding: Mapping[str, int], csv_path: str | Path) -> list[int]:
+    """Integer label of each row; an unknown class names the CSV and its 1-based line."""
+    labels = []
+    for line, row in enumerate(rows, start=1):
+        if row.label not in encoding:
+            raise ValueError(f"{csv_path}, line {line}: unknown class {row.label!r}")
+        labels.append(encoding[row.label])
+    return labels
+
+
+# ----------------------------------------------------------------------------- images and masks
+
+
+def read_size(path: Path) -> tuple[int, int]:
+    """(height, width) of an image read from its header only."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"cannot read image {path}: {error}") from error
+    return height, width
+
+
+def _decode(path: Path, mode: str) -> Image.Image:
+    """Fully decode ``path`` into a PIL image of ``mode``; a corrupt file names the path."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return image.convert(mode)
+    except (OSError, SyntaxError, ValueError) as error:
+        raise ValueError(f"cannot decode image {path}: {error}") from error
+
+
+def load_rgb(path: Path) -> Image.Image:
+    """Decode an image as RGB."""
+    return _decode(path, "RGB")
+
+
+def binarize_mask(mask: np.ndarray, family: str) -> np.ndarray:
+    """Foreground of an 8-bit grey mask: ``> 127.5`` for CUB, ``!= 0`` otherwise."""
+    if family not in FAMILIES:
+        raise ValueError(f"unknown dataset family {family!r}; expected one of {FAMILIES}")
+    if family == "cub":
+        return mask > CUB_MASK_THRESHOLD
+    return mask != 0
+
+
+def load_mask(path: Path, family: str) -> np.ndarray:
+    """Decode a mask as 8-bit grey and binarise it (boolean h x w array)."""
+    return binarize_mask(np.asarray(_decode(path, "L")), family)
+
+
+def mask_tensor(mask: np.ndarray) -> torch.Tensor:
+    """Boolean h x w mask as a float {0, 1} tensor of shape 1 x h x w."""
+    return torch.from_numpy(mask.astype(np.float32))[None]
+
+
+def to_normalized_tensor(image: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float tensor 3 x H x W, scaled to [0, 1] then normalised (x - 0.5) / 0.5."""
+    array = np.array(image, dtype=np.uint8)
+    tensor = torch.from_numpy(array).permute(2, 0, 1).contiguous().float().div(255)
+    return tensor.sub(0.5).div(0.5)
+
+
+# ----------------------------------------------------------------------------- geometry
+
+
+def upscaled_size(height: int, width: int, short_side: int | None) -> tuple[int, int]:
+    """Size after the short-side rule: if ``min(h, w) < short_side`` scale by ``short_side / min``.
+
+    The new size is truncated, ``(int(h * r), int(w * r))`` in double precision, so the short side
+    can end at ``short_side - 1`` (e.g. 103 -> 499).
+    """
+    if short_side is None or min(height, width) >= short_side:
+        return height, width
+    ratio = short_side / min(height, width)
+    return int(height * ratio), int(width * ratio)
+
+
+def split_padding(size: int, multiple: int = EVAL_MULTIPLE) -> tuple[int, int]:
+    """Padding (before, after) that brings ``size`` to the next multiple: floor / ceil halves."""
+    leftover = (multiple - size % multiple) % multiple
+    return leftover // 2, leftover - leftover // 2
+
+
+def compute_geometry(height: int, width: int, short_side: int | None) -> Geometry:
+    """Evaluation geometry of an image of (height, width)."""
+    up_h, up_w = upscaled_size(height, width, short_side)
+    top, bottom = split_padding(up_h)
+    left, right = split_padding(up_w)
+    return Geometry(
+        original=(height, width),
+        upscaled=(up_h, up_w),
+        padded=(up_h + top + bottom, up_w + left + right),
+        padding=(top, bottom, left, right),
+    )
+
+
+def train_padding(height: int, width: int, padding_size: Sequence[float] | None) -> tuple[int, int, int, int]:
+    """Training padding (top, bottom, left, right): ``int(ratio_h * h)`` and ``int(ratio_w * w)``."""
+    if padding_size is None:
+        return 0, 0, 0, 0
+    pad_h, pad_w = int(padding_size[0] * height), int(padding_size[1] * width)
+    return pad_h, pad_h, pad_w, pad_w
+
+
+# ----------------------------------------------------------------------------- transforms
+
+
+def resize_image(image: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """Bilinear PIL resize to (height, width); no-op when the size already matches."""
+    height, width = size
+    if image.size == (width, height):
+        return image
+    return image.resize((width, height), Image.Resampling.BILINEAR)
+
+
+def pad_image(image: Image.Image, padding: Sequence[int], mode: str) -> Image.Image:
+    """Pad an RGB PIL image by (top, bottom, left, right) with a NumPy padding mode."""
+    if not any(padding):
+        return image
+    top, bottom, left, right = padding
+    array = np.pad(np.asarray(image), ((top, bottom), (left, right), (0, 0)), mode=mode)
+    return Image.fromarray(array)
+
+
+def _randint(high: int, generator: torch.Generator) -> int:
+    """Uniform integer in [0, high)."""
+    return int(torch.randint(high, (1,), generator=generator).item())
+
+
+def _uniform(low: float, high: float, generator: torch.Generator) -> float:
+    """Uniform float in [low, high)."""
+    return low + (high - low) * torch.rand((), dtype=torch.float64, generator=generator).item()
+
+
+def random_crop(image: Image.Image, crop_size: tuple[int, int], generator: torch.Generator) -> Image.Image:
+    """Crop a (height, width) window at a uniformly drawn position (top drawn first)."""
+    crop_h, crop_w = crop_size
+    width, height = image.size
+    top = _randint(height - crop_h + 1, generator)
+    left = _randint(width - crop_w + 1, generator)
+    return image.crop((left, top, left + crop_w, top + crop_h))
+
+
+def color_jitter(image: Image.Image, generator: torch.Generator) -> Image.Image:
+    """Brightness, contrast, saturation in U[0.5, 1.5] and hue in U[-0.05, 0.05], in random order.
+
+    The adjustments run on the PIL image (8-bit arithmetic), so results do not depend on how many
+    threads torch uses in a worker or in the main process.
+    """
+    order = torch.randperm(len(JITTER_OPS), generator=generator).tolist()
+    factors = [_uniform(low, high, generator) for low, high in JITTER_RANGES]
+    for op_index in order:
+        image = JITTER_OPS[op_index](image, factors[op_index])
+    return image
+
+
+def random_flip(image: Image.Image, method: Image.Transpose, generator: torch.Generator) -> Image.Image:
+    """Apply the PIL transpose ``method`` with probability 0.5."""
+    if torch.rand((), generator=generator).item() < 0.5:
+        return image.transpose(method)
+    return image
+
+
+# ----------------------------------------------------------------------------- dataset
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    """(height, width) from an int or a pair."""
+    if isinstance(value, int):
+        return value, value
+    if len(value) != 2:
+        raise ValueError(f"{name} must be an int or a (height, width) pair, got {value!r}")
+    return int(value[0]), int(value[1])
+
+
+class PhotoDataset(Dataset):
+    """Images, labels and masks of one fold CSV.
+
+    Training mode returns an augmented crop; evaluation mode returns the whole (up-scaled,
+    padded) image and its binary mask at the original size. Augmentation randomness comes only
+    from ``reproducibility.sample_generator(seed, epoch, index)``, so a sample depends on
+    (seed, epoch, index) and never on worker or access order. With ``preload`` the images (and,
+    in evaluation mode, the masks) are decoded into RAM at construction.
+    """
+
+    def __init__(
+        self,
+        rows: Sequence[FoldRow],
+        root: str | Path,
+        encoding: Mapping[str, int],
+        family: str,
+        *,
+        train: bool,
+        crop_size: int | Sequence[int],
+        padding_size: Sequence[float] | None = None,
+        padding_mode: str = "reflect",
+        up_scale_small_dim_to: int | None = None,
+        preload: bool = False,
+        seed: int = 0,
+        csv_path: str | Path = "<rows>",
+    ) -> None:
+        if family not in FAMILIES:
+            raise ValueError(f"unknown dataset family {family!r}; expected one of {FAMILIES}")
+        if padding_mode not in PADDING_MODES:
+            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+        root = Path(root)
+        self.rows = list(rows)
+        self.family = family
+        self.train = train
+        self.crop_size = _pair(crop_size, "crop_size")
+        self.padding_size = None if padding_size is None else (float(padding_size[0]), float(padding_size[1]))
+        self.padding_mode = padding_mode
+        self.up_scale_small_dim_to = up_scale_small_dim_to
+        self.seed = operator.index(seed)
+        self.epoch = 0
+        self.csv_path = Path(csv_path)
+        self.labels = encode_labels(self.rows, encoding, self.csv_path)
+        self.image_paths = [root / row.image for row in self.rows]
+        self.mask_paths = [root / row.mask for row in self.rows]
+        self._check_files_exist()
+        self.geometry = [self._read_geometry(i) for i in range(len(self.rows))]
+        if train:
+            self._check_crop_fits()
+        self.images = [load_rgb(path) for path in self.image_paths] if preload else None
+        self.masks = [load_mask(path, family) for path in self.mask_paths] if preload and not train else None
+
+    def _check_files_exist(self) -> None:
+        for line, paths in enumerate(zip(self.image_paths, self.mask_paths), start=1):
+            for path in paths:
+                if not path.is_file():
+                    raise FileNotFoundError(
+                        f"file not found: {path} (listed in {self.csv_path}, line {line})"
+                    )
+
+    def _read_geometry(self, index: int) -> Geometry:
+        image_path, mask_path = self.image_paths[index], self.mask_paths[index]
+        image_size, mask_size = read_size(image_path), read_size(mask_path)
+        if image_size != mask_size:
+            raise ValueError(
+                f"mask size {mask_size} of {mask_path} differs from image size {image_size} of {image_path} "
+                f"(sizes are (height, width); listed in {self.csv_path}, line {index + 1})"
+            )
+        return compute_geometry(*image_size, self.up_scale_small_dim_to)
+
+    def _train_size(self, index: int) -> tuple[int, int]:
+        height, width = self.geometry[index].upscaled
+        top, bottom, left, right = train_padding(height, width, self.padding_size)
+        return height + top + bottom, width + left + right
+
+    def _check_crop_fits(self) -> None:
+        crop_h, crop_w = self.crop_size
+        for index in range(len(self.rows)):
+            height, width = self._train_size(index)
+            if height < crop_h or width < crop_w:
+                raise ValueError(
+                    f"image {self.image_paths[index]} is {height}x{width} (h x w) after up-scaling and "
+                    f"padding, smaller than crop_size {self.crop_size}"
+                )
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose augmentation draws ``__getitem__`` uses."""
+        self.epoch = operator.index(epoch)
+
+    def _image(self, index: int) -> Image.Image:
+        if self.images is not None:
+            return self.images[index]
+        return load_rgb(self.image_paths[index])
+
+    def _mask(self, index: int) -> np.ndarray:
+        if self.masks is not None:
+            return self.masks[index]
+        return load_mask(self.mask_paths[index], self.family)
+
+    def _train_image(self, index: int) -> torch.Tensor:
+        generator = reproducibility.sample_generator(self.seed, self.epoch, index)
+        image = resize_image(self._image(index), self.geometry[index].upscaled)
+        image = pad_image(
+            image, train_padding(image.height, image.width, self.padding_size), self.padding_mode
+        )
+        image = random_crop(image, self.crop_size, generator)
+        if self.family in JITTER_FAMILIES:
+            image = color_jitter(image, generator)
+            image = random_flip(image, Image.Transpose.FLIP_LEFT_RIGHT, generator)
+            image = random_flip(image, Image.Transpose.FLIP_TOP_BOTTOM, generator)
+        else:
+            image = random_flip(image, Image.Transpose.FLIP_LEFT_RIGHT, generator)
+        return to_normalized_tensor(image)
+
+    def _eval_image(self, index: int) -> torch.Tensor:
+        geometry = self.geometry[index]
+        image = resize_image(self._image(index), geometry.upscaled)
+        return to_normalized_tensor(pad_image(image, geometry.padding, "reflect"))
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        index = operator.index(index)
+        if self.train:
+            return {"image": self._train_image(index), "label": self.labels[index], "index": index}
+        return {
+            "image": self._eval_image(index),
+            "label": self.labels[index],
+            "index": index,
+            "mask": mask_tensor(self._mask(index)),
+        }
+
+
+def collate(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+    """Stack images, labels and indices; masks (different sizes) stay a list."""
+    collated = {
+        "image": torch.stack([sample["image"] for sample in batch]),
+        "label": torch.tensor([sample["label"] for sample in batch], dtype=torch.long),
+        "index": torch.tensor([sample["index"] for sample in batch], dtype=torch.long),
+    }
+    if "mask" in batch[0]:
+        collated["mask"] = [sample["mask"] for sample in batch]
+    return collated
+
+
+def build_dataset(
+    config: Mapping[str, Any], split: str, train: bool, preload: bool | None = None
+) -> PhotoDataset:
+    """Dataset of ``fold_dir(config)/{split}_s_<s>_f_<f>.csv``.
+
+    ``preload=None`` preloads the train and valid sets and loads the test set lazily.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if config["resize"] is not None:
+        raise ValueError(f"config key 'resize' = {config['resize']!r} is not supported; set it to null")
+    if config["pad_eval"]:
+        raise ValueError("config key 'pad_eval' = true is not supported; set it to false")
+    folder = fold_dir(config)
+    csv_path = folder / f"{split}_s_{config['split']}_f_{config['fold']}.csv"
+    rows = read_fold_csv(csv_path)
+    encoding = load_encoding(config["name_classes"], folder)
+    num_classes = config["model"]["num_classes"]
+    if len(encoding) != num_classes:
+        raise ValueError(
+            f"the class encoding (config key 'name_classes' = {config['name_classes']!r}) has "
+            f"{len(encoding)} classes but model.num_classes is {num_classes}"
+        )
+    return PhotoDataset(
+        rows,
+        dataset_root(config),
+        encoding,
+        dataset_family(config["dataset"]),
+        train=train,
+        crop_size=config["crop_size"],
+        padding_size=config["padding_size"],
+        padding_mode=config["padding_mode"],
+        up_scale_small_dim_to=config["up_scale_small_dim_to"],
+        preload=split != "test" if preload is None else preload,
+        seed=config["MYSEED"],
+        csv_path=csv_path,
+    )
+
+
+# ----------------------------------------------------------------------------- loaders
+
+
+def make_loader(
+    dataset: PhotoDataset,
+    batch_size: int,
+    num_workers: int,
+    shuffle: bool,
+    seed: int,
+    rank: int = 0,
+    world_size: int = 1,
+) -> DataLoader:
+    """DataLoader over ``dataset``.
+
+    Shuffled loaders (and every loader with ``world_size > 1``) use a ``DistributedSampler``
+    seeded with ``seed``; call ``set_loader_epoch`` before each epoch. No ``worker_init_fn`` is
+    needed: each sample draws its augmentation from its own generator seeded by
+    (seed, epoch, index), so batches do not depend on the number of workers. Workers are not
+    persistent so that ``dataset.set_epoch`` reaches them, and the loader's private generator
+    keeps it from consuming the global torch RNG.
+    """
+    if shuffle or world_size > 1:
+        sampler = DistributedSampler(
+            dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
+        )
+    else:
+        sampler = SequentialSampler(dataset)
+    generator = torch.Generator()
+    generator.manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=num_workers,
+        collate_fn=collate,
+        pin_memory=torch.cuda.is_available(),
+        drop_last=False,
+        persistent_workers=False,
+        generator=generator,
+    )
+
+
+def set_loader_epoch(loader: DataLoader, epoch: int) -> None:
+    """Set the epoch of the loader's sampler (shuffling) and dataset (augmentation)."""
+    if isinstance(loader.sampler, DistributedSampler):
+        loader.sampler.set_epoch(epoch)
+    loader.dataset.set_epoch(epoch)

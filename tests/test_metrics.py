@@ -1,0 +1,186 @@
+"""Metrics: mask geometry restoration, Dice/F1+-, classification error, confusion matrix, meter."""
+import pytest
+import torch
+
+from deepmil.metrics import (
+    LocalizationMeter,
+    all_ones_f1,
+    classification_error,
+    confusion_matrix,
+    dice,
+    f1_pos_neg,
+    restore_mask_geometry,
+)
+
+
+def column_index_mask(height: int, width: int) -> torch.Tensor:
+    """1 x height x width mask whose value is the column index."""
+    return torch.arange(width, dtype=torch.float32).expand(1, height, width).clone()
+
+
+def row_index_mask(height: int, width: int) -> torch.Tensor:
+    return torch.arange(height, dtype=torch.float32)[:, None].expand(1, height, width).clone()
+
+
+def test_restore_odd_width_faithful_vs_exact():
+    # width 5 padded to 8: leftover 3, padding 1 before / 2 after.
+    mask = column_index_mask(4, 8)
+    faithful = restore_mask_geometry(mask, (4, 8), (4, 5), (4, 5))
+    exact = restore_mask_geometry(mask, (4, 8), (4, 5), (4, 5), exact=True)
+    assert faithful.shape == (1, 4, 5)
+    assert faithful[0, 0].tolist() == [2, 3, 4, 5, 6]
+    assert exact[0, 0].tolist() == [1, 2, 3, 4, 5]
+
+
+def test_restore_even_sizes_faithful_equals_exact():
+    mask = torch.rand(1, 8, 8)
+    faithful = restore_mask_geometry(mask, (8, 8), (6, 4), (6, 4))
+    exact = restore_mask_geometry(mask, (8, 8), (6, 4), (6, 4), exact=True)
+    assert torch.equal(faithful, exact)
+    assert torch.equal(faithful, mask[:, 1:7, 2:6])
+
+
+def test_restore_glas_width_775():
+    # GlaS-like: 20 x 775 padded to 32 x 800 (rows 6/6, columns 12/13).
+    cols = column_index_mask(32, 800)
+    faithful = restore_mask_geometry(cols, (32, 800), (20, 775), (20, 775))
+    exact = restore_mask_geometry(cols, (32, 800), (20, 775), (20, 775), exact=True)
+    assert faithful.shape == exact.shape == (1, 20, 775)
+    assert faithful[0, 0, 0] == 13 and faithful[0, 0, -1] == 787
+    assert exact[0, 0, 0] == 12 and exact[0, 0, -1] == 786
+    rows = row_index_mask(32, 800)
+    restored_rows = restore_mask_geometry(rows, (32, 800), (20, 775), (20, 775))
+    assert restored_rows[0, 0, 0] == 6 and restored_rows[0, -1, 0] == 25
+
+
+def test_restore_upscaled_constant_and_half_half():
+    # CUB/OxF-like: original 3 x 4, upscaled 6 x 8, padded 8 x 8 (one padded row each side).
+    padded = torch.full((1, 8, 8), 9.0)
+    padded[:, 1:7, :] = 0.7
+    constant = restore_mask_geometry(padded, (8, 8), (6, 8), (3, 4))
+    assert constant.shape == (1, 3, 4)
+    assert torch.allclose(constant, torch.full((1, 3, 4), 0.7))
+
+    half = torch.full((1, 8, 8), 9.0)
+    half[:, 1:7, :4] = 0.0
+    half[:, 1:7, 4:] = 1.0
+    # align_corners=True: output columns sample input columns 0, 7/3, 14/3, 7.
+    restored = restore_mask_geometry(half, (8, 8), (6, 8), (3, 4))
+    assert torch.allclose(restored, torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 3)[None])
+
+
+def test_restore_keeps_2d_shape_and_checks_input():
+    restored = restore_mask_geometry(torch.ones(8, 8), (8, 8), (5, 5), (5, 5))
+    assert restored.shape == (5, 5)
+    with pytest.raises(ValueError, match="padded size"):
+        restore_mask_geometry(torch.ones(1, 8, 8), (8, 9), (5, 5), (5, 5))
+    with pytest.raises(ValueError, match="larger size"):
+        restore_mask_geometry(torch.ones(1, 8, 8), (8, 8), (9, 9), (9, 9))
+
+
+def hand_masks() -> tuple[torch.Tensor, torch.Tensor]:
+    """P has 3 pixels, G has 2, one in common, on a 4 x 4 grid (16 pixels)."""
+    pred = torch.zeros(4, 4)
+    pred[0, 0] = pred[0, 1] = pred[1, 1] = 0.9
+    gt = torch.zeros(4, 4)
+    gt[0, 0] = gt[3, 3] = 1.0
+    return pred, gt
+
+
+def test_f1_pos_neg_hand_computed():
+    pred, gt = hand_masks()
+    f1_pos, f1_neg = f1_pos_neg(pred, gt)
+    assert f1_pos.item() == pytest.approx(2 * 1 / 5)
+    # Complements: |1-P| = 13, |1-G| = 14, overlap = 16 - |P u G| = 16 - 4 = 12.
+    assert f1_neg.item() == pytest.approx(2 * 12 / 27)
+
+
+def test_f1_threshold_is_inclusive_and_batched():
+    gt = torch.zeros(2, 1, 2, 2)
+    gt[0, 0, 0, 0] = 1.0
+    pred = torch.zeros(2, 1, 2, 2)
+    pred[0, 0, 0, 0] = 0.5
+    pred[1, 0, 1, 1] = 0.49
+    f1_pos, f1_neg = f1_pos_neg(pred, gt)
+    assert f1_pos.shape == (2, 1)
+    assert f1_pos[0, 0].item() == 1.0 and f1_neg[0, 0].item() == 1.0
+    # Second image: nothing predicted (0.49 < 0.5) and nothing true -> F1+ = 1 by convention.
+    assert f1_pos[1, 0].item() == 1.0 and f1_neg[1, 0].item() == 1.0
+
+
+def test_dice_conventions():
+    empty = torch.zeros(3, 3, dtype=torch.bool)
+    full = torch.ones(3, 3, dtype=torch.bool)
+    assert dice(empty, empty).item() == 1.0
+    assert dice(full, empty).item() == 0.0
+    f1_pos, f1_neg = f1_pos_neg(torch.ones(3, 3), torch.ones(3, 3))
+    assert f1_pos.item() == 1.0 and f1_neg.item() == 1.0
+    with pytest.raises(ValueError, match="equal shape"):
+        dice(empty, torch.zeros(3, 4))
+
+
+def test_all_ones_f1():
+    _, gt = hand_masks()
+    f1_pos, f1_neg = all_ones_f1(gt)
+    assert f1_pos.item() == pytest.approx(2 * 2 / (2 + 16))
+    assert f1_neg.item() == 0.0
+    batch = torch.zeros(2, 1, 4, 4)
+    batch[1, 0, :2] = 1.0
+    f1_pos, f1_neg = all_ones_f1(batch)
+    assert f1_pos.flatten().tolist() == pytest.approx([0.0, 2 * 8 / 24])
+    assert f1_neg.flatten().tolist() == [0.0, 0.0]
+
+
+def test_classification_error_and_confusion_matrix():
+    pred = torch.tensor([0, 1, 2, 2, 1])
+    true = torch.tensor([0, 2, 2, 1, 1])
+    assert classification_error(pred, true) == pytest.approx(40.0)
+    assert classification_error([1, 1], [1, 1]) == 0.0
+    expected = torch.tensor([[1, 0, 0], [0, 1, 1], [0, 1, 1]])
+    assert torch.equal(confusion_matrix(pred, true, 3), expected)
+    with pytest.raises(ValueError, match="outside"):
+        confusion_matrix([0, 3], [0, 1], 3)
+    with pytest.raises(ValueError, match="equal size"):
+        classification_error([0, 1], [0])
+
+
+def test_localization_meter_means_per_image():
+    meter = LocalizationMeter()
+    meter.update(1.0, 0.5, True, {"loss": 2.0, "loss_pos": 1.0}, f1_pos_all_ones=0.2)
+    meter.update(0.0, 0.9, False, {"loss": 4.0, "loss_pos": 3.0}, f1_pos_all_ones=0.4)
+    meter.update(torch.tensor(0.5), 0.1, True, {"loss": 0.0, "loss_pos": 2.0},
+                 f1_pos_all_ones=0.6)
+    summary = meter.summary()
+    assert summary["n_images"] == 3
+    assert summary["cl_error"] == pytest.approx(100 / 3)
+    assert summary["f1_pos"] == pytest.approx(50.0)
+    assert summary["f1_neg"] == pytest.approx(50.0)
+    assert summary["f1_pos_all_ones"] == pytest.approx(40.0)
+    assert summary["loss"] == pytest.approx(2.0)
+    assert summary["loss_pos"] == pytest.approx(2.0)
+
+
+def test_localization_meter_per_image_not_pooled():
+    # A 1-pixel-object image scored 0 and a large-object image scored 1: mean is 0.5 whatever
+    # the object sizes.
+    small_pred, small_gt = torch.zeros(8, 8), torch.zeros(8, 8)
+    small_gt[0, 0] = 1
+    big_pred, big_gt = torch.ones(8, 8), torch.ones(8, 8)
+    meter = LocalizationMeter()
+    for pred, gt in ((small_pred, small_gt), (big_pred, big_gt)):
+        f1_pos, f1_neg = f1_pos_neg(pred, gt)
+        meter.update(f1_pos.item(), f1_neg.item(), True)
+    summary = meter.summary()
+    assert summary["f1_pos"] == pytest.approx(50.0)
+    assert summary["f1_pos_all_ones"] is None
+    assert summary["cl_error"] == 0.0
+
+
+def test_localization_meter_errors():
+    with pytest.raises(ValueError, match="no image"):
+        LocalizationMeter().summary()
+    meter = LocalizationMeter()
+    meter.update(1.0, 1.0, True, f1_pos_all_ones=0.5)
+    meter.update(1.0, 1.0, True)
+    with pytest.raises(ValueError, match="f1_pos_all_ones"):
+        meter.summary()

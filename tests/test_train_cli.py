@@ -1,0 +1,97 @@
+"""End-to-end runs of ``train_deepmil.py`` in a subprocess on a tiny synthetic dataset."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+EXPECTED_FILES = ["config.yaml", "environment.json", "training.log", "metrics.jsonl",
+                  "checkpoint.pt", "best_model.pt", "final_metrics.json", "results.md",
+                  "learning_curves.png", "test_predictions.png"]
+
+
+def tiny_run_args(tmp_path: Path, exp_root: str, *extra: str) -> list[str]:
+    """A two-epoch run (erasing on in epoch 1) on 64x64 synthetic images."""
+    return ["--yaml", "synthetic-4-erasing.yaml", "--cudaid", "cpu", "--epoch", "2",
+            "--nbrerase", "2", "--bsize", "4", "--kmax", "1.0", "--kmin", "1.0",
+            "--set", "synthetic.image_size=64", "--set", "crop_size=[64, 64]",
+            "--set", "synthetic.n_train=16", "--set", "synthetic.n_test=6",
+            "--set", "num_workers=0", "--set", f"fold_folder={tmp_path / 'folds'}",
+            "--data-root", str(tmp_path / "data"), "--exp-root", str(tmp_path / exp_root),
+            "--quiet", *extra]
+
+
+def run_cli(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    env = {key: value for key, value in os.environ.items() if key != "MYSEED"}
+    env.update(kwargs.pop("env", {}))
+    return subprocess.run([sys.executable, "train_deepmil.py", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600, **kwargs)
+
+
+def only_folder(root: Path) -> Path:
+    folders = [path for path in root.iterdir() if path.is_dir()]
+    assert len(folders) == 1, folders
+    return folders[0]
+
+
+def epoch_metrics(folder: Path) -> list[dict]:
+    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    for record in records:
+        record.pop("seconds")
+    return records
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    tmp_path = tmp_path_factory.mktemp("cli")
+    results = [run_cli(tiny_run_args(tmp_path, name)) for name in ("run_a", "run_b")]
+    return tmp_path, results
+
+
+def test_cli_writes_the_experiment_folder(two_runs):
+    tmp_path, results = two_runs
+    assert results[0].returncode == 0, results[0].stderr
+    folder = only_folder(tmp_path / "run_a")
+    for name in EXPECTED_FILES:
+        assert (folder / name).is_file(), name
+    final = json.loads((folder / "final_metrics.json").read_text())
+    assert set(final) == {"best_epoch", "valid", "test", "train_eval"}
+    assert final["test"]["n_images"] == 6
+    for key in ("cl_error", "f1_pos", "f1_neg", "f1_pos_all_ones"):
+        assert 0.0 <= final["test"][key] <= 100.0
+    records = epoch_metrics(folder)
+    assert [record["epoch"] for record in records] == [0, 1]
+    assert final["best_epoch"] in (0, 1)
+    assert "F1+ of an all-ones mask" in results[0].stdout
+    assert (tmp_path / "folds" / "synthetic" / "split_0" / "fold_0" / "encoding.yaml").is_file()
+
+
+def test_two_runs_give_identical_metrics(two_runs):
+    tmp_path, results = two_runs
+    assert all(result.returncode == 0 for result in results)
+    first, second = only_folder(tmp_path / "run_a"), only_folder(tmp_path / "run_b")
+    assert (json.loads((first / "final_metrics.json").read_text())
+            == json.loads((second / "final_metrics.json").read_text()))
+    assert epoch_metrics(first) == epoch_metrics(second)
+
+
+def test_another_seed_gives_another_run(two_runs, tmp_path):
+    reference_root, _ = two_runs
+    args = tiny_run_args(reference_root, "run_seed_1")
+    result = run_cli(args, env={"MYSEED": "1"})
+    assert result.returncode == 0, result.stderr
+    seeded = only_folder(reference_root / "run_seed_1")
+    reference = only_folder(reference_root / "run_a")
+    assert epoch_metrics(seeded) != epoch_metrics(reference)
+    assert json.loads((seeded / "environment.json").read_text())["seed"] == 1
+
+
+def test_bad_input_is_a_clear_error(tmp_path):
+    result = run_cli(["--yaml", "no-such-config.yaml", "--cudaid", "cpu"])
+    assert result.returncode == 1
+    assert "no-such-config.yaml" in result.stderr
+    result = run_cli(["--yaml", "synthetic-no-erasing.yaml", "--cudaid", "7"])
+    assert result.returncode == 1 and "--cudaid 7" in result.stderr
