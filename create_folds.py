@@ -45,6 +45,8 @@ GLAS_CLASSES = ("benign", "malignant")
 GLAS_FOLD_CLASS_ORDER = ("malignant", "benign")
 OXF_BACKGROUND_RGB = (0.0, 0.0, 255.0)
 OXF_UPSTREAM_SUBTRAHEND = (0, 0, 254)
+# Trimap pixels within this RGB Euclidean distance (0-255 units) of pure blue are background: JPEG
+# noise in flat blue areas stays well below it, while flower colours lie far above it.
 OXF_BLUE_TOLERANCE = 60.0
 OXF_SET_KEYS = ("trnid", "valid", "tstid")
 CUB_METADATA_FILES = ("classes", "images", "image_class_labels", "train_test_split")
@@ -410,7 +412,9 @@ def make_oxf_masks(root: Path, image_ids: Sequence[int]) -> tuple[int, float, fl
         with Image.open(source) as trimap:
             rgb = np.asarray(trimap.convert("RGB"))
         foreground = tolerant_foreground(rgb)
-        Image.fromarray(foreground.astype(np.uint8) * 255, mode="L").save(target)
+        partial = target.with_name(target.name + ".part")
+        Image.fromarray(foreground.astype(np.uint8) * 255, mode="L").save(partial, format="PNG")
+        partial.replace(target)
         upstream_total += float(upstream_foreground(rgb).mean())
         tolerant_total += float(foreground.mean())
         written += 1
@@ -447,7 +451,7 @@ def read_synthetic_spec(root: Path) -> SyntheticSpec | None:
         return None
     record = json.loads(path.read_text(encoding="utf-8"))
     record.pop("generator_version", None)
-    return SyntheticSpec(**record)
+    return SyntheticSpec.from_config(record)
 
 
 def fold_paths(fold_dir: Path) -> list[Path]:
@@ -536,6 +540,20 @@ def verify_folds(out: Path, fold_name: str) -> dict[str, str]:
     return statuses
 
 
+def print_digest_check(out: Path, fold_name: str) -> None:
+    """Print ``match`` / ``mismatch`` / ``missing`` for every published file of ``fold_name``."""
+    statuses = verify_folds(out, fold_name)
+    if not statuses:
+        print(f"no published digests for {fold_name}")
+        return
+    for relative, status in statuses.items():
+        print(f"  {status:8s} {relative}")
+    if fold_name == FOLD_NAMES["oxf"]:
+        print("  (Oxford Flowers lists are compared with the published .jpg mask suffix)")
+    matched = sum(status == "match" for status in statuses.values())
+    print(f"{matched} of {len(statuses)} files match the published digests")
+
+
 def build_folds(dataset: str, root: Path) -> FoldSet:
     """Fold rows of a real dataset (``glas``, ``cub``, ``cub5`` or ``oxf``) found in ``root``."""
     if dataset == "glas":
@@ -587,16 +605,11 @@ def run(args: argparse.Namespace) -> None:
         fold_dir = ensure_synthetic_folds(args.data_root, args.out, spec, fold_name)
     else:
         fold_dir = write_folds(args.out / fold_name, build_folds(args.dataset, root))
-    counts = [sum(1 for _ in path.open(encoding="utf-8")) for path in fold_paths(fold_dir)]
+    counts = [len(path.read_text(encoding="utf-8").splitlines()) for path in fold_paths(fold_dir)]
     print(f"wrote {fold_dir}: train {counts[0]}, valid {counts[1]}, test {counts[2]}")
-    if args.verify if args.verify is not None else args.dataset != "synthetic":
-        statuses = verify_folds(args.out, fold_name)
-        for relative, status in statuses.items():
-            print(f"  {status:8s} {relative}")
-        if fold_name == FOLD_NAMES["oxf"]:
-            print("  (Oxford Flowers lists are compared with the published .jpg mask suffix)")
-        matched = sum(status == "match" for status in statuses.values())
-        print(f"{matched} of {len(statuses)} files match the published digests")
+    verify = args.verify if args.verify is not None else args.dataset != "synthetic"
+    if verify:
+        print_digest_check(args.out, fold_name)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

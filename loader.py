@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import yaml
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, SequentialSampler
+from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 from torchvision.transforms.v2 import functional as TF
 
@@ -44,6 +44,14 @@ JITTER_OPS: tuple[Callable[[Image.Image, float], Image.Image], ...] = (
     TF.adjust_hue,
 )
 DATA_ROOT_HINT = "set it with --data-root or the DEEPMIL_DATA_ROOT environment variable"
+# Fold folder name -> ``create_folds.py --dataset`` value that writes it.
+CREATE_FOLDS_DATASETS = {
+    "glas": "glas",
+    "Caltech-UCSD-Birds-200-2011": "cub",
+    "Caltech-UCSD-Birds-200-2011-CUB5": "cub5",
+    "Oxford-flowers-102": "oxf",
+    "synthetic": "synthetic",
+}
 
 
 class FoldRow(NamedTuple):
@@ -468,6 +476,18 @@ def collate(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return collated
 
 
+def fold_hint(config: Mapping[str, Any]) -> str:
+    """How to generate the folds of ``config`` (``create_folds.py`` writes split 0 / fold 0)."""
+    name = config.get("fold_name") or config["dataset"]
+    dataset = CREATE_FOLDS_DATASETS.get(name)
+    if dataset is None:
+        return f"fold folder {name!r} is not one that create_folds.py writes"
+    return (
+        f"generate it with: python create_folds.py --dataset {dataset} "
+        f"--data-root {config['data_root']} --out {config['fold_folder']} (split 0, fold 0 only)"
+    )
+
+
 def build_dataset(
     config: Mapping[str, Any], split: str, train: bool, preload: bool | None = None
 ) -> PhotoDataset:
@@ -481,8 +501,11 @@ def build_dataset(
         raise ValueError(f"config key 'resize' = {config['resize']!r} is not supported; set it to null")
     if config["pad_eval"]:
         raise ValueError("config key 'pad_eval' = true is not supported; set it to false")
+    root = dataset_root(config)
     folder = fold_dir(config)
     csv_path = folder / f"{split}_s_{config['split']}_f_{config['fold']}.csv"
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"fold CSV not found: {csv_path}; {fold_hint(config)}")
     rows = read_fold_csv(csv_path)
     encoding = load_encoding(config["name_classes"], folder)
     num_classes = config["model"]["num_classes"]
@@ -493,7 +516,7 @@ def build_dataset(
         )
     return PhotoDataset(
         rows,
-        dataset_root(config),
+        root,
         encoding,
         dataset_family(config["dataset"]),
         train=train,
@@ -521,19 +544,21 @@ def make_loader(
 ) -> DataLoader:
     """DataLoader over ``dataset``.
 
-    Shuffled loaders (and every loader with ``world_size > 1``) use a ``DistributedSampler``
-    seeded with ``seed``; call ``set_loader_epoch`` before each epoch. No ``worker_init_fn`` is
+    Shuffled loaders use a ``DistributedSampler`` seeded with ``seed`` (also for one process);
+    call ``set_loader_epoch`` before each epoch. Unshuffled loaders read every
+    ``world_size``-th sample from ``rank`` on, so that the processes share a set without
+    repeating any sample. No ``worker_init_fn`` is
     needed: each sample draws its augmentation from its own generator seeded by
     (seed, epoch, index), so batches do not depend on the number of workers. Workers are not
     persistent so that ``dataset.set_epoch`` reaches them, and the loader's private generator
     keeps it from consuming the global torch RNG.
     """
-    if shuffle or world_size > 1:
+    if shuffle:
         sampler = DistributedSampler(
-            dataset, num_replicas=world_size, rank=rank, shuffle=shuffle, seed=seed, drop_last=False
+            dataset, num_replicas=world_size, rank=rank, shuffle=True, seed=seed, drop_last=False
         )
     else:
-        sampler = SequentialSampler(dataset)
+        sampler = range(rank, len(dataset), world_size)
     generator = torch.Generator()
     generator.manual_seed(seed)
     return DataLoader(

@@ -8,43 +8,60 @@ validation, test and training sets. Everything is written to one experiment fold
 """
 from __future__ import annotations
 
-import copy
 import logging
 import signal
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
+import crf_params
 import loader
 import reproducibility
 from create_folds import ensure_synthetic_folds
-from deepmil import checkpoint, experiment, plots
+from deepmil import checkpoint, distributed, experiment, plots
 from deepmil.config import ConfigError, save_config
-from deepmil.engine import NonFiniteLossError, erasing_active, evaluate, train_one_epoch
+from deepmil.distributed import DistributedContext
+from deepmil.engine import erasing_active, evaluate, train_one_epoch, unwrap
+from deepmil.metrics import best_threshold_report
 from deepmil.model import DEEP_STEM_LAYERS, build_model, load_pretrained_trunk
-from deepmil.synthetic import SyntheticSpec
 from deepmil.optim import build_optimizer, learning_rate, set_learning_rate
-from tools import get_yaml_args
+from deepmil.synthetic import SyntheticSpec
+from tools import CRF, get_yaml_args
 
 LOGGER = logging.getLogger("train_deepmil")
 PANEL_IMAGES = 6
 
 
-class Interrupted(Exception):
-    """Raised by the SIGINT / SIGTERM handler to stop between training steps."""
+class Interrupted(KeyboardInterrupt):
+    """Raised by the SIGINT / SIGTERM handler to stop between training steps.
+
+    A ``KeyboardInterrupt``, so that no ``except Exception`` swallows it and data-loader workers
+    (which inherit the handler) stop quietly.
+    """
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
 
 
 def raise_interrupted(signum: int, frame: Any) -> None:
-    raise Interrupted(signal.Signals(signum).name)
+    raise Interrupted(signum)
 
 
 def select_device(cudaid: str | None) -> torch.device:
-    """``None``: the first GPU if there is one, else the CPU; ``"cpu"``; or a GPU index."""
+    """``None``: the first GPU if there is one, else the CPU; ``"cpu"``; or a GPU index.
+
+    Under ``torchrun`` each process takes the GPU of its local rank (unless ``cpu``).
+    """
+    if distributed.launched_by_torchrun() and cudaid != "cpu":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device(f"cuda:{distributed.local_rank()}")
     if cudaid is None:
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     if cudaid == "cpu":
@@ -53,25 +70,36 @@ def select_device(cudaid: str | None) -> torch.device:
         raise ConfigError(f"--cudaid {cudaid}: several GPUs are used through torchrun, e.g. "
                           f"'torchrun --nproc_per_node=2 train_deepmil.py ...'")
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError(f"--cudaid {cudaid}: no GPU is visible; use --cudaid cpu")
     if not cudaid.isdigit() or int(cudaid) >= count:
         raise ConfigError(f"--cudaid {cudaid}: no such GPU ({count} visible); use --cudaid cpu "
                           f"or an index below {count}")
     return torch.device(f"cuda:{cudaid}")
 
 
-def build_data(config: dict) -> dict[str, torch.utils.data.DataLoader]:
-    """Loaders of the training set (augmented) and of the three evaluation sets."""
+def build_data(config: dict, context: DistributedContext) -> dict[str, torch.utils.data.DataLoader]:
+    """Loaders of the training set (augmented) and of the three evaluation sets.
+
+    With ``preload`` the training and validation images are decoded into RAM up front (a
+    corrupt one stops the run before it starts); the test set and the training set seen with
+    evaluation transforms are read lazily. With several processes, each one reads its shard.
+    """
     if config["dataset"] == "synthetic":
-        ensure_synthetic_folds(Path(config["data_root"]), Path(config["fold_folder"]),
-                               SyntheticSpec.from_config(config["synthetic"]),
-                               config["fold_name"] or config["dataset"])
+        if context.is_main:
+            ensure_synthetic_folds(Path(config["data_root"]), Path(config["fold_folder"]),
+                                   SyntheticSpec.from_config(config["synthetic"]),
+                                   config["fold_name"] or config["dataset"])
+        distributed.barrier()
     seed, workers = config["MYSEED"], config["num_workers"]
-    train_set = loader.build_dataset(config, "train", train=True)
+    shard = {"rank": context.rank, "world_size": context.world_size}
+    train_set = loader.build_dataset(config, "train", train=True, preload=config["preload"])
     loaders = {"train": loader.make_loader(train_set, config["batch_size"], workers,
-                                           shuffle=True, seed=seed)}
+                                           shuffle=True, seed=seed, **shard)}
     for split, name in (("valid", "valid"), ("test", "test"), ("train", "train_eval")):
-        dataset = loader.build_dataset(config, split, train=False, preload=split == "valid")
-        loaders[name] = loader.make_loader(dataset, 1, workers, shuffle=False, seed=seed)
+        preload = config["preload"] and name == "valid"
+        dataset = loader.build_dataset(config, split, train=False, preload=preload)
+        loaders[name] = loader.make_loader(dataset, 1, workers, shuffle=False, seed=seed, **shard)
     return loaders
 
 
@@ -96,8 +124,12 @@ def epoch_record(epoch: int, lr: float, train: dict, valid: dict, seconds: float
 
 
 def train(config: dict, options, model: torch.nn.Module, loaders: dict, device: torch.device,
-          folder: Path, state: dict | None) -> dict:
-    """The epoch loop; returns the best-model record. Saves a resumable checkpoint per epoch."""
+          folder: Path, state: dict | None, context: DistributedContext) -> dict:
+    """The epoch loop; returns the best-model record.
+
+    After each epoch: ``checkpoint.pt``, then ``best_model.pt`` if the epoch is the best so far,
+    then ``metrics.jsonl`` rewritten from the history, each atomically (see :func:`resume_state`).
+    """
     optimizer = build_optimizer(model, config["optimizer"])
     best = {"epoch": -1, "valid_cl_error": float("inf")}
     history: list[dict] = []
@@ -114,41 +146,58 @@ def train(config: dict, options, model: torch.nn.Module, loaders: dict, device: 
         loader.set_loader_epoch(loaders["train"], epoch)
         erase = erasing_active(epoch, config["nbr_times_erase"], config["epoch_start_erasing"])
         bar = tqdm(loaders["train"], desc=f"epoch {epoch}", leave=False,
-                   disable=True if options.quiet else None)
+                   disable=True if options.quiet or not context.is_main else None)
         train_stats = train_one_epoch(
             model, bar, optimizer, epoch, seed, device, config["nbr_times_erase"],
             config["sigma_erase"], erase, on_batch=lambda s: bar.set_postfix(loss=f"{s['loss']:.3f}"))
-        valid_stats, _ = evaluate(model, loaders["valid"], device, config["exact_eval_crop"])
+        valid_stats = evaluate(model, loaders["valid"], device, config["exact_eval_crop"]).summary
         record = epoch_record(epoch, lr, train_stats, valid_stats, time.perf_counter() - began)
         history.append(record)
         if valid_stats["cl_error"] <= best["valid_cl_error"]:
             best = {"epoch": epoch, "valid_cl_error": valid_stats["cl_error"]}
-            checkpoint.save_torch(model.state_dict(), folder / "best_model.pt")
-        checkpoint.save_torch(checkpoint.training_state(model, optimizer, epoch, best, history),
-                              folder / "checkpoint.pt")
-        experiment.append_json_line(record, folder / "metrics.jsonl")
+        if context.is_main:
+            save_epoch(unwrap(model), optimizer, epoch, best, history, folder)
         LOGGER.info("epoch %d/%d lr %.2e erase %s | train loss %.4f err %.2f%% | valid loss "
                     "%.4f err %.2f%% F1+ %.2f F1- %.2f | %.1fs", epoch, config["max_epochs"] - 1,
                     lr, erase, train_stats["loss"], train_stats["cl_error"], valid_stats["loss"],
                     valid_stats["cl_error"], valid_stats["f1_pos"], valid_stats["f1_neg"],
                     record["seconds"])
-    if history:
+    if history and context.is_main:
         plots.plot_learning_curves(history, folder / "learning_curves.png")
+    distributed.barrier()
     return best
 
 
+def save_epoch(network: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
+               best: dict, history: list[dict], folder: Path) -> None:
+    """``checkpoint.pt``, then ``best_model.pt`` if ``epoch`` is the best so far, then
+    ``metrics.jsonl`` rewritten from the history, each atomically."""
+    checkpoint.save_torch(checkpoint.training_state(network, optimizer, epoch, best, history),
+                          folder / "checkpoint.pt")
+    if best["epoch"] == epoch:
+        checkpoint.save_torch(network.state_dict(), folder / "best_model.pt")
+    experiment.write_json_lines(history, folder / "metrics.jsonl")
+
+
 def final_evaluation(config: dict, model: torch.nn.Module, loaders: dict, device: torch.device,
-                     folder: Path) -> dict[str, dict]:
-    """Evaluate the selected model on the validation, test and training sets."""
-    results = {}
+                     folder: Path, context: DistributedContext) -> dict[str, dict]:
+    """Evaluate the selected model on the validation, test and training sets.
+
+    With ``crf`` the CRF-refined masks are scored beside the raw ones. The threshold that
+    maximises the validation F1+ is reported with the test metrics at that threshold.
+    """
+    crf = CRF(crf_params.params_for(config["dataset"])) if config["crf"] else None
+    results, sweeps = {}, {}
     for name in ("valid", "test", "train_eval"):
-        keep = PANEL_IMAGES if name == "test" else 0
-        results[name], records = evaluate(model, loaders[name], device, config["exact_eval_crop"],
-                                          keep=keep)
-        if records:
+        keep = PANEL_IMAGES if name == "test" and context.is_main else 0
+        evaluation = evaluate(model, loaders[name], device, config["exact_eval_crop"], keep=keep,
+                              crf=crf, crf_workers=config["crf_workers"])
+        results[name], sweeps[name] = evaluation.summary, evaluation.sweep
+        if evaluation.records:
             class_names = loader.load_encoding(config["name_classes"], loader.fold_dir(config))
-            save_prediction_panels(records, loaders[name].dataset, class_names,
+            save_prediction_panels(evaluation.records, loaders[name].dataset, class_names,
                                    folder / "test_predictions.png")
+    results["best_threshold"] = best_threshold_report(sweeps["valid"], sweeps["test"])
     return results
 
 
@@ -162,75 +211,177 @@ def save_prediction_panels(records: list[dict], dataset: loader.PhotoDataset,
         caption = (f"true {names[record['label']]} | predicted {names[record['predicted']]} "
                    f"({100 * record['probability']:.0f}%) | F1+ {100 * record['f1_pos']:.1f} "
                    f"F1- {100 * record['f1_neg']:.1f}")
-        samples.append({"image": np.asarray(image), "gt_mask": record["truth"][0].numpy(),
-                        "pred_mask": record["mask"][0].numpy(), "caption": caption})
+        sample = {"image": np.asarray(image), "gt_mask": record["truth"][0].numpy(),
+                  "pred_mask": record["mask"][0].numpy(), "caption": caption}
+        if "crf_mask" in record:
+            sample["crf_mask"] = record["crf_mask"][0].numpy()
+        samples.append(sample)
     plots.save_mask_panels(samples, path, title="test predictions")
 
 
-def prepare_folder(config: dict, options) -> tuple[Path, dict | None]:
-    """The experiment folder (new, or the one being resumed) and the state to resume from."""
-    if options.resume:
-        folder = Path(options.resume)
-        return folder, checkpoint.read_checkpoint(folder / "checkpoint.pt")
-    folder = experiment.create_experiment_dir(Path(config["exp_root"]),
-                                              experiment.experiment_name(config),
-                                              options.overwrite)
-    (folder / "metrics.jsonl").unlink(missing_ok=True)
-    return folder, None
+def planned_folder(config: dict, options) -> Path:
+    """The experiment folder of this run, checked before anything is built or written."""
+    if not options.resume:
+        name = options.exp_name or experiment.experiment_name(config)
+        return experiment.experiment_folder(Path(config["exp_root"]), name, options.overwrite)
+    if options.exp_name or options.overwrite:
+        raise ConfigError("--resume continues a run in its own folder; drop --exp-name and "
+                          "--overwrite")
+    folder = Path(options.resume)
+    if not (folder / "checkpoint.pt").is_file():
+        raise FileNotFoundError(f"--resume {folder}: no checkpoint.pt in that folder (no epoch "
+                                f"of that run finished); start a new run instead")
+    return folder
 
 
-def run(argv: list[str]) -> dict[str, dict]:
-    """The whole experiment; returns the final metrics."""
-    experiment.setup_logging(quiet="--quiet" in argv)
-    config, options = get_yaml_args(argv)
-    device = select_device(config["cudaid"])
-    reproducibility.set_seed(config["MYSEED"])
-    reproducibility.set_deterministic(warn_only=True)
-    loaders = build_data(config)
-    model = build_network(config, device)
-    if config["max_epochs"] == -1 and not config["path_pre_trained"]:
-        raise ConfigError("max_epochs = -1 evaluates a trained model: give its weights with "
-                          "--path_pre_trained FILE")
-    folder, state = prepare_folder(config, options)
+def open_folder(folder: Path, config: dict, options) -> None:
+    """Log into ``folder`` and record the run: configuration and environment for a new run, the
+    environment of the resume for a resumed one (whose configuration stays as it was)."""
     experiment.setup_logging(folder / "training.log", quiet=options.quiet)
-    LOGGER.info("experiment folder: %s (device %s, seed %d)", folder, device, config["MYSEED"])
+    record = experiment.environment_record(config, sys.argv)
+    if options.resume:
+        experiment.add_resume_record(record, folder / "environment.json")
+        return
     save_config(config, folder / "config.yaml")
-    experiment.write_json(experiment.environment_record(config, sys.argv), folder / "environment.json")
-    if state is not None:
-        model.load_state_dict(state["model"])
-    try:
-        best = train(config, options, model, loaders, device, folder, state)
-    except Interrupted as stop:
-        raise Interrupted(f"{stop}; the last finished epoch is saved in {folder}. Continue "
-                          f"with: python train_deepmil.py --resume {folder}") from None
+    experiment.write_json(record, folder / "environment.json")
+
+
+def resume_state(folder: Path) -> dict:
+    """The checkpoint of ``folder``, with the files written after it made consistent with it.
+
+    A run killed after saving the checkpoint of epoch ``k`` may miss ``k``'s line of
+    ``metrics.jsonl`` or, if ``k`` was the best epoch, its ``best_model.pt`` (the weights of the
+    checkpoint itself); both are rewritten from the checkpoint, and stale temporary files go.
+    """
+    state = checkpoint.read_checkpoint(folder / "checkpoint.pt")
+    experiment.remove_temporary_files(folder)
+    experiment.write_json_lines(state["history"], folder / "metrics.jsonl")
+    if state["best"]["epoch"] == state["epoch"]:
+        checkpoint.save_torch(state["model"], folder / "best_model.pt")
+    return state
+
+
+def train_and_evaluate(config: dict, options, model: torch.nn.Module, loaders: dict,
+                       device: torch.device, folder: Path, state: dict | None,
+                       context: DistributedContext) -> dict[str, dict]:
+    """Train (or continue), reload the selected epoch, evaluate it and write the results."""
+    best = train(config, options, model, loaders, device, folder, state, context)
     if best["epoch"] >= 0:
-        model.load_state_dict(torch.load(folder / "best_model.pt", map_location=device,
-                                         weights_only=True))
-    results = final_evaluation(config, model, loaders, device, folder)
+        unwrap(model).load_state_dict(torch.load(folder / "best_model.pt", map_location=device,
+                                                 weights_only=True))
+    results = final_evaluation(config, model, loaders, device, folder, context)
     final = {"best_epoch": best["epoch"], **results}
+    if not context.is_main:
+        return final
     experiment.write_json(final, folder / "final_metrics.json")
-    table = experiment.results_table(results)
-    (folder / "results.md").write_text(f"# {Path(config['yaml']).stem}\n\nbest epoch: "
-                                       f"{best['epoch']}\n\n{table}")
+    table = experiment.results_table({name: results[name]
+                                      for name in ("valid", "test", "train_eval")})
+    experiment.write_text(f"# {Path(config['yaml']).stem}\n\nbest epoch: {best['epoch']}\n\n"
+                          f"{table}", folder / "results.md")
     test = results["test"]
     print(f"\nselected epoch {best['epoch']}; results in {folder}\n{table}")
     print(f"test: cl. error {test['cl_error']:.2f}% | F1+ {test['f1_pos']:.2f} | "
-          f"F1- {test['f1_neg']:.2f} | F1+ of an all-ones mask {test['f1_pos_all_ones']:.2f}")
+          f"F1- {test['f1_neg']:.2f} | F1+ of an all-ones mask {test['f1_pos_all_ones']:.2f} | "
+          f"IoU {test['iou']:.2f} | PxAP {test['pxap']:.2f}")
+    if "crf_f1_pos" in test:
+        print(f"test with CRF: F1+ {test['crf_f1_pos']:.2f} | F1- {test['crf_f1_neg']:.2f} | "
+              f"IoU {test['crf_iou']:.2f}")
     return final
 
 
+def explain_failure(error: BaseException, folder: Path, new_run: bool) -> None:
+    """Tell (as a note of ``error``) what the failed run left in ``folder``.
+
+    A new run that failed before its first checkpoint is removed: nothing half-written stays.
+    """
+    if (folder / "checkpoint.pt").is_file():
+        error.add_note(f"the last finished epoch is saved in {folder}; continue with: "
+                       f"python train_deepmil.py --resume {folder}")
+    elif new_run:
+        experiment.discard_run(folder)
+        error.add_note(f"no epoch had finished; {folder} was removed")
+
+
+def on_main(context: DistributedContext, function: Callable[[], Any]) -> Any:
+    """Run ``function`` on rank 0 only and give its result (or its error) to every process."""
+    outcome = None
+    if context.is_main:
+        try:
+            outcome = (function(), None)
+        except Exception as error:
+            outcome = (None, error)
+    value, error = distributed.broadcast_object(outcome)
+    if error is not None:
+        raise error
+    return value
+
+
+def run(argv: list[str]) -> dict[str, dict]:
+    """The whole experiment; returns the final metrics.
+
+    Configuration, device, experiment folder name, data and model are all checked before the
+    folder is created, so that bad input leaves nothing behind. Under ``torchrun`` only rank 0
+    writes files and logs.
+    """
+    experiment.setup_logging(quiet="--quiet" in argv or not distributed.is_main_process())
+    config, options = get_yaml_args(argv)
+    if config["max_epochs"] == -1 and not config["path_pre_trained"]:
+        raise ConfigError("max_epochs = -1 evaluates a trained model: give its weights with "
+                          "--path_pre_trained FILE")
+    device = select_device(config["cudaid"])
+    context = distributed.init_distributed(use_cuda=device.type == "cuda")
+    try:
+        return run_experiment(config, options, device, context)
+    finally:
+        distributed.shutdown_distributed(context)
+
+
+def run_experiment(config: dict, options, device: torch.device,
+                   context: DistributedContext) -> dict[str, dict]:
+    """Everything after the configuration and the device are known."""
+    folder = on_main(context, lambda: planned_folder(config, options))
+    reproducibility.set_seed(config["MYSEED"])
+    reproducibility.set_deterministic(warn_only=True)
+    loaders = build_data(config, context)
+    model = build_network(config, device)
+    state = None
+    if options.resume:
+        state = on_main(context, lambda: resume_state(folder))
+        model.load_state_dict(state["model"])
+    elif context.is_main:
+        experiment.create_experiment_dir(folder, options.overwrite)
+    model = distributed.wrap_model(model, context, device)
+    try:
+        if context.is_main:
+            open_folder(folder, config, options)
+        LOGGER.info("experiment folder: %s (device %s, seed %d, %d process(es))", folder, device,
+                    config["MYSEED"], context.world_size)
+        return train_and_evaluate(config, options, model, loaders, device, folder, state,
+                                  context)
+    except BaseException as error:
+        if context.is_main:
+            experiment.setup_logging(quiet=options.quiet)
+            explain_failure(error, folder, new_run=not options.resume)
+        raise
+
+
+def report(message: str, error: BaseException) -> None:
+    """Print ``message`` and the notes of ``error`` on stderr."""
+    print("\n".join([message, *getattr(error, "__notes__", [])]), file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; turns expected failures into a message and exit code 1."""
+    """Command-line entry point; turns expected failures into a message and a non-zero exit code:
+    1 for an error, 128 + the signal number for SIGINT / SIGTERM."""
     signal.signal(signal.SIGTERM, raise_interrupted)
     signal.signal(signal.SIGINT, raise_interrupted)
     try:
         run(sys.argv[1:] if argv is None else argv)
     except Interrupted as stop:
-        print(f"\ninterrupted by {stop}", file=sys.stderr)
-        return 130
-    except (ConfigError, ValueError, FileNotFoundError, FileExistsError, NonFiniteLossError,
-            RuntimeError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        report(f"\ninterrupted by {stop}", stop)
+        return 128 + stop.signum
+    except (ValueError, RuntimeError, OSError) as error:
+        report(f"error: {error}", error)
         return 1
     return 0
 

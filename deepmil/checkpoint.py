@@ -4,16 +4,39 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, IO
 
 import torch
 from torch import nn
 
 
-def atomic_write(path: Path, write: callable) -> None:
+def _file_mode() -> int:
+    """Permissions of a new file under the process's umask."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()
+
+
+def _os_error(error: BaseException) -> OSError | None:
+    """``error`` if it is an ``OSError``, else the ``OSError`` it was raised while handling.
+
+    ``torch.save`` turns a failing ``write`` (disk full...) into a ``RuntimeError`` whose context
+    is the original ``OSError``.
+    """
+    while isinstance(error, Exception) and not isinstance(error, OSError):
+        error = error.__context__
+    return error if isinstance(error, OSError) else None
+
+
+def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     """Call ``write(file_object)`` on a temporary file next to ``path``, fsync, then rename.
 
-    A crash or a failing write leaves any previous ``path`` untouched and no partial file.
+    A crash or a failing write leaves any previous ``path`` untouched and no partial file; a
+    failing write (disk full...) is an ``OSError`` naming ``path``. The file gets the usual
+    permissions (``mkstemp`` would leave it readable by its owner only).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -23,10 +46,14 @@ def atomic_write(path: Path, write: callable) -> None:
             write(stream)
             stream.flush()
             os.fsync(stream.fileno())
+        os.chmod(temporary, FILE_MODE)
         os.replace(temporary, path)
-    except BaseException:
+    except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
-        raise
+        cause = _os_error(error)
+        if cause is None:
+            raise
+        raise OSError(cause.errno, f"cannot write {path}: {cause.strerror or cause}") from error
 
 
 def save_torch(obj: Any, path: Path) -> None:
@@ -36,7 +63,17 @@ def save_torch(obj: Any, path: Path) -> None:
 
 def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
                    best: dict[str, Any], history: list[dict]) -> dict[str, Any]:
-    """Everything needed to continue training after ``epoch`` (0-based) has finished."""
+    """Everything needed to continue training after ``epoch`` (0-based) has finished.
+
+    The weights of the best epoch are not repeated here: ``best_model.pt`` is written after the
+    checkpoint of that epoch, so when ``best["epoch"] == epoch`` they are this ``model``.
+    No random-generator state is stored because none carries over between epochs: every
+    training step reseeds torch from (seed, epoch, step) before the only random operation of
+    the model (WILDCAT dropout), the shuffling of each epoch comes from a sampler seeded by
+    (seed, epoch), each sample's augmentation from a generator seeded by (seed, epoch, index),
+    and the learning rate is a closed form of the epoch. (The loaders' own generators advance
+    every epoch but only seed the workers' global generators, which nothing draws from.)
+    """
     return {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "best": best, "history": history}
 
@@ -61,6 +98,8 @@ def load_model_weights(model: nn.Module, path: Path, strict: bool = True) -> Non
     state = read_checkpoint(path)
     if isinstance(state, dict) and "model" in state and isinstance(state["model"], dict):
         state = state["model"]
+    if not isinstance(state, dict) or not all(torch.is_tensor(v) for v in state.values()):
+        raise ValueError(f"checkpoint {path} holds no state dict (a mapping of names to tensors)")
     own = model.state_dict()
     wrong_shapes = [f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}"
                     for key, value in state.items()

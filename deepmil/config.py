@@ -318,6 +318,8 @@ SCHEMA: dict[str, Any] = {
     "path_pre_trained": Field(None, text(nullable=True)),
     "strict": Field(True, boolean()),
     "exact_eval_crop": Field(False, boolean()),
+    "crf": Field(False, boolean()),
+    "crf_workers": Field(2, integer(0)),
     "normalize": Field(True, boolean()),
     "alpha": Field(128, integer(0, 255)),
     "floating": Field(2, integer(0)),
@@ -735,7 +737,7 @@ FLAG_TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str"
 
 def build_parser() -> argparse.ArgumentParser:
     """The training command line: ``--yaml``, ``--cudaid``, the original override flags, ``--set``
-    and the run options ``--data-root --exp-root --quiet --overwrite --resume``."""
+    and the run options ``--data-root --exp-root --exp-name --quiet --overwrite --resume``."""
     parser = argparse.ArgumentParser(description="Train / evaluate the min-max entropy model.",
                                      allow_abbrev=False)
     parser.add_argument("--yaml", default=None,
@@ -753,9 +755,14 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"parent folder of the datasets (else ${DATA_ROOT_ENV}, the config "
                              f"key data_root, then {DEFAULT_DATA_ROOT})")
     parser.add_argument("--exp-root", default=None, help="overrides the config key exp_root")
+    parser.add_argument("--exp-name", default=None, metavar="NAME",
+                        help="name of the experiment folder (default: config, model, fold, "
+                             "erasing, seed and start time)")
+    parser.add_argument("--crf", action="store_true",
+                        help="also score CRF-refined masks in the final evaluation (key crf)")
     parser.add_argument("--quiet", action="store_true", help="log warnings and errors only")
     parser.add_argument("--overwrite", action="store_true",
-                        help="reuse an existing experiment folder")
+                        help="replace the results of an existing experiment folder")
     parser.add_argument("--resume", default=None, metavar="EXP_DIR",
                         help="resume the experiment stored in EXP_DIR")
     return parser
@@ -796,6 +803,8 @@ def config_from_args(args: argparse.Namespace) -> dict:
     config = load_config(path)
     changes = [(dotted, getattr(args, flag), f"command line (--{flag})")
                for flag, (dotted, _) in FLAG_KEYS.items() if getattr(args, flag) is not None]
+    if args.crf:
+        changes.append(("crf", True, "command line (--crf)"))
     origin = "command line (--set)"
     changes += [(dotted, _parse_value(dotted, raw, origin), origin) for dotted, raw in args.set]
     source = display_path(path)

@@ -2,13 +2,18 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator, NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
+from deepmil.distributed import (all_reduce_sum, any_process, average_gradients,
+                                 broadcast_buffers, gather_objects, no_sync)
 from deepmil.losses import localizer_loss, negative_loss, positive_loss
-from deepmil.metrics import LocalizationMeter, all_ones_f1, f1_pos_neg, restore_mask_geometry
+from deepmil.metrics import (LocalizationMeter, PxAPMeter, ThresholdSweepMeter, all_ones_f1,
+                             f1_pos_neg, iou_at, refine_with_crf, restore_mask_geometry)
+from loader import load_rgb
 from reproducibility import iteration_seed
 
 
@@ -57,7 +62,7 @@ def erasing_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, s
     reference_loss = None
     seg_losses = []
     for t in range(nbr_times_erase):
-        if t > 0 and not bool(history.any()):
+        if t > 0 and not any_process(history.any()):
             break
         continuous_map, seg_scores, _ = seeded_forward(model, seed, current, mode="segment")
         mask = network.pseudo_binary_mask(continuous_map)
@@ -108,58 +113,52 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.o
                     ) -> dict[str, float]:
     """Train for one epoch; returns the epoch's mean losses and training error (%)."""
     model.train()
-    totals = torch.zeros(4, dtype=torch.float64, device=device)
-    errors = torch.zeros((), dtype=torch.float64, device=device)
-    samples = 0
+    totals = torch.zeros(6, dtype=torch.float64, device=device)
     for batch_index, batch in enumerate(loader):
         seed_i = iteration_seed(seed, epoch, batch_index)
         images = batch["image"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         if erase:
-            stats = erasing_step(model, images, labels, seed_i, nbr_times_erase, sigma_erase)
+            with no_sync(model):
+                stats = erasing_step(model, images, labels, seed_i, nbr_times_erase,
+                                     sigma_erase)
+            average_gradients(model)
         else:
             stats = plain_step(model, images, labels, seed_i)
         check_finite(stats, epoch, batch_index)
         optimizer.step()
-        size = labels.numel()
         terms = torch.stack([stats["loss_seg"], stats["loss_pos"], stats["loss_neg"]])
-        totals += torch.cat([terms.sum().view(1), terms]).double() * size
-        errors += (stats["pos_scores"].argmax(dim=1) != labels).sum()
-        samples += size
+        errors = (stats["pos_scores"].argmax(dim=1) != labels).sum()
+        totals += torch.cat([torch.cat([terms.sum().view(1), terms]) * labels.numel(),
+                             errors.view(1), torch.ones(1, device=device) * labels.numel()])
         if on_batch is not None:
             on_batch({"loss": float(terms.sum())})
-    means = (totals / samples).tolist()
-    return {"loss": means[0], "loss_seg": means[1], "loss_pos": means[2], "loss_neg": means[3],
-            "cl_error": 100.0 * float(errors) / samples}
+    loss, loss_seg, loss_pos, loss_neg, errors, samples = all_reduce_sum(totals).tolist()
+    return {"loss": loss / samples, "loss_seg": loss_seg / samples, "loss_pos": loss_pos / samples,
+            "loss_neg": loss_neg / samples, "cl_error": 100.0 * errors / samples}
+
+
+class Evaluation(NamedTuple):
+    """Result of :func:`evaluate`."""
+
+    summary: dict[str, float]
+    records: list[dict]
+    sweep: ThresholdSweepMeter
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, loader: Iterable[dict], device: torch.device,
-             exact_crop: bool = False, keep: int = 0) -> tuple[dict[str, float], list[dict]]:
-    """Evaluate image by image (batch 1, no erasing) with the default forward pass.
-
-    The predicted class is ``argmax`` of the positive region's scores and the localisation is
-    ``R+`` brought back to the ground-truth geometry, thresholded at 0.5. Returns the
-    :class:`LocalizationMeter` summary and, for the first ``keep`` images, a record with the
-    restored continuous mask, the ground truth, the label, the prediction and its probability.
-    """
-    model.eval()
+def predictions(network: nn.Module, loader: Iterable[dict], device: torch.device,
+                exact_crop: bool) -> Iterator[dict]:
+    """Per-image predictions: ``R+`` at the ground-truth geometry, class, losses."""
     geometry = loader.dataset.geometry
-    meter = LocalizationMeter()
-    records = []
     for batch in loader:
         images = batch["image"].to(device, non_blocking=True)
         labels = batch["label"].to(device, non_blocking=True)
-        out = model(images)
+        out = network(images)
         for row in range(labels.numel()):
             index = int(batch["index"][row])
             shape = geometry[index]
-            mask = restore_mask_geometry(out.mask[row], shape.padded, shape.upscaled,
-                                         shape.original, exact=exact_crop)
-            truth = batch["mask"][row].to(device)
-            f1_pos, f1_neg = f1_pos_neg(mask, truth)
-            ones_pos, _ = all_ones_f1(truth)
             one = slice(row, row + 1)
             losses = {"loss_seg": localizer_loss(out.seg_scores[one], labels[one]),
                       "loss_pos": positive_loss(out.pos_scores[one], labels[one]),
@@ -167,13 +166,84 @@ def evaluate(model: nn.Module, loader: Iterable[dict], device: torch.device,
             losses["loss"] = sum(losses.values())
             probabilities = torch.softmax(out.pos_scores[row], dim=0)
             predicted = int(probabilities.argmax())
-            label = int(labels[row])
-            meter.update(float(f1_pos), float(f1_neg), predicted == label,
-                         {name: float(value) for name, value in losses.items()},
-                         f1_pos_all_ones=float(ones_pos))
-            if len(records) < keep:
-                records.append({"index": index, "label": label, "predicted": predicted,
-                                "probability": float(probabilities[predicted]),
-                                "mask": mask.cpu(), "truth": truth.cpu(),
-                                "f1_pos": float(f1_pos), "f1_neg": float(f1_neg)})
-    return meter.summary(), records
+            yield {"index": index, "label": int(labels[row]), "predicted": predicted,
+                   "probability": float(probabilities[predicted]),
+                   "losses": {name: float(value) for name, value in losses.items()},
+                   "mask": restore_mask_geometry(out.mask[row], shape.padded, shape.upscaled,
+                                                 shape.original, exact=exact_crop),
+                   "truth": batch["mask"][row].to(device)}
+
+
+def with_crf(stream: Iterable[dict], loader, crf: Callable, workers: int) -> Iterator[dict]:
+    """Add ``crf_mask`` (the CRF-refined ``R+``) to each prediction, CRF in worker processes."""
+    paths = loader.dataset.image_paths
+    items = ((item, np.asarray(load_rgb(paths[item["index"]])), item["mask"][0].cpu().numpy())
+             for item in stream)
+    for item, refined in refine_with_crf(crf, items, workers):
+        item["crf_mask"] = torch.from_numpy(refined)[None].to(item["mask"].device)
+        yield item
+
+
+def image_row(item: dict) -> tuple:
+    """The per-image numbers that make up a summary (``index`` first, for ordering)."""
+    f1_pos, f1_neg = f1_pos_neg(item["mask"], item["truth"])
+    ones_pos, _ = all_ones_f1(item["truth"])
+    row = {"f1_pos": float(f1_pos), "f1_neg": float(f1_neg),
+           "iou": float(iou_at(item["mask"], item["truth"])), "f1_pos_all_ones": float(ones_pos),
+           "correct": item["predicted"] == item["label"], "losses": item["losses"]}
+    if "crf_mask" in item:
+        crf_pos, crf_neg = f1_pos_neg(item["crf_mask"], item["truth"])
+        row.update(crf_f1_pos=float(crf_pos), crf_f1_neg=float(crf_neg),
+                   crf_iou=float(iou_at(item["crf_mask"], item["truth"])))
+    return item["index"], row
+
+
+def summarise(rows: Iterable[tuple]) -> dict[str, float]:
+    """Per-image means over all processes' rows, summed in image order."""
+    meter, crf_meter = LocalizationMeter(), LocalizationMeter()
+    for _, row in sorted(gather_objects(list(rows)), key=lambda item: item[0]):
+        meter.update(row["f1_pos"], row["f1_neg"], row["correct"], row["losses"],
+                     f1_pos_all_ones=row["f1_pos_all_ones"], iou=row["iou"])
+        if "crf_f1_pos" in row:
+            crf_meter.update(row["crf_f1_pos"], row["crf_f1_neg"], row["correct"],
+                             iou=row["crf_iou"])
+    summary = meter.summary()
+    if crf_meter.n_images:
+        crf = crf_meter.summary()
+        summary.update({f"crf_{key}": crf[key] for key in ("f1_pos", "f1_neg", "iou", "top1_loc")})
+    return summary
+
+
+def evaluate(model: nn.Module, loader: Iterable[dict], device: torch.device,
+             exact_crop: bool = False, keep: int = 0, crf: Callable | None = None,
+             crf_workers: int = 0) -> Evaluation:
+    """Evaluate image by image (batch 1, no erasing) with the default forward pass.
+
+    The predicted class is ``argmax`` of the positive region's scores and the localisation is
+    ``R+`` brought back to the ground-truth geometry, thresholded at 0.5 (F1+, F1-, IoU), plus
+    the threshold-free PxAP and a threshold sweep, both on ``R+``. With ``crf`` (e.g.
+    ``tools.CRF``) the CRF-refined mask is scored too (``crf_*`` keys). Under
+    ``torch.distributed`` each process evaluates its shard and the per-image results are
+    gathered and summed in image order, so the summary equals a single-process evaluation.
+    ``records`` holds the first ``keep`` predictions of this process (masks on the CPU).
+    """
+    network = unwrap(model).eval()
+    broadcast_buffers(network)
+    stream = predictions(network, loader, device, exact_crop)
+    if crf is not None:
+        stream = with_crf(stream, loader, crf, crf_workers)
+    pxap, sweep = PxAPMeter(), ThresholdSweepMeter()
+    rows, records = [], []
+    for item in stream:
+        rows.append(image_row(item))
+        pxap.update(item["mask"], item["truth"])
+        sweep.update(item["mask"], item["truth"])
+        if len(records) < keep:
+            records.append({key: value.cpu() if torch.is_tensor(value) else value
+                            for key, value in item.items()} | dict(rows[-1][1]))
+    all_reduce_sum(pxap.counts)
+    all_reduce_sum(sweep.sums)
+    sweep.n_images = int(all_reduce_sum(torch.tensor(sweep.n_images)))
+    summary = summarise(rows)
+    summary["pxap"] = pxap.compute()
+    return Evaluation(summary, records, sweep)

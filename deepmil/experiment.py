@@ -20,6 +20,9 @@ from deepmil.checkpoint import atomic_write
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 REPOSITORY = Path(__file__).resolve().parents[1]
+RUN_FILES = ("config.yaml", "environment.json", "training.log", "metrics.jsonl", "checkpoint.pt",
+             "best_model.pt", "final_metrics.json", "results.md", "learning_curves.png",
+             "test_predictions.png")
 
 
 def experiment_name(config: Mapping[str, Any]) -> str:
@@ -30,14 +33,42 @@ def experiment_name(config: Mapping[str, Any]) -> str:
             f"-erase{config['nbr_times_erase']}-seed{config['MYSEED']}-{stamp}")
 
 
-def create_experiment_dir(root: Path, name: str, overwrite: bool) -> Path:
-    """Create ``root/name``; an existing folder is an error unless ``overwrite`` is set."""
+def experiment_folder(root: Path, name: str, overwrite: bool) -> Path:
+    """``root/name``, checked before anything is written: ``name`` must be a plain folder name
+    and an existing folder is an error unless ``overwrite`` is set."""
+    if name in ("", ".", "..") or Path(name).name != name:
+        raise ValueError(f"experiment name {name!r} is not a plain folder name")
     folder = Path(root) / name
     if folder.exists() and not overwrite:
         raise FileExistsError(f"experiment folder {folder} already exists; use --overwrite to "
                               f"replace its results or --resume {folder} to continue it")
-    folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+def create_experiment_dir(folder: Path, overwrite: bool) -> None:
+    """Create ``folder``; with ``overwrite`` an existing one is kept but emptied of run files."""
+    folder.mkdir(parents=True, exist_ok=overwrite)
+    remove_run_files(folder)
+
+
+def remove_run_files(folder: Path) -> None:
+    """Delete the files a run writes (and temporary files of interrupted writes) in ``folder``."""
+    for name in RUN_FILES:
+        (folder / name).unlink(missing_ok=True)
+    remove_temporary_files(folder)
+
+
+def remove_temporary_files(folder: Path) -> None:
+    """Delete the temporary files that a killed :func:`atomic_write` may leave in ``folder``."""
+    for path in folder.glob(".*.tmp"):
+        path.unlink(missing_ok=True)
+
+
+def discard_run(folder: Path) -> None:
+    """Remove what a run wrote in ``folder``, and the folder itself if nothing else is in it."""
+    remove_run_files(folder)
+    if folder.is_dir() and not any(folder.iterdir()):
+        folder.rmdir()
 
 
 def setup_logging(log_file: Path | None = None, quiet: bool = False) -> None:
@@ -49,44 +80,73 @@ def setup_logging(log_file: Path | None = None, quiet: bool = False) -> None:
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, handlers=handlers, force=True)
 
 
-def git_commit() -> str | None:
-    """The repository's current commit, or None outside a git checkout."""
+def git(*args: str) -> str | None:
+    """Output of ``git args`` in the repository, or None outside a git checkout."""
     try:
-        result = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPOSITORY, text=True,
-                                capture_output=True, check=True, timeout=10)
+        result = subprocess.run(["git", *args], cwd=REPOSITORY, text=True, capture_output=True,
+                                check=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return None
-    return result.stdout.strip() or None
+    return result.stdout.strip()
+
+
+def git_commit() -> str | None:
+    """The repository's current commit, or None outside a git checkout."""
+    return git("rev-parse", "HEAD") or None
+
+
+def git_dirty() -> bool | None:
+    """Whether tracked files differ from the commit, or None outside a git checkout."""
+    status = git("status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status)
 
 
 def environment_record(config: Mapping[str, Any], argv: list[str]) -> dict[str, Any]:
-    """Seed, command line, library versions, device and git commit of this run."""
+    """Seed, command line, library versions, device, CPU threads (CPU results depend on their
+    number) and git commit of this run."""
     return {"seed": config["MYSEED"], "command": [sys.executable, *argv],
             "python": platform.python_version(), "platform": platform.platform(),
             "torch": torch.__version__, "torchvision": torchvision.__version__,
             "numpy": np.__version__, "pillow": PIL.__version__, "pyyaml": yaml.__version__,
             "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
-            "git_commit": git_commit()}
+            "torch_threads": torch.get_num_threads(),
+            "git_commit": git_commit(), "git_dirty": git_dirty()}
+
+
+def write_text(text: str, path: Path) -> None:
+    """Write ``text`` (UTF-8), atomically."""
+    atomic_write(path, lambda stream: stream.write(text.encode("utf-8")))
 
 
 def write_json(data: Any, path: Path) -> None:
     """Write ``data`` as indented JSON, atomically."""
-    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
-    atomic_write(path, lambda stream: stream.write(text.encode("utf-8")))
+    write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", path)
 
 
-def append_json_line(data: Mapping[str, Any], path: Path) -> None:
-    """Append one JSON record to a JSON-lines file."""
-    with open(path, "a", encoding="utf-8") as stream:
-        stream.write(json.dumps(data) + "\n")
+def write_json_lines(records: list[Mapping[str, Any]], path: Path) -> None:
+    """Write one JSON record per line, atomically (the whole file is rewritten)."""
+    write_text("".join(json.dumps(record) + "\n" for record in records), path)
+
+
+def add_resume_record(record: Mapping[str, Any], path: Path) -> None:
+    """Append ``record`` to the ``resumed`` list of the run's ``environment.json``."""
+    data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    data.setdefault("resumed", []).append(dict(record))
+    write_json(data, path)
+
+
+TABLE_COLUMNS = (("cl_error", "cl. error (%)"), ("f1_pos", "F1+ (%)"), ("f1_neg", "F1- (%)"),
+                 ("iou", "IoU (%)"), ("pxap", "PxAP (%)"), ("f1_pos_all_ones", "F1+ all-ones (%)"),
+                 ("crf_f1_pos", "CRF F1+ (%)"), ("crf_f1_neg", "CRF F1- (%)"))
 
 
 def results_table(final: Mapping[str, Mapping[str, Any]]) -> str:
-    """Markdown table of the final metrics of each evaluated set."""
-    lines = ["| set | images | cl. error (%) | F1+ (%) | F1- (%) | F1+ all-ones (%) | loss |",
-             "|---|---|---|---|---|---|---|"]
+    """Markdown table of the final metrics of each evaluated set (CRF columns when present)."""
+    first = next(iter(final.values()))
+    columns = [(key, title) for key, title in TABLE_COLUMNS if key in first]
+    lines = ["| set | images | " + " | ".join(title for _, title in columns) + " |",
+             "|---|---|" + "---|" * len(columns)]
     for name, metrics in final.items():
-        lines.append(f"| {name} | {metrics['n_images']} | {metrics['cl_error']:.2f} | "
-                     f"{metrics['f1_pos']:.2f} | {metrics['f1_neg']:.2f} | "
-                     f"{metrics['f1_pos_all_ones']:.2f} | {metrics['loss']:.4f} |")
+        values = " | ".join(f"{metrics[key]:.2f}" for key, _ in columns)
+        lines.append(f"| {name} | {metrics['n_images']} | {values} |")
     return "\n".join(lines) + "\n"

@@ -1,16 +1,22 @@
-"""Evaluation metrics: predicted mask back to the ground-truth geometry, F1+/F1-, errors.
+"""Evaluation metrics: predicted mask back to the ground-truth geometry, F1+/F1-, IoU, PxAP,
+threshold sweeps, errors, and CRF refinement of a stream of masks in worker processes.
 
 All tensor functions are vectorised and run on the device of their inputs.
 Conventions:
 * F1+ is the Dice of the binary foreground sets, F1- the Dice of their complements.
-* A Dice of two empty sets is defined as 1 (otherwise 0/0), so an empty prediction on an empty
-  ground truth gives F1+ = 1 and a full prediction on a full ground truth gives F1- = 1.
-* Set-level F1 values are means of per-image values (not pooled pixels).
+* A Dice (or IoU) of two empty sets is defined as 1 (otherwise 0/0), so an empty prediction on an
+  empty ground truth gives F1+ = 1 and a full prediction on a full ground truth gives F1- = 1.
+* Set-level F1 values are means of per-image values (not pooled pixels); PxAP pools pixels.
+* Per-image functions return fractions; meter summaries are percentages.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from typing import TypeVar
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -87,6 +93,22 @@ def dice(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
 
 
+def iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-image IoU (Jaccard) ``|P n G| / |P u G|`` of binary masks over the last two dimensions.
+
+    Same input rules as :func:`dice`; returns float64 of shape ``pred.shape[:-2]``; two empty
+    sets give 1.
+    """
+    if pred.shape != target.shape or pred.dim() < 2:
+        raise ValueError(f"iou needs two masks of equal shape (>= 2 dims), got "
+                         f"{tuple(pred.shape)} and {tuple(target.shape)}")
+    p = (pred != 0).to(torch.float64)
+    t = (target != 0).to(torch.float64)
+    inter = (p * t).sum(dim=(-2, -1))
+    union = p.sum(dim=(-2, -1)) + t.sum(dim=(-2, -1)) - inter
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+
+
 def f1_pos_neg(pred_mask_continuous: torch.Tensor, gt_mask: torch.Tensor,
                threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image (F1+, F1-): prediction binarised ``>= threshold``, ground truth ``>= 0.5``.
@@ -105,6 +127,18 @@ def all_ones_f1(gt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     truth, by the empty-set convention). A baseline to read F1+ values against.
     """
     return f1_pos_neg(torch.ones_like(gt_mask, dtype=torch.float32), gt_mask)
+
+
+def iou_at(pred_mask_continuous: torch.Tensor, gt_mask: torch.Tensor,
+           threshold: float = 0.5) -> torch.Tensor:
+    """Per-image IoU of the prediction binarised ``>= threshold`` (ground truth ``>= 0.5``)."""
+    return iou(pred_mask_continuous >= threshold, gt_mask >= 0.5)
+
+
+def top1_localization(correct: torch.Tensor | bool, iou_value: torch.Tensor | float,
+                      min_iou: float = 0.5) -> torch.Tensor:
+    """Top-1 localisation hit per image: class correct and IoU ``>= min_iou``."""
+    return torch.as_tensor(correct, dtype=torch.bool) & (torch.as_tensor(iou_value) >= min_iou)
 
 
 def _flat_labels(values: torch.Tensor | Sequence[int], name: str) -> torch.Tensor:
@@ -148,19 +182,22 @@ class LocalizationMeter:
         self.f1_neg: list[float] = []
         self.correct: list[bool] = []
         self.f1_pos_all_ones: list[float] = []
+        self.iou: list[float] = []
         self.losses: dict[str, list[float]] = {}
 
     def update(self, f1_pos: float, f1_neg: float, correct: bool,
                losses: Mapping[str, float] | None = None,
-               f1_pos_all_ones: float | None = None) -> None:
+               f1_pos_all_ones: float | None = None, iou: float | None = None) -> None:
         """Record one image: its F1+/F1- (fractions), whether its label was right, its losses
         (e.g. ``{"loss": .., "loss_pos": .., "loss_neg": .., "loss_seg": ..}``) and optionally the
-        F1+ of an all-ones prediction."""
+        F1+ of an all-ones prediction and the IoU of the prediction (fraction)."""
         self.f1_pos.append(float(f1_pos))
         self.f1_neg.append(float(f1_neg))
         self.correct.append(bool(correct))
         if f1_pos_all_ones is not None:
             self.f1_pos_all_ones.append(float(f1_pos_all_ones))
+        if iou is not None:
+            self.iou.append(float(iou))
         for name, value in (losses or {}).items():
             self.losses.setdefault(name, []).append(float(value))
 
@@ -170,11 +207,13 @@ class LocalizationMeter:
 
     def summary(self) -> dict[str, float | int | None]:
         """Per-image means: ``cl_error`` (%), ``f1_pos``/``f1_neg``/``f1_pos_all_ones`` (x100,
-        None when never given), one entry per loss name, and ``n_images``."""
+        None when never given), one entry per loss name, and ``n_images``. When IoUs were given:
+        ``iou`` (x100) and ``top1_loc`` (% of images with the right class and IoU >= 0.5)."""
         n = self.n_images
         if n == 0:
             raise ValueError("LocalizationMeter.summary: no image was recorded")
-        for name, values in [("f1_pos_all_ones", self.f1_pos_all_ones), *self.losses.items()]:
+        for name, values in [("f1_pos_all_ones", self.f1_pos_all_ones), ("iou", self.iou),
+                             *self.losses.items()]:
             if values and len(values) != n:
                 raise ValueError(f"LocalizationMeter.summary: '{name}' given for {len(values)} "
                                  f"of {n} images")
@@ -185,6 +224,157 @@ class LocalizationMeter:
             "f1_pos_all_ones": (100.0 * sum(self.f1_pos_all_ones) / n
                                 if self.f1_pos_all_ones else None),
         }
+        if self.iou:
+            hits = top1_localization(torch.tensor(self.correct), torch.tensor(self.iou))
+            out["iou"] = 100.0 * sum(self.iou) / n
+            out["top1_loc"] = 100.0 * hits.double().mean().item()
         out.update({name: sum(values) / n for name, values in self.losses.items()})
         out["n_images"] = n
         return out
+
+
+def _check_scores(mask: torch.Tensor, gt: torch.Tensor, name: str) -> None:
+    if mask.shape != gt.shape or mask.dim() < 2:
+        raise ValueError(f"{name}: mask and ground truth need equal shapes (>= 2 dims), got "
+                         f"{tuple(mask.shape)} and {tuple(gt.shape)}")
+    if mask.numel() and not (mask.min() >= 0 and mask.max() <= 1):
+        raise ValueError(f"{name}: mask values must lie in [0, 1], got "
+                         f"[{mask.min().item()}, {mask.max().item()}]")
+
+
+class PxAPMeter:
+    """Pixel-wise average precision over a set (PxAP, as in wsolevaluation), image by image.
+
+    The continuous scores in [0, 1] of all pixels of all images are counted in ``bins`` equal
+    bins, separately for ground-truth foreground (``>= 0.5``) and background pixels. At the
+    threshold ``t_i = i / bins`` a pixel is predicted foreground when its bin is ``>= i``, which
+    gives cumulative TP/FP, precision ``P_i`` and recall ``R_i`` per threshold, and
+    ``AP = sum_i (R_i - R_{i+1}) P_i`` with ``R_bins = 0``. ``counts`` (2 x bins, int64:
+    background row, foreground row) is the whole state; meters of shards add up.
+    """
+
+    def __init__(self, bins: int = 1000) -> None:
+        self.bins = bins
+        self.counts = torch.zeros(2, bins, dtype=torch.int64)
+
+    def update(self, mask: torch.Tensor, gt: torch.Tensor) -> None:
+        """Count the pixels of a continuous mask and its ground truth (equal shapes)."""
+        _check_scores(mask, gt, "PxAPMeter.update")
+        index = (mask.to(torch.float64) * self.bins).long().clamp_(max=self.bins - 1)
+        index = index + self.bins * (gt >= 0.5).long()
+        counts = torch.bincount(index.flatten(), minlength=2 * self.bins)
+        self.counts += counts.reshape(2, self.bins).cpu()
+
+    def curve(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(precision, recall)`` at the thresholds ``t_i = i / bins`` in decreasing order
+        (``t_{bins-1}`` first), float64 fractions."""
+        negatives, positives = self.counts.flip(-1).cumsum(-1).double()
+        if positives[-1] == 0:
+            raise ValueError("PxAPMeter: no ground-truth foreground pixel was recorded")
+        precision = positives / (positives + negatives).clamp_min(1)
+        return precision, positives / positives[-1]
+
+    def compute(self) -> float:
+        """PxAP in percent."""
+        precision, recall = self.curve()
+        steps = torch.diff(recall, prepend=recall.new_zeros(1))
+        return 100.0 * (steps * precision).sum().item()
+
+
+def _count_at_least(values: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
+    """Per row of ``values`` (n x m), the number of entries ``>= t`` for each threshold."""
+    ordered = values.sort(dim=-1).values
+    below = torch.searchsorted(ordered, thresholds.repeat(len(values), 1), side="left")
+    return values.shape[-1] - below
+
+
+class ThresholdSweepMeter:
+    """Per-image F1+ (Dice), F1- and IoU at the thresholds 0.00, 0.01, ..., 1.00, summed over
+    images (prediction ``mask >= t`` compared in the mask's dtype, ground truth ``>= 0.5``,
+    empty-set conventions of :func:`dice` and :func:`iou`). ``sums`` (3 x 101 float64: F1+,
+    F1-, IoU) and ``n_images`` are the whole state; meters of shards add up."""
+
+    METRICS = ("f1_pos", "f1_neg", "iou")
+
+    def __init__(self, steps: int = 100) -> None:
+        self.thresholds = torch.arange(steps + 1, dtype=torch.float64) / steps
+        self.sums = torch.zeros(len(self.METRICS), steps + 1, dtype=torch.float64)
+        self.n_images = 0
+
+    def update(self, mask: torch.Tensor, gt: torch.Tensor) -> None:
+        """Add the images of a continuous mask (``... x H x W``, leading dims are images)."""
+        _check_scores(mask, gt, "ThresholdSweepMeter.update")
+        mask = mask if mask.is_floating_point() else mask.float()
+        scores = mask.reshape(-1, mask.shape[-2] * mask.shape[-1])
+        truth = gt.reshape(scores.shape) >= 0.5
+        thresholds = self.thresholds.to(device=scores.device, dtype=scores.dtype)
+        n_pixels = scores.shape[-1]
+        predicted = _count_at_least(scores, thresholds).double()
+        hits = _count_at_least(torch.where(truth, scores, -torch.inf), thresholds).double()
+        true = truth.sum(dim=-1, keepdim=True).double()
+        both = predicted + true
+        neither = 2 * n_pixels - both
+        f1_pos = torch.where(both > 0, 2 * hits / both.clamp_min(1), 1.0)
+        f1_neg = torch.where(neither > 0, 2 * (n_pixels - both + hits) / neither.clamp_min(1), 1.0)
+        union = both - hits
+        iou_value = torch.where(union > 0, hits / union.clamp_min(1), 1.0)
+        per_image = torch.stack([f1_pos, f1_neg, iou_value])
+        self.sums += per_image.sum(dim=1).cpu()
+        self.n_images += len(scores)
+
+    def means(self) -> dict[str, torch.Tensor]:
+        """Per-threshold means over images (x100) of each metric."""
+        if self.n_images == 0:
+            raise ValueError("ThresholdSweepMeter: no image was recorded")
+        return {name: 100.0 * row / self.n_images for name, row in zip(self.METRICS, self.sums)}
+
+    def at(self, threshold: float) -> dict[str, float]:
+        """Means (x100) at one of the sweep thresholds."""
+        index = int(torch.argmin((self.thresholds - threshold).abs()))
+        if abs(float(self.thresholds[index]) - threshold) > 1e-9:
+            raise ValueError(f"ThresholdSweepMeter.at: {threshold} is not a sweep threshold")
+        return {name: float(row[index]) for name, row in self.means().items()}
+
+
+def best_threshold_report(valid: ThresholdSweepMeter,
+                          test: ThresholdSweepMeter) -> dict[str, float]:
+    """Pick the threshold maximising the mean validation F1+ (lowest on ties) and report the
+    test F1+, F1- and IoU (x100) at it, with the validation F1+ and the threshold."""
+    if not torch.equal(valid.thresholds, test.thresholds):
+        raise ValueError("best_threshold_report: the two meters sweep different thresholds")
+    valid_f1 = valid.means()["f1_pos"]
+    index = int(torch.argmax(valid_f1))
+    report = {"threshold": float(valid.thresholds[index]), "valid_f1_pos": float(valid_f1[index])}
+    report.update({f"test_{name}": float(row[index]) for name, row in test.means().items()})
+    return report
+
+
+Key = TypeVar("Key")
+
+
+def refine_with_crf(crf: Callable[[np.ndarray, np.ndarray], np.ndarray],
+                    items: Iterable[tuple[Key, np.ndarray, np.ndarray]],
+                    workers: int = 0) -> Iterator[tuple[Key, np.ndarray]]:
+    """Apply ``crf(image, mask)`` (e.g. ``tools.CRF``) to ``(key, image, mask)`` items.
+
+    Yields ``(key, refined_mask)`` in input order. ``workers = 0`` runs in this process;
+    otherwise a ``ProcessPoolExecutor`` of ``workers`` processes (platform start method) runs
+    the CRF with at most ``2 * workers`` images in flight, so ``items`` may be a lazy stream.
+    ``crf`` must be picklable; keys stay in this process.
+    """
+    if workers < 0:
+        raise ValueError(f"refine_with_crf: workers must be >= 0, got {workers}")
+    if workers == 0:
+        for key, image, mask in items:
+            yield key, crf(image, mask)
+        return
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        pending = deque()
+        for key, image, mask in items:
+            pending.append((key, pool.submit(crf, image, mask)))
+            if len(pending) >= 2 * workers:
+                key, future = pending.popleft()
+                yield key, future.result()
+        while pending:
+            key, future = pending.popleft()
+            yield key, future.result()

@@ -1,4 +1,4 @@
-"""Figures: learning curves and mask overlay panels written as PNG files.
+"""Figures: learning curves, mask overlay panels and mask-value histograms written as PNG files.
 
 Figures are built with ``matplotlib.figure.Figure`` (rendered by Agg, never registered with
 pyplot), so no global backend or figure state is touched and nothing stays open after saving.
@@ -16,6 +16,7 @@ from matplotlib.figure import Figure
 OVERLAY_ALPHA = 128 / 255
 MOVING_AVERAGE = 20
 PANEL_TITLES = ("image", "ground truth", "prediction (R+ >= 0.5)", "continuous R+")
+CRF_TITLE = "CRF-refined R+"
 CURVE_GROUPS = (
     ("losses", "loss", lambda key: "loss" in key),
     ("classification error", "error (%)", lambda key: "error" in key),
@@ -114,8 +115,8 @@ def _check_sample(index: int, sample: Mapping[str, object]) -> None:
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(f"save_mask_panels: sample {index} image must be an HxWx3 uint8 array, "
                          f"got shape {image.shape} dtype {image.dtype}")
-    for key in ("gt_mask", "pred_mask"):
-        if np.asarray(sample[key]).shape != image.shape[:2]:
+    for key in ("gt_mask", "pred_mask", "crf_mask"):
+        if key in sample and np.asarray(sample[key]).shape != image.shape[:2]:
             raise ValueError(f"save_mask_panels: sample {index} {key} has shape "
                              f"{np.asarray(sample[key]).shape}, image is {image.shape[:2]}")
 
@@ -130,15 +131,21 @@ def save_mask_panels(samples: Sequence[Mapping[str, object]], path: str | Path,
                      title: str | None = None) -> Path:
     """One row per sample: image, ground-truth overlay, thresholded prediction overlay and
     continuous prediction overlay ('seismic' colormap, alpha 128/255: blue = 0, red = 1), with
-    the sample's caption above the row. Returns the written PNG path."""
+    the sample's caption above the row. When the samples carry a ``crf_mask`` (all of them or
+    none), a fifth column overlays it. Returns the written PNG path."""
     if not samples:
         raise ValueError(f"save_mask_panels: no sample to draw into {path}")
     for index, sample in enumerate(samples):
         _check_sample(index, sample)
+    with_crf = ["crf_mask" in sample for sample in samples]
+    if any(with_crf) and not all(with_crf):
+        raise ValueError(f"save_mask_panels: 'crf_mask' given for {sum(with_crf)} of "
+                         f"{len(samples)} samples; give it for all or none")
+    titles = PANEL_TITLES + ((CRF_TITLE,) if all(with_crf) else ())
     height, width = np.asarray(samples[0]["image"]).shape[:2]
     panel_w = 3.0
     panel_h = max(1.5, min(6.0, panel_w * height / width)) + 0.6
-    fig = Figure(figsize=(4 * panel_w, panel_h * len(samples) + (0.5 if title else 0)),
+    fig = Figure(figsize=(len(titles) * panel_w, panel_h * len(samples) + (0.5 if title else 0)),
                  layout="constrained")
     rows = np.atleast_1d(fig.subfigures(len(samples), 1))
     for row, sample in zip(rows, samples):
@@ -146,8 +153,10 @@ def save_mask_panels(samples: Sequence[Mapping[str, object]], path: str | Path,
         pred = np.asarray(sample["pred_mask"], dtype=float)
         gt = np.asarray(sample["gt_mask"], dtype=float)
         panels = (None, gt, (pred >= 0.5).astype(float), pred)
-        axes = row.subplots(1, 4)
-        for ax, panel_title, mask in zip(axes, PANEL_TITLES, panels):
+        if "crf_mask" in sample:
+            panels += (np.asarray(sample["crf_mask"], dtype=float),)
+        axes = row.subplots(1, len(titles))
+        for ax, panel_title, mask in zip(axes, titles, panels):
             if mask is None:
                 ax.imshow(image)
             else:
@@ -158,6 +167,37 @@ def save_mask_panels(samples: Sequence[Mapping[str, object]], path: str | Path,
         row.suptitle(str(sample["caption"]), fontsize=10)
     if title:
         fig.suptitle(title, fontsize=12, fontweight="bold")
+    return _save(fig, path)
+
+
+def plot_mask_histograms(inside_values: np.ndarray | torch.Tensor,
+                         outside_values: np.ndarray | torch.Tensor, path: str | Path,
+                         bins: int = 50, log_y: bool = False, title: str | None = None) -> Path:
+    """Density-normalised histograms, on [0, 1], of predicted mask values at pixels inside and
+    outside the ground-truth foreground (log y axis with ``log_y``). Returns the PNG path."""
+    groups = {"inside the ground truth": inside_values, "outside the ground truth": outside_values}
+    values = {}
+    for name, group in groups.items():
+        array = np.asarray(torch.as_tensor(group).detach().cpu(), dtype=float).ravel()
+        if array.size == 0 or not ((array >= 0) & (array <= 1)).all():
+            raise ValueError(f"plot_mask_histograms: values {name} must be non-empty and in "
+                             f"[0, 1] ({array.size} given) for {path}")
+        values[name] = array
+    fig = Figure(figsize=(6, 4), layout="constrained")
+    ax = fig.subplots()
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    for (name, array), color in zip(values.items(), ("tab:red", "tab:blue")):
+        ax.hist(array, bins=edges, density=True, histtype="stepfilled", alpha=0.4, color=color,
+                label=f"{name} ({array.size} px)")
+        ax.hist(array, bins=edges, density=True, histtype="step", color=color)
+    if log_y:
+        ax.set_yscale("log")
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("predicted mask value")
+    ax.set_ylabel("density")
+    ax.set_title(title or "predicted mask values")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper center")
     return _save(fig, path)
 
 

@@ -1,14 +1,15 @@
 """Synthetic weakly supervised localisation dataset.
 
-Every image holds 1-4 objects (random smooth blobs) filled with a texture that encodes the image's
-class; the class evidence exists only inside the objects. The background is a smooth colour field
-with distractor blobs whose textures (isotropic "blotches" and "dots") are drawn from the same
-distribution whatever the class, so the background alone predicts the class at chance level.
+Every image holds ``min_objects`` to ``max_objects`` (default 1-4) objects, random smooth blobs
+filled with a texture that encodes the image's class; the class evidence exists only inside them.
+The background is a smooth colour field with distractor blobs whose textures (isotropic "blotches"
+and "dots") are drawn from the same distribution whatever the class, so the background alone
+predicts the class at chance level.
 Colours, shapes, sizes and positions are drawn independently of the class; the ground-truth mask is
 the union of the objects.
 
-Class textures are chosen to be invariant (as a set) under horizontal and vertical flips, because the
-synthetic training pipeline flips images without changing labels:
+Class textures are invariant (as a family) under horizontal and vertical flips, because the
+synthetic training pipeline flips images without changing their labels:
 
 * class 0: stripes whose bands run horizontally (intensity varies along y);
 * class 1: the orthogonal stripes (bands run vertically);
@@ -74,17 +75,22 @@ class SyntheticSpec:
                 raise ValueError(f"synthetic.{field.name} must be an integer, got {value!r}")
         if not 2 <= self.num_classes <= len(CLASS_PATTERNS):
             raise ValueError(
-                f"synthetic.num_classes must be in [2, {len(CLASS_PATTERNS)}], got {self.num_classes}"
+                f"synthetic.num_classes must be in [2, {len(CLASS_PATTERNS)}], "
+                f"got {self.num_classes}"
             )
         if self.image_size < MIN_IMAGE_SIZE:
-            raise ValueError(f"synthetic.image_size must be >= {MIN_IMAGE_SIZE}, got {self.image_size}")
+            raise ValueError(
+                f"synthetic.image_size must be >= {MIN_IMAGE_SIZE}, got {self.image_size}"
+            )
         if self.n_train < 2 * self.num_classes:
             raise ValueError(
                 f"synthetic.n_train must be >= 2 * num_classes = {2 * self.num_classes} "
                 f"(each class needs a training and a validation image), got {self.n_train}"
             )
         if self.n_test < self.num_classes:
-            raise ValueError(f"synthetic.n_test must be >= num_classes = {self.num_classes}, got {self.n_test}")
+            raise ValueError(
+                f"synthetic.n_test must be >= num_classes = {self.num_classes}, got {self.n_test}"
+            )
         if self.seed < 0:
             raise ValueError(f"synthetic.seed must be >= 0, got {self.seed}")
         if not 1 <= self.min_objects <= self.max_objects <= MAX_OBJECTS:
@@ -100,7 +106,9 @@ class SyntheticSpec:
         known = {field.name for field in fields(cls)}
         unknown = sorted(set(mapping) - known)
         if unknown:
-            raise ValueError(f"unknown key(s) in config 'synthetic': {unknown}; expected a subset of {sorted(known)}")
+            raise ValueError(
+                f"unknown key(s) in config 'synthetic': {unknown}; expected some of {sorted(known)}"
+            )
         return cls(**mapping)
 
     def to_json(self) -> str:
@@ -145,8 +153,10 @@ def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.meshgrid(coords, coords, indexing="ij")
 
 
-def _blob(rng: np.random.Generator, size: int, area: float) -> tuple[np.ndarray, tuple[float, float]]:
-    """Random smooth blob of about ``area`` pixels centred inside the image; returns (mask, centre)."""
+def _blob(
+    rng: np.random.Generator, size: int, area: float
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """Random smooth blob of about ``area`` pixels centred in the image; returns (mask, centre)."""
     aspect = rng.uniform(0.55, 1.0)
     angle = rng.uniform(0.0, np.pi)
     amplitudes = rng.uniform(0.0, 0.12, size=3)
@@ -162,7 +172,8 @@ def _blob(rng: np.random.Generator, size: int, area: float) -> tuple[np.ndarray,
     u = (dx * np.cos(angle) + dy * np.sin(angle)) / semi_major
     v = (-dx * np.sin(angle) + dy * np.cos(angle)) / semi_minor
     theta = np.arctan2(v, u)
-    boundary = 1.0 + sum(a * np.cos(k * theta + p) for k, a, p in zip((2, 3, 4), amplitudes, phases))
+    harmonics = zip((2, 3, 4), amplitudes, phases)
+    boundary = 1.0 + sum(a * np.cos(k * theta + p) for k, a, p in harmonics)
     mask = np.zeros((size, size), dtype=bool)
     mask[top:bottom, left:right] = np.hypot(u, v) <= boundary
     return mask, (cy, cx)
@@ -182,7 +193,7 @@ def _layout(
         fraction = np.logical_or.reduce(masks).mean()
         if MIN_FOREGROUND <= fraction <= MAX_FOREGROUND and all(mask.any() for mask in masks):
             return masks, [centre for _, centre in blobs]
-    raise RuntimeError(f"no object layout met the foreground range after {LAYOUT_ATTEMPTS} attempts")
+    raise RuntimeError(f"no object layout met the foreground range in {LAYOUT_ATTEMPTS} attempts")
 
 
 def _sharpen(wave: np.ndarray) -> np.ndarray:
@@ -196,7 +207,12 @@ def _wave(yy: np.ndarray, xx: np.ndarray, angle: float, period: float, phase: fl
 
 
 def _class_texture(
-    pattern: str, yy: np.ndarray, xx: np.ndarray, centre: tuple[float, float], period: float, phase: float
+    pattern: str,
+    yy: np.ndarray,
+    xx: np.ndarray,
+    centre: tuple[float, float],
+    period: float,
+    phase: float,
 ) -> np.ndarray:
     """Class texture in [0, 1] over the whole grid."""
     if pattern == "hstripes":
@@ -204,7 +220,8 @@ def _class_texture(
     elif pattern == "vstripes":
         wave = _wave(yy, xx, 0.0, period, phase)
     elif pattern == "crosshatch":
-        wave = 0.5 * (_wave(yy, xx, np.pi / 4, period, phase) + _wave(yy, xx, 3 * np.pi / 4, period, phase))
+        diagonal = _wave(yy, xx, np.pi / 4, period, phase)
+        wave = 0.5 * (diagonal + _wave(yy, xx, 3 * np.pi / 4, period, phase))
     elif pattern == "zigzag":
         triangle = 2.0 * np.abs(np.mod(xx / (ZIGZAG_WAVELENGTH * period), 1.0) - 0.5)
         wave = np.sin(2 * np.pi * (yy / period + ZIGZAG_AMPLITUDE * triangle) + phase)
@@ -213,13 +230,16 @@ def _class_texture(
     return _sharpen(wave)
 
 
-def _distractor_texture(rng: np.random.Generator, pattern: str, size: int, period: float) -> np.ndarray:
-    """Isotropic, class-neutral texture in [0, 1]."""
+def _distractor_texture(
+    rng: np.random.Generator, pattern: str, size: int, period: float
+) -> np.ndarray:
+    """Isotropic, class-neutral texture in [0, 1]: band-pass noise blotches or saturated dots."""
     if pattern == "blotches":
         field = ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma=period / 3.0)
         return _sharpen(np.clip(field / (field.std() + 1e-12), -1.0, 1.0))
     impulses = (rng.random((size, size)) < 1.0 / (1.5 * period**2)).astype(np.float64)
-    return np.clip(ndimage.gaussian_filter(impulses, sigma=1.0) * 2 * np.pi * 1.5, 0.0, 1.0)
+    peak = 1.0 / (2 * np.pi)
+    return np.clip(ndimage.gaussian_filter(impulses, sigma=1.0) * 1.5 / peak, 0.0, 1.0)
 
 
 def _colour_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
@@ -230,14 +250,19 @@ def _colour_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return first, np.clip(second, 0.0, 1.0)
 
 
-def _paint(image: np.ndarray, region: np.ndarray, texture: np.ndarray, colours: tuple[np.ndarray, np.ndarray]) -> None:
+def _paint(
+    image: np.ndarray,
+    region: np.ndarray,
+    texture: np.ndarray,
+    colours: tuple[np.ndarray, np.ndarray],
+) -> None:
     """Fill ``region`` of ``image`` with ``texture`` mixing the two colours."""
     weight = texture[region][:, None]
     image[region] = (1.0 - weight) * colours[0] + weight * colours[1]
 
 
 def _smoothing_matrix(size: int, knots: int) -> np.ndarray:
-    """Rows of normalised Gaussian weights spreading ``knots`` coarse values over ``size`` pixels."""
+    """Normalised Gaussian weights spreading ``knots`` coarse values over ``size`` pixels."""
     positions = (np.arange(size) + 0.5) * knots / size - 0.5
     weights = np.exp(-0.5 * ((positions[:, None] - np.arange(knots)[None, :]) / 0.7) ** 2)
     return weights / weights.sum(axis=1, keepdims=True)
@@ -267,9 +292,8 @@ def render_sample(spec: SyntheticSpec, set_name: str, index: int) -> Sample:
     n_objects = int(rng.integers(spec.min_objects, spec.max_objects + 1))
     objects, centres = _layout(rng, size, n_objects)
     for region, centre in zip(objects, centres):
-        texture = _class_texture(
-            CLASS_PATTERNS[label], yy, xx, centre, rng.uniform(*PERIOD_RANGE), rng.uniform(0.0, 2 * np.pi)
-        )
+        period, phase = rng.uniform(*PERIOD_RANGE), rng.uniform(0.0, 2 * np.pi)
+        texture = _class_texture(CLASS_PATTERNS[label], yy, xx, centre, period, phase)
         _paint(image, region, texture, _colour_pair(rng))
     image = image + rng.normal(0.0, PIXEL_NOISE, size=image.shape)
     pixels = np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
@@ -304,7 +328,8 @@ def read_metadata(root: Path) -> list[dict[str, str]]:
     with path.open(newline="", encoding="utf-8") as handle:
         reader = csv.DictReader(handle)
         if tuple(reader.fieldnames or ()) != METADATA_HEADER:
-            raise ValueError(f"{path}: header must be {','.join(METADATA_HEADER)}, got {reader.fieldnames}")
+            expected = ",".join(METADATA_HEADER)
+            raise ValueError(f"{path}: header must be {expected}, got {reader.fieldnames}")
         return list(reader)
 
 
@@ -327,8 +352,6 @@ def _replace_folder(root: Path, fresh: Path) -> None:
     if not root.exists():
         fresh.rename(root)
         return
-    if not (root / "spec.json").is_file() and any(root.iterdir()):
-        raise ValueError(f"{root} exists and is not a synthetic dataset (no spec.json); move it away first")
     old = root.with_name(f".{root.name}.old-{os.getpid()}")
     root.rename(old)
     fresh.rename(root)
@@ -336,7 +359,7 @@ def _replace_folder(root: Path, fresh: Path) -> None:
 
 
 def ensure_synthetic_dataset(root: Path, spec: SyntheticSpec) -> bool:
-    """Generate the dataset into ``root`` unless it already matches ``spec``; return whether it generated.
+    """Generate the dataset into ``root`` unless it matches ``spec``; return whether it generated.
 
     Generation happens in a temporary sibling folder renamed at the end, so an interrupted run never
     leaves a folder that looks complete.
@@ -344,12 +367,16 @@ def ensure_synthetic_dataset(root: Path, spec: SyntheticSpec) -> bool:
     root = Path(root)
     if is_complete(root, spec):
         return False
+    if root.is_dir() and not (root / "spec.json").is_file() and any(root.iterdir()):
+        raise ValueError(
+            f"{root} exists and is not a synthetic dataset (no spec.json); move it away first"
+        )
     root.parent.mkdir(parents=True, exist_ok=True)
     staging = root.with_name(f".{root.name}.tmp-{os.getpid()}")
     if staging.exists():
         shutil.rmtree(staging)
     total = spec.n_train + spec.n_test
-    print(f"generating the synthetic dataset ({total} images of {spec.image_size}px) in {root}", flush=True)
+    print(f"generating {total} synthetic images of {spec.image_size}px in {root}", flush=True)
     _write_dataset(staging, spec)
     _replace_folder(root, staging)
     return True

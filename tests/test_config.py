@@ -136,7 +136,7 @@ def test_synthetic_values():
     assert config["synthetic"] == {"num_classes": 2, "image_size": 128, "n_train": 240,
                                    "n_test": 100, "seed": 0, "min_objects": 1, "max_objects": 4}
     assert config["crop_size"] == [128, 128] and config["padding_size"] == [0.5, 0.5]
-    assert (config["batch_size"], config["num_workers"], config["max_epochs"]) == (8, 2, 20)
+    assert (config["batch_size"], config["num_workers"], config["max_epochs"]) == (8, 2, 10)
     assert config["model"]["name"] == "resnet18" and config["model"]["pretrained"] is False
     assert (config["model"]["kmax"], config["model"]["dropout"]) == (0.5, 0.0)
     assert (config["optimizer"]["lr"], config["optimizer"]["weight_decay"]) == (0.01, 1e-5)

@@ -12,14 +12,26 @@ import create_folds
 from deepmil.synthetic import SyntheticSpec
 
 REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "upstream-folds"
-needs_reference = pytest.mark.skipif(not REFERENCE.is_dir(), reason="published reference folds not available")
+needs_reference = pytest.mark.skipif(
+    not REFERENCE.is_dir(), reason="published reference folds not available"
+)
 GLAS_HEADER = "name,patient ID,grade (GlaS),grade (Sirinukunwattana et al. 2015)"
 CUB_CLASSES = ("001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross")
 
 
+def _reference_file(fold_name: str, file_name: str) -> Path:
+    return REFERENCE / fold_name / "split_0" / "fold_0" / file_name
+
+
 def _reference_rows(fold_name: str, set_name: str) -> list[tuple[str, str, str]]:
-    path = REFERENCE / fold_name / "split_0" / "fold_0" / f"{set_name}_s_0_f_0.csv"
-    return [tuple(line.split(",")) for line in path.read_text().splitlines()]
+    text = _reference_file(fold_name, f"{set_name}_s_0_f_0.csv").read_text()
+    return [tuple(line.split(",")) for line in text.splitlines()]
+
+
+def _glas_grades() -> list[tuple[str, str]]:
+    """(name, grade) of every published GlaS row, in lexicographic name order."""
+    rows = [row for name in ("train", "valid", "test") for row in _reference_rows("glas", name)]
+    return sorted((image[: -len(".bmp")], grade) for image, _, grade in rows)
 
 
 def _sha256(path: Path) -> str:
@@ -41,23 +53,20 @@ def _write_grade_csv(folder: Path, samples: list[tuple[str, str]]) -> None:
 
 @needs_reference
 def test_glas_rebuilt_grade_csv_reproduces_the_published_files(tmp_path, capsys):
-    published = [row for name in ("train", "valid", "test") for row in _reference_rows("glas", name)]
-    samples = sorted((image[: -len(".bmp")], grade) for image, _, grade in published)
-    _write_grade_csv(tmp_path / "data" / create_folds.DATASET_SUBFOLDERS["glas"], samples)
-    argv = ["--dataset", "glas", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "folds")]
+    _write_grade_csv(tmp_path / "data" / create_folds.DATASET_SUBFOLDERS["glas"], _glas_grades())
+    out = tmp_path / "folds"
+    argv = ["--dataset", "glas", "--data-root", str(tmp_path / "data"), "--out", str(out)]
     assert create_folds.main(argv) == 0
     assert "3 of 3 files match the published digests" in capsys.readouterr().out
-    for name in ("train", "valid", "test"):
-        ours = tmp_path / "folds" / "glas" / "split_0" / "fold_0" / f"{name}_s_0_f_0.csv"
-        assert ours.read_bytes() == (REFERENCE / "glas" / "split_0" / "fold_0" / ours.name).read_bytes()
-    seed_file = tmp_path / "folds" / "glas" / "split_0" / "fold_0" / "seed.txt"
-    assert seed_file.read_bytes() == (REFERENCE / "glas" / "split_0" / "fold_0" / "seed.txt").read_bytes()
+    names = ("train_s_0_f_0.csv", "valid_s_0_f_0.csv", "test_s_0_f_0.csv", "seed.txt")
+    for name in names:
+        ours = out / "glas" / "split_0" / "fold_0" / name
+        assert ours.read_bytes() == _reference_file("glas", name).read_bytes()
 
 
 @needs_reference
 def test_glas_training_file_needs_the_draws_of_two_splits(tmp_path, monkeypatch):
-    published = [row for name in ("train", "valid", "test") for row in _reference_rows("glas", name)]
-    _write_grade_csv(tmp_path, sorted((image[:-4], grade) for image, _, grade in published))
+    _write_grade_csv(tmp_path, _glas_grades())
     monkeypatch.setattr(create_folds, "N_SPLITS", 1)
     folds = create_folds.glas_folds(tmp_path)
     assert folds.valid == _reference_rows("glas", "valid")
@@ -69,8 +78,10 @@ def test_grade_csv_parsing_removes_every_space_and_names_bad_lines(tmp_path):
         "name , patient ID , grade (GlaS) , grade (Sirinukunwattana et al. 2015)\n"
         " train_1 , 1 , be nign , healthy\n\n test A_2 , 2 , malignant , poorly differentiated\n"
     )
-    assert create_folds.read_grade_csv(tmp_path / "Grade.csv") == [("train_1", "benign"), ("testA_2", "malignant")]
-    (tmp_path / "Grade.csv").write_text(GLAS_HEADER + "\ntrain_1, 1, benign, healthy\ntrain_2, 2, normal, x\n")
+    expected = [("train_1", "benign"), ("testA_2", "malignant")]
+    assert create_folds.read_grade_csv(tmp_path / "Grade.csv") == expected
+    rows = "train_1, 1, benign, healthy\ntrain_2, 2, normal, x\n"
+    (tmp_path / "Grade.csv").write_text(GLAS_HEADER + "\n" + rows)
     with pytest.raises(ValueError, match=r"Grade.csv:3: grade .* 'normal'"):
         create_folds.read_grade_csv(tmp_path / "Grade.csv")
     with pytest.raises(FileNotFoundError, match="Grade.csv"):
@@ -85,7 +96,8 @@ def test_class_fold_takes_the_i_th_chunk_of_ceil_20_percent():
     assert valid == items[32:] and train == items[:32]
     train, valid = create_folds.class_fold(items, 1)
     assert valid == items[8:16] and train == items[:8] + items[16:]
-    assert [create_folds.valid_chunk_size(n) for n in (37, 48, 30, 29, 10, 2)] == [8, 10, 6, 6, 2, 1]
+    sizes = [create_folds.valid_chunk_size(n) for n in (37, 48, 30, 29, 10, 2)]
+    assert sizes == [8, 10, 6, 6, 2, 1]
     with pytest.raises(ValueError, match="fold"):
         create_folds.class_fold(items, create_folds.N_FOLDS)
 
@@ -100,9 +112,13 @@ def _write_cub(root: Path, images: list[tuple[str, str, bool]], classes: list[st
     class_ids = {name: index + 1 for index, name in enumerate(classes)}
     (folder / "classes.txt").write_text("".join(f"{class_ids[name]} {name}\n" for name in classes))
     entries = list(enumerate(images, start=1))
-    (folder / "images.txt").write_text("".join(f"{i} {c}/{stem}.jpg\n" for i, (c, stem, _) in entries))
-    (folder / "image_class_labels.txt").write_text("".join(f"{i} {class_ids[c]}\n" for i, (c, _, _) in entries))
-    (folder / "train_test_split.txt").write_text("".join(f"{i} {int(flag)}\n" for i, (_, _, flag) in entries))
+    files = {
+        "images.txt": [f"{i} {c}/{stem}.jpg" for i, (c, stem, _) in entries],
+        "image_class_labels.txt": [f"{i} {class_ids[c]}" for i, (c, _, _) in entries],
+        "train_test_split.txt": [f"{i} {int(flag)}" for i, (_, _, flag) in entries],
+    }
+    for name, lines in files.items():
+        (folder / name).write_text("".join(line + "\n" for line in lines))
 
 
 def _small_cub(root: Path) -> dict[str, list[str]]:
@@ -112,7 +128,7 @@ def _small_cub(root: Path) -> dict[str, list[str]]:
         stem = name.split(".")[1]
         flags = [True] * n_train + [False] * n_test
         images += [(name, f"{stem}_{k:04d}_{100 + k}", flag) for k, flag in enumerate(flags)]
-    images.insert(2, images.pop(8))
+    images.insert(2, images.pop(8))  # a test image between training images, as in images.txt
     _write_cub(root, images, list(CUB_CLASSES))
     return {
         "train": [f"{c}/{s}" for c, s, flag in images if flag],
@@ -123,18 +139,24 @@ def _small_cub(root: Path) -> dict[str, list[str]]:
 def test_cub_replica_gives_stratified_folds_in_the_published_format(tmp_path):
     listed = _small_cub(tmp_path)
     folds = create_folds.cub_folds(tmp_path)
-    assert [row[2] for row in folds.valid] == [CUB_CLASSES[0]] * 2 + [CUB_CLASSES[1]] + [CUB_CLASSES[2]] * 2
+    expected_valid = [CUB_CLASSES[0]] * 2 + [CUB_CLASSES[1]] + [CUB_CLASSES[2]] * 2
+    assert [row[2] for row in folds.valid] == expected_valid
     train_classes = [row[2] for row in folds.train]
     assert [train_classes.count(name) for name in CUB_CLASSES] == [5, 4, 8]
     every = folds.train + folds.valid
-    assert sorted(row[0] for row in every) == sorted(f"CUB_200_2011/images/{p}.jpg" for p in listed["train"])
-    assert [row[0] for row in folds.test] == [f"CUB_200_2011/images/{p}.jpg" for p in listed["test"]]
+    listed_paths = {
+        key: [f"CUB_200_2011/images/{path}.jpg" for path in paths] for key, paths in listed.items()
+    }
+    assert sorted(row[0] for row in every) == sorted(listed_paths["train"])
+    assert [row[0] for row in folds.test] == listed_paths["test"]
     for image, mask, name in every + folds.test:
         relative = image[len("CUB_200_2011/images/"):-len(".jpg")]
         assert mask == f"segmentations/{relative}.png" and relative.startswith(name + "/")
     top = tmp_path / "folds" / create_folds.FOLD_NAMES["cub"]
     fold_dir = create_folds.write_folds(top, folds)
-    expected_yaml = "{001.Black_footed_Albatross: 0, 002.Laysan_Albatross: 1, 003.Sooty_Albatross: 2}\n"
+    expected_yaml = (
+        "{001.Black_footed_Albatross: 0, 002.Laysan_Albatross: 1, 003.Sooty_Albatross: 2}\n"
+    )
     assert (top / "encoding.yaml").read_text() == expected_yaml
     assert (fold_dir / "encoding.yaml").read_text() == expected_yaml
     assert (fold_dir / "seed.txt").read_text() == "MYSEED: 0"
@@ -191,41 +213,53 @@ def test_cub_reference_recovered_order_reproduces_cub5_and_encodings(tmp_path):
     assert all(slot[row][2] == row[2] for row in placeholder)
     replica(tmp_path / "recovered", [slot[row] for row in placeholder])
     out = tmp_path / "folds"
-    create_folds.write_folds(out / create_folds.FOLD_NAMES["cub5"], create_folds.cub_folds(tmp_path / "recovered", True))
+    cub5_name = create_folds.FOLD_NAMES["cub5"]
+    create_folds.write_folds(out / cub5_name, create_folds.cub_folds(tmp_path / "recovered", True))
     create_folds.write_yaml(out / "cub-encoding.yaml", folds.encoding)
-    assert set(create_folds.verify_folds(out, create_folds.FOLD_NAMES["cub5"]).values()) == {"match"}
-    assert _sha256(out / "cub-encoding.yaml") == create_folds.PUBLISHED_SHA256[f"{fold_name}/encoding.yaml"]
-    origin = out / create_folds.FOLD_NAMES["cub5"] / "encoding-origine.yaml"
-    assert origin.read_bytes() == (REFERENCE / create_folds.FOLD_NAMES["cub5"] / "encoding-origine.yaml").read_bytes()
+    statuses = create_folds.verify_folds(out, cub5_name)
+    assert len(statuses) == 4 and set(statuses.values()) == {"match"}
+    expected = create_folds.PUBLISHED_SHA256[f"{fold_name}/encoding.yaml"]
+    assert _sha256(out / "cub-encoding.yaml") == expected
+    origin = "encoding-origine.yaml"
+    assert (out / cub5_name / origin).read_bytes() == (REFERENCE / cub5_name / origin).read_bytes()
 
 
 # ----------------------------------------------------------------------------- Oxford Flowers 102
 
 
 def test_oxf_mask_rules_on_hand_picked_colours():
-    colours = np.array([[[0, 0, 254], [0, 0, 255], [3, 2, 250], [12, 20, 230], [200, 40, 60], [40, 40, 200]]])
-    assert create_folds.upstream_foreground(colours).tolist() == [[False, True, True, True, True, True]]
-    assert create_folds.tolerant_foreground(colours).tolist() == [[False, False, False, False, True, True]]
+    colours = np.array(
+        [[[0, 0, 254], [0, 0, 255], [3, 2, 250], [12, 20, 230], [200, 40, 60], [40, 40, 200]]]
+    )
+    upstream = create_folds.upstream_foreground(colours).tolist()
+    assert upstream == [[False, True, True, True, True, True]]
+    tolerant = create_folds.tolerant_foreground(colours).tolist()
+    assert tolerant == [[False, False, False, False, True, True]]
 
 
 def test_oxf_replica_uses_the_official_split_and_writes_png_masks(tmp_path):
     root = tmp_path / create_folds.DATASET_SUBFOLDERS["oxf"]
     (root / "segmim").mkdir(parents=True)
-    sio.savemat(root / "setid.mat", {"trnid": np.array([[3, 1]]), "valid": np.array([[2]]), "tstid": np.array([[5, 4]])})
+    split = {"trnid": np.array([[3, 1]]), "valid": np.array([[2]]), "tstid": np.array([[5, 4]])}
+    sio.savemat(root / "setid.mat", split)
     sio.savemat(root / "imagelabels.mat", {"labels": np.array([[77, 77, 1, 102, 2]])})
     for image_id in range(1, 6):
         trimap = np.zeros((24, 24, 3), dtype=np.uint8)
         trimap[...] = (0, 0, 254)
         trimap[6:18, 8:20] = (210, 60 + 20 * image_id, 40)
         Image.fromarray(trimap).save(root / "segmim" / f"segmim_{image_id:05d}.jpg", quality=75)
-    argv = ["--dataset", "oxf", "--data-root", str(tmp_path), "--out", str(tmp_path / "folds"), "--no-verify"]
+    out = tmp_path / "folds"
+    argv = ["--dataset", "oxf", "--data-root", str(tmp_path), "--out", str(out), "--no-verify"]
     assert create_folds.main(argv) == 0
-    fold_dir = tmp_path / "folds" / "Oxford-flowers-102" / "split_0" / "fold_0"
+    fold_dir = out / "Oxford-flowers-102" / "split_0" / "fold_0"
     assert (fold_dir / "train_s_0_f_0.csv").read_text() == (
-        "jpg/image_00003.jpg,segmim_bin/segmim_00003.png,0\njpg/image_00001.jpg,segmim_bin/segmim_00001.png,76\n"
+        "jpg/image_00003.jpg,segmim_bin/segmim_00003.png,0\n"
+        "jpg/image_00001.jpg,segmim_bin/segmim_00001.png,76\n"
     )
-    assert (fold_dir / "valid_s_0_f_0.csv").read_text() == "jpg/image_00002.jpg,segmim_bin/segmim_00002.png,76\n"
-    assert [line.split(",")[2] for line in (fold_dir / "test_s_0_f_0.csv").read_text().splitlines()] == ["1", "101"]
+    valid = (fold_dir / "valid_s_0_f_0.csv").read_text()
+    assert valid == "jpg/image_00002.jpg,segmim_bin/segmim_00002.png,76\n"
+    test = (fold_dir / "test_s_0_f_0.csv").read_text().splitlines()
+    assert [line.split(",")[2] for line in test] == ["1", "101"]
     assert (fold_dir / "encoding.yaml").read_text() == "{'0': 0, '1': 1, '101': 101, '76': 76}\n"
     near = np.zeros((24, 24), dtype=bool)
     near[4:20, 6:22] = True
@@ -241,7 +275,8 @@ def test_oxf_replica_uses_the_official_split_and_writes_png_masks(tmp_path):
 def test_oxf_published_encoding_and_suffix_mapping():
     encoding = {str(label): label for label in range(102)}
     text = create_folds.yaml.dump(encoding, default_flow_style=True).encode()
-    assert hashlib.sha256(text).hexdigest() == create_folds.PUBLISHED_SHA256["Oxford-flowers-102/encoding.yaml"]
+    expected = create_folds.PUBLISHED_SHA256["Oxford-flowers-102/encoding.yaml"]
+    assert hashlib.sha256(text).hexdigest() == expected
     line = b"jpg/image_00001.jpg,segmim_bin/segmim_00001.png,76\n"
     mapped = create_folds.published_form("Oxford-flowers-102/split_0/fold_0/test_s_0_f_0.csv", line)
     assert mapped == b"jpg/image_00001.jpg,segmim_bin/segmim_00001.jpg,76\n"
@@ -261,7 +296,7 @@ def test_synthetic_folds_are_deterministic_stratified_and_refreshed_on_spec_chan
     spec = SyntheticSpec(image_size=40, n_train=21, n_test=6)
     first = create_folds.ensure_synthetic_folds(tmp_path / "data", tmp_path / "folds_a", spec)
     second = create_folds.ensure_synthetic_folds(tmp_path / "data", tmp_path / "folds_b", spec)
-    names = ("train_s_0_f_0.csv", "valid_s_0_f_0.csv", "test_s_0_f_0.csv", "encoding.yaml", "seed.txt")
+    names = ("train_s_0_f_0.csv", "valid_s_0_f_0.csv", "test_s_0_f_0.csv", "encoding.yaml")
     assert all((first / name).read_bytes() == (second / name).read_bytes() for name in names)
     assert (first / "encoding.yaml").read_text() == "{class_0: 0, class_1: 1}\n"
     valid = (first / "valid_s_0_f_0.csv").read_text().splitlines()
@@ -285,6 +320,7 @@ def test_synthetic_folds_are_deterministic_stratified_and_refreshed_on_spec_chan
 def test_synthetic_cli_uses_the_stored_spec(tmp_path, capsys):
     spec = SyntheticSpec(image_size=40, n_train=10, n_test=4)
     create_folds.ensure_synthetic_folds(tmp_path / "data", tmp_path / "folds", spec)
-    argv = ["--dataset", "synthetic", "--data-root", str(tmp_path / "data"), "--out", str(tmp_path / "folds")]
+    data, out = str(tmp_path / "data"), str(tmp_path / "folds")
+    argv = ["--dataset", "synthetic", "--data-root", data, "--out", out]
     assert create_folds.main(argv) == 0
     assert "train 8, valid 2, test 4" in capsys.readouterr().out

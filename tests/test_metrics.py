@@ -1,15 +1,24 @@
-"""Metrics: mask geometry restoration, Dice/F1+-, classification error, confusion matrix, meter."""
+"""Metrics: mask geometry restoration, Dice/F1+-, IoU, PxAP, threshold sweeps, top-1
+localisation, classification error, confusion matrix, meters, CRF stream."""
+import numpy as np
 import pytest
 import torch
 
 from deepmil.metrics import (
     LocalizationMeter,
+    PxAPMeter,
+    ThresholdSweepMeter,
     all_ones_f1,
+    best_threshold_report,
     classification_error,
     confusion_matrix,
     dice,
     f1_pos_neg,
+    iou,
+    iou_at,
+    refine_with_crf,
     restore_mask_geometry,
+    top1_localization,
 )
 
 
@@ -184,3 +193,153 @@ def test_localization_meter_errors():
     meter.update(1.0, 1.0, True)
     with pytest.raises(ValueError, match="f1_pos_all_ones"):
         meter.summary()
+
+
+def test_iou_hand_computed_and_conventions():
+    pred, gt = hand_masks()
+    assert iou(pred != 0, gt).item() == pytest.approx(1 / 4)  # |P n G| = 1, |P u G| = 4
+    assert iou_at(pred, gt).item() == pytest.approx(1 / 4)
+    assert iou_at(pred, gt, threshold=0.95).item() == 0.0  # nothing predicted, G not empty
+    empty = torch.zeros(2, 3, 3)
+    assert iou(empty, empty).tolist() == [1.0, 1.0]
+    assert iou(torch.ones(3, 3), empty[0]).item() == 0.0
+    with pytest.raises(ValueError, match="equal shape"):
+        iou(empty, torch.zeros(3, 4))
+
+
+def test_top1_localization():
+    hits = top1_localization(torch.tensor([True, True, False, True]),
+                             torch.tensor([0.5, 0.49, 0.9, 1.0]))
+    assert hits.tolist() == [True, False, False, True]
+    assert bool(top1_localization(True, 0.7, min_iou=0.8)) is False
+
+
+def test_localization_meter_iou_and_top1_loc():
+    meter = LocalizationMeter()
+    meter.update(0.8, 0.9, True, iou=0.6)
+    meter.update(0.8, 0.9, False, iou=0.8)
+    meter.update(0.3, 0.9, True, iou=0.2)
+    summary = meter.summary()
+    assert summary["iou"] == pytest.approx(100 * 1.6 / 3)
+    assert summary["top1_loc"] == pytest.approx(100 / 3)  # only the first image
+    plain = LocalizationMeter()
+    plain.update(1.0, 1.0, True)
+    assert "iou" not in plain.summary() and "top1_loc" not in plain.summary()
+    plain.update(1.0, 1.0, True, iou=1.0)
+    with pytest.raises(ValueError, match="'iou' given for 1 of 2"):
+        plain.summary()
+
+
+def test_pxap_hand_computed_and_streamed():
+    # Scores 0.9 (fg), 0.8 (bg), 0.3 (fg), 0.1 (bg). Going down the thresholds:
+    # t=0.9: P=1 R=1/2; t=0.8: P=1/2 R=1/2; t=0.3: P=2/3 R=1; t=0.1: P=1/2 R=1.
+    # AP = 1/2 * 1 + 0 + 1/2 * 2/3 + 0 = 5/6.
+    mask = torch.tensor([[0.9, 0.8], [0.3, 0.1]])
+    gt = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    meter = PxAPMeter()
+    meter.update(mask, gt)
+    assert meter.compute() == pytest.approx(100 * 5 / 6)
+    precision, recall = meter.curve()
+    assert precision.shape == recall.shape == (1000,)
+    assert recall[-1] == 1.0 and precision[-1] == 0.5
+    streamed = PxAPMeter()
+    streamed.update(mask[:1], gt[:1])
+    streamed.update(mask[1:], gt[1:])
+    assert torch.equal(streamed.counts, meter.counts)
+    assert streamed.compute() == pytest.approx(100 * 5 / 6)
+
+
+def test_pxap_constant_perfect_and_bounds():
+    gt = torch.zeros(1, 4, 5)
+    gt[0, :2, :3] = 1  # 6 of 20 pixels
+    constant = PxAPMeter()
+    constant.update(torch.full((1, 4, 5), 0.7), gt)
+    assert constant.compute() == pytest.approx(100 * 6 / 20)  # precision = prevalence
+    perfect = PxAPMeter(bins=10)
+    perfect.update(gt.clone(), gt)  # exact 0 and 1 fall in the first and last bins
+    assert perfect.compute() == pytest.approx(100.0)
+    assert perfect.counts.tolist() == [[14] + [0] * 9, [0] * 9 + [6]]
+    empty = PxAPMeter()
+    empty.update(torch.rand(3, 3), torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="no ground-truth foreground"):
+        empty.compute()
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        empty.update(torch.full((3, 3), 1.5), torch.zeros(3, 3))
+
+
+def test_threshold_sweep_hand_computed():
+    mask = torch.tensor([[0.2, 0.6], [0.6, 0.9]])
+    gt = torch.tensor([[0.0, 1.0], [0.0, 1.0]])
+    meter = ThresholdSweepMeter()
+    meter.update(mask, gt)
+    assert meter.n_images == 1
+    # t = 0.5: P = 3 pixels, G = 2, TP = 2; background: 1 predicted, 2 true, 1 common.
+    assert meter.at(0.5) == pytest.approx({"f1_pos": 80.0, "f1_neg": 200 / 3, "iou": 200 / 3})
+    # t = 0.7: P = 1, TP = 1; background: 3 predicted, 2 true, 2 common.
+    assert meter.at(0.7) == pytest.approx({"f1_pos": 200 / 3, "f1_neg": 80.0, "iou": 50.0})
+    # Inclusive thresholds: 0.6 still keeps the two 0.6 pixels.
+    assert meter.at(0.6)["f1_pos"] == pytest.approx(80.0)
+    assert meter.at(0.61)["f1_pos"] == pytest.approx(200 / 3)
+    with pytest.raises(ValueError, match="not a sweep threshold"):
+        meter.at(0.505)
+
+
+def test_threshold_sweep_all_ones_and_empty_masks():
+    gt = torch.zeros(2, 4, 4)
+    gt[0, :1] = 1  # 4 of 16
+    gt[1, :2] = 1  # 8 of 16
+    ones = ThresholdSweepMeter()
+    ones.update(torch.ones(2, 4, 4), gt)
+    means = ones.means()
+    expected = 100 * (2 * 4 / 20 + 2 * 8 / 24) / 2  # F1+ = 2 fg / (fg + N) per image
+    assert torch.allclose(means["f1_pos"], torch.full((101,), expected, dtype=torch.float64))
+    assert torch.all(means["f1_neg"] == 0.0)
+    assert torch.allclose(means["iou"], torch.full((101,), 100 * (4 / 16 + 8 / 16) / 2,
+                                                   dtype=torch.float64))
+    empty = ThresholdSweepMeter()
+    empty.update(torch.zeros(4, 4), torch.zeros(4, 4))
+    # t = 0: every pixel is predicted (0 >= 0) on an empty truth; t > 0: both empty -> 1.
+    assert empty.at(0.0) == {"f1_pos": 0.0, "f1_neg": 0.0, "iou": 0.0}
+    assert empty.at(0.01) == {"f1_pos": 100.0, "f1_neg": 100.0, "iou": 100.0}
+    with pytest.raises(ValueError, match="no image"):
+        ThresholdSweepMeter().means()
+
+
+def test_threshold_sweep_matches_per_image_functions():
+    generator = torch.Generator().manual_seed(0)
+    mask = torch.rand(3, 1, 9, 7, generator=generator)
+    mask[0, 0, 0, :3] = torch.tensor([0.5, 0.3, 0.29])  # values on the thresholds
+    gt = (torch.rand(3, 1, 9, 7, generator=generator) > 0.6).float()
+    meter = ThresholdSweepMeter()
+    meter.update(mask, gt)
+    assert meter.n_images == 3
+    for threshold in (0.0, 0.29, 0.3, 0.5, 0.77, 1.0):
+        f1_pos, f1_neg = f1_pos_neg(mask, gt, threshold)
+        expected = {"f1_pos": 100 * f1_pos.mean().item(), "f1_neg": 100 * f1_neg.mean().item(),
+                    "iou": 100 * iou_at(mask, gt, threshold).mean().item()}
+        assert meter.at(threshold) == pytest.approx(expected)
+
+
+def test_best_threshold_report():
+    valid = ThresholdSweepMeter()
+    # F1+ is 2/3 for t <= 0.2, 4/5 for 0.2 < t <= 0.6, 2/3 up to 0.9, then 0.
+    valid.update(torch.tensor([[0.2, 0.6], [0.6, 0.9]]), torch.tensor([[0.0, 1.0], [0.0, 1.0]]))
+    test = ThresholdSweepMeter()
+    test.update(torch.ones(2, 2), torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
+    report = best_threshold_report(valid, test)
+    assert report == pytest.approx({"threshold": 0.21, "valid_f1_pos": 80.0,
+                                    "test_f1_pos": 40.0, "test_f1_neg": 0.0, "test_iou": 25.0})
+    with pytest.raises(ValueError, match="different thresholds"):
+        best_threshold_report(valid, ThresholdSweepMeter(steps=10))
+
+
+def negate(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return image[..., 0] - mask
+
+
+def test_refine_with_crf_stream_order():
+    items = ((index, np.full((2, 2, 3), index, dtype=np.float32), np.ones((2, 2)))
+             for index in range(7))
+    out = list(refine_with_crf(negate, items, workers=2))
+    assert [key for key, _ in out] == list(range(7))
+    assert [float(mask[0, 0]) for _, mask in out] == [index - 1.0 for index in range(7)]

@@ -4,7 +4,12 @@ import pytest
 import torch
 from PIL import Image
 
-from deepmil.plots import denormalize_image, plot_learning_curves, save_mask_panels
+from deepmil.plots import (
+    denormalize_image,
+    plot_learning_curves,
+    plot_mask_histograms,
+    save_mask_panels,
+)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -90,6 +95,39 @@ def test_mask_panels_bad_input(tmp_path):
     del sample["caption"]
     with pytest.raises(ValueError, match="caption"):
         save_mask_panels([sample], tmp_path / "x.png")
+
+
+def test_mask_panels_with_crf_column(tmp_path):
+    samples = [make_sample(seed, f"sample {seed}") for seed in range(2)]
+    plain = save_mask_panels(samples, tmp_path / "plain.png")
+    for sample in samples:
+        sample["crf_mask"] = (sample["pred_mask"] >= 0.7).astype(np.float32)
+    with_crf = save_mask_panels(samples, tmp_path / "crf.png", title="with CRF")
+    assert_png(with_crf, 800, 300)
+    with Image.open(plain) as a, Image.open(with_crf) as b:
+        assert b.width == pytest.approx(a.width * 5 / 4, rel=0.02)  # one more 3-inch column
+    del samples[1]["crf_mask"]
+    with pytest.raises(ValueError, match="'crf_mask' given for 1 of 2"):
+        save_mask_panels(samples, tmp_path / "x.png")
+    samples[1]["crf_mask"] = np.zeros((3, 3))
+    with pytest.raises(ValueError, match="sample 1 crf_mask"):
+        save_mask_panels(samples, tmp_path / "x.png")
+
+
+def test_mask_histograms(tmp_path):
+    rng = np.random.default_rng(0)
+    inside = rng.beta(5, 2, 2000)
+    outside = torch.from_numpy(rng.beta(2, 5, 5000))
+    path = plot_mask_histograms(inside, outside, tmp_path / "hist" / "values.png")
+    assert_png(path, 500, 300)
+    log_path = plot_mask_histograms(inside, outside, tmp_path / "log.png", bins=20, log_y=True,
+                                    title="test set")
+    assert_png(log_path, 500, 300)
+    with pytest.raises(ValueError, match="outside the ground truth"):
+        plot_mask_histograms(inside, np.array([]), tmp_path / "x.png")
+    with pytest.raises(ValueError, match="inside the ground truth"):
+        plot_mask_histograms(np.array([0.5, 1.2]), outside, tmp_path / "x.png")
+    assert not (tmp_path / "x.png").exists()
 
 
 def test_denormalize_image():

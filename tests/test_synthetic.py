@@ -20,7 +20,8 @@ SMALL = SyntheticSpec(image_size=48, n_train=8, n_test=4)
 
 
 def _file_bytes(root: Path) -> dict[str, bytes]:
-    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
+    files = sorted(path for path in root.rglob("*") if path.is_file())
+    return {str(path.relative_to(root)): path.read_bytes() for path in files}
 
 
 def _mtimes(root: Path) -> dict[str, int]:
@@ -32,7 +33,8 @@ def test_generation_is_deterministic_and_depends_on_the_seed(tmp_path):
     assert ensure_synthetic_dataset(tmp_path / "b", SMALL)
     first, second = _file_bytes(tmp_path / "a"), _file_bytes(tmp_path / "b")
     assert first == second
-    ensure_synthetic_dataset(tmp_path / "c", SyntheticSpec(image_size=48, n_train=8, n_test=4, seed=1))
+    reseeded = SyntheticSpec(image_size=48, n_train=8, n_test=4, seed=1)
+    ensure_synthetic_dataset(tmp_path / "c", reseeded)
     other = _file_bytes(tmp_path / "c")
     images = [name for name in first if name.startswith("images/")]
     assert all(first[name] != other[name] for name in images)
@@ -41,7 +43,8 @@ def test_generation_is_deterministic_and_depends_on_the_seed(tmp_path):
 def test_each_image_depends_only_on_seed_set_and_index():
     larger = SyntheticSpec(image_size=48, n_train=20, n_test=9)
     for set_name, index in (("train", 3), ("test", 2)):
-        assert np.array_equal(render_sample(SMALL, set_name, index).image, render_sample(larger, set_name, index).image)
+        small, large = render_sample(SMALL, set_name, index), render_sample(larger, set_name, index)
+        assert np.array_equal(small.image, large.image)
 
 
 def test_idempotent_and_regenerated_when_the_spec_changes(tmp_path):
@@ -110,7 +113,7 @@ def test_masks_are_the_union_of_the_objects_and_cover_the_stated_range(tmp_path)
 
 
 def _orientation_ratio(image: np.ndarray, region: np.ndarray) -> float:
-    """(E_x - E_y) / (E_x + E_y) of squared horizontal / vertical differences summed over ``region``."""
+    """(E_x - E_y) / (E_x + E_y) of squared x / y differences summed over ``region``."""
     pixels = image.astype(np.float64)
     gx = np.diff(pixels, axis=1)[:-1] ** 2
     gy = np.diff(pixels, axis=0)[:, :-1] ** 2
@@ -155,13 +158,15 @@ def test_five_classes_are_balanced_and_textured_differently():
     spec = SyntheticSpec(num_classes=5, image_size=64, n_train=10, n_test=5)
     samples = [render_sample(spec, "train", index) for index in range(10)]
     assert [sample.label for sample in samples] == [0, 1, 2, 3, 4] * 2
-    ratios = [_orientation_ratio(s.image, ndimage.binary_erosion(s.mask, iterations=2)) for s in samples]
+    inner = [ndimage.binary_erosion(sample.mask, iterations=2) for sample in samples]
+    ratios = [_orientation_ratio(sample.image, region) for sample, region in zip(samples, inner)]
     assert ratios[0] < -0.5 and ratios[1] > 0.5 and abs(ratios[2]) < 0.3
 
 
 def test_spec_from_config_and_validation():
     assert SyntheticSpec.from_config(None) == SyntheticSpec()
-    assert SyntheticSpec.from_config({"num_classes": 3, "seed": 4}) == SyntheticSpec(num_classes=3, seed=4)
+    expected = SyntheticSpec(num_classes=3, seed=4)
+    assert SyntheticSpec.from_config({"num_classes": 3, "seed": 4}) == expected
     with pytest.raises(ValueError, match="unknown key"):
         SyntheticSpec.from_config({"classes": 2})
     with pytest.raises(ValueError, match="num_classes"):

@@ -58,7 +58,7 @@ def test_cli_writes_the_experiment_folder(two_runs):
     for name in EXPECTED_FILES:
         assert (folder / name).is_file(), name
     final = json.loads((folder / "final_metrics.json").read_text())
-    assert set(final) == {"best_epoch", "valid", "test", "train_eval"}
+    assert set(final) == {"best_epoch", "valid", "test", "train_eval", "best_threshold"}
     assert final["test"]["n_images"] == 6
     for key in ("cl_error", "f1_pos", "f1_neg", "f1_pos_all_ones"):
         assert 0.0 <= final["test"][key] <= 100.0

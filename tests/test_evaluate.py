@@ -1,0 +1,65 @@
+"""The evaluation loop: metrics from the per-image predictions, CRF in worker processes."""
+from pathlib import Path
+
+import pytest
+import torch
+
+import crf_params
+import loader
+from create_folds import ensure_synthetic_folds
+from deepmil.engine import evaluate, predictions
+from deepmil.metrics import PxAPMeter, f1_pos_neg, iou_at
+from deepmil.model import MinMaxEntropyNet
+from deepmil.synthetic import SyntheticSpec
+from tools import CRF
+
+
+@pytest.fixture(scope="module")
+def test_loader(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    ensure_synthetic_folds(root / "data", root / "folds", SyntheticSpec(image_size=64, n_train=8,
+                                                                        n_test=5))
+    config = {"dataset": "synthetic", "data_root": str(root / "data"),
+              "fold_folder": str(root / "folds"), "fold_name": None, "split": 0, "fold": 0,
+              "name_classes": "encoding.yaml", "model": {"num_classes": 2},
+              "crop_size": [64, 64], "padding_size": [0.5, 0.5], "padding_mode": "reflect",
+              "up_scale_small_dim_to": None, "resize": None, "pad_eval": False, "MYSEED": 0}
+    dataset = loader.build_dataset(config, "test", train=False)
+    return loader.make_loader(dataset, 1, 0, shuffle=False, seed=0)
+
+
+@pytest.fixture(scope="module")
+def net():
+    torch.manual_seed(0)
+    return MinMaxEntropyNet("resnet18", 2, modalities=2, kmax=1.0, kmin=1.0).eval()
+
+
+def test_summary_is_the_mean_of_per_image_values(test_loader, net):
+    items = list(predictions(net, test_loader, torch.device("cpu"), exact_crop=False))
+    summary = evaluate(net, test_loader, torch.device("cpu")).summary
+    f1 = [f1_pos_neg(item["mask"], item["truth"]) for item in items]
+    assert summary["n_images"] == len(items) == 5
+    assert summary["f1_pos"] == pytest.approx(100 * sum(float(p) for p, _ in f1) / 5)
+    assert summary["f1_neg"] == pytest.approx(100 * sum(float(n) for _, n in f1) / 5)
+    assert summary["iou"] == pytest.approx(
+        100 * sum(float(iou_at(item["mask"], item["truth"])) for item in items) / 5)
+    errors = sum(item["predicted"] != item["label"] for item in items)
+    assert summary["cl_error"] == pytest.approx(100 * errors / 5)
+    pxap = PxAPMeter()
+    for item in items:
+        pxap.update(item["mask"], item["truth"])
+    assert summary["pxap"] == pytest.approx(pxap.compute())
+    assert all(item["mask"].shape == item["truth"].shape for item in items)
+
+
+def test_crf_scores_appear_and_do_not_depend_on_the_worker_count(test_loader, net):
+    crf = CRF(crf_params.params_for("synthetic"))
+    in_process = evaluate(net, test_loader, torch.device("cpu"), crf=crf, crf_workers=0)
+    pooled = evaluate(net, test_loader, torch.device("cpu"), crf=crf, crf_workers=2, keep=2)
+    assert in_process.summary == pooled.summary
+    for key in ("crf_f1_pos", "crf_f1_neg", "crf_iou"):
+        assert 0.0 <= in_process.summary[key] <= 100.0
+    plain = evaluate(net, test_loader, torch.device("cpu")).summary
+    assert {k: v for k, v in in_process.summary.items() if not k.startswith("crf_")} == plain
+    assert len(pooled.records) == 2 and "crf_mask" in pooled.records[0]
+    assert pooled.records[0]["crf_mask"].shape == pooled.records[0]["truth"].shape
