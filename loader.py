@@ -312,6 +312,14 @@ def color_jitter(image: Image.Image, generator: torch.Generator) -> Image.Image:
     return image
 
 
+def stain_augment(image: Image.Image, generator: torch.Generator) -> Image.Image:
+    """Histology stain perturbation (``deepmil.stain``, needs SPAMS) drawn from ``generator``."""
+    from deepmil.stain import StainAugmentor  # SPAMS is needed only when this is switched on
+
+    seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator))
+    return Image.fromarray(StainAugmentor()(np.asarray(image), np.random.default_rng(seed)))
+
+
 def random_flip(image: Image.Image, method: Image.Transpose, generator: torch.Generator) -> Image.Image:
     """Apply the PIL transpose ``method`` with probability 0.5."""
     if torch.rand((), generator=generator).item() < 0.5:
@@ -356,6 +364,7 @@ class PhotoDataset(Dataset):
         preload: bool = False,
         seed: int = 0,
         csv_path: str | Path = "<rows>",
+        stain_augmentation: bool = False,
     ) -> None:
         if family not in FAMILIES:
             raise ValueError(f"unknown dataset family {family!r}; expected one of {FAMILIES}")
@@ -370,6 +379,7 @@ class PhotoDataset(Dataset):
         self.padding_mode = padding_mode
         self.up_scale_small_dim_to = up_scale_small_dim_to
         self.seed = operator.index(seed)
+        self.stain_augmentation = stain_augmentation
         self.epoch = 0
         self.csv_path = Path(csv_path)
         self.labels = encode_labels(self.rows, encoding, self.csv_path)
@@ -440,6 +450,8 @@ class PhotoDataset(Dataset):
         )
         image = random_crop(image, self.crop_size, generator)
         if self.family in JITTER_FAMILIES:
+            if self.stain_augmentation:
+                image = stain_augment(image, generator)
             image = color_jitter(image, generator)
             image = random_flip(image, Image.Transpose.FLIP_LEFT_RIGHT, generator)
             image = random_flip(image, Image.Transpose.FLIP_TOP_BOTTOM, generator)
@@ -527,6 +539,7 @@ def build_dataset(
         preload=split != "test" if preload is None else preload,
         seed=config["MYSEED"],
         csv_path=csv_path,
+        stain_augmentation=config.get("stain_augmentation", False),
     )
 
 

@@ -9,6 +9,7 @@ validation, test and training sets. Everything is written to one experiment fold
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 import time
@@ -26,7 +27,7 @@ from create_folds import ensure_synthetic_folds
 from deepmil import checkpoint, distributed, experiment, plots
 from deepmil.config import ConfigError, save_config
 from deepmil.distributed import DistributedContext
-from deepmil.engine import erasing_active, evaluate, train_one_epoch, unwrap
+from deepmil.engine import check_amp, erasing_active, evaluate, train_one_epoch, unwrap
 from deepmil.metrics import best_threshold_report
 from deepmil.model import DEEP_STEM_LAYERS, build_model, load_pretrained_trunk
 from deepmil.optim import build_optimizer, learning_rate, set_learning_rate
@@ -35,6 +36,7 @@ from tools import CRF, get_yaml_args
 
 LOGGER = logging.getLogger("train_deepmil")
 PANEL_IMAGES = 6
+HISTOGRAM_BINS = 50
 
 
 class Interrupted(KeyboardInterrupt):
@@ -112,6 +114,8 @@ def build_network(config: dict, device: torch.device) -> torch.nn.Module:
     if config["path_pre_trained"]:
         checkpoint.load_model_weights(model, Path(config["path_pre_trained"]), config["strict"])
         LOGGER.info("loaded weights from %s", config["path_pre_trained"])
+    if config["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
     return model.to(device)
 
 
@@ -138,7 +142,8 @@ def train(config: dict, options, model: torch.nn.Module, loaders: dict, device: 
         optimizer.load_state_dict(state["optimizer"])
         best, history, start = state["best"], state["history"], state["epoch"] + 1
         LOGGER.info("resuming after epoch %d", state["epoch"])
-    seed = config["MYSEED"]
+    seed, amp, channels_last = config["MYSEED"], config["amp"], config["channels_last"]
+    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
     for epoch in range(start, config["max_epochs"]):
         began = time.perf_counter()
         lr = learning_rate(epoch, config["optimizer"]["lr"], config["optimizer"]["lr_scheduler"])
@@ -149,8 +154,10 @@ def train(config: dict, options, model: torch.nn.Module, loaders: dict, device: 
                    disable=True if options.quiet or not context.is_main else None)
         train_stats = train_one_epoch(
             model, bar, optimizer, epoch, seed, device, config["nbr_times_erase"],
-            config["sigma_erase"], erase, on_batch=lambda s: bar.set_postfix(loss=f"{s['loss']:.3f}"))
-        valid_stats = evaluate(model, loaders["valid"], device, config["exact_eval_crop"]).summary
+            config["sigma_erase"], erase, amp=amp, scaler=scaler, channels_last=channels_last,
+            on_batch=lambda s: bar.set_postfix(loss=f"{s['loss']:.3f}"))
+        valid_stats = evaluate(model, loaders["valid"], device, config["exact_eval_crop"], amp=amp,
+                               channels_last=channels_last).summary
         record = epoch_record(epoch, lr, train_stats, valid_stats, time.perf_counter() - began)
         history.append(record)
         if valid_stats["cl_error"] <= best["valid_cl_error"]:
@@ -179,6 +186,14 @@ def save_epoch(network: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch
     experiment.write_json_lines(history, folder / "metrics.jsonl")
 
 
+def crf_worker_count(config: dict, device: torch.device) -> int:
+    """``crf_workers``, or by default: in-process on a CPU run (the cores are busy with the
+    model), one process per spare core when the model runs on a GPU."""
+    if config["crf_workers"] is not None:
+        return config["crf_workers"]
+    return 0 if device.type == "cpu" else max(1, (os.cpu_count() or 2) - 1)
+
+
 def final_evaluation(config: dict, model: torch.nn.Module, loaders: dict, device: torch.device,
                      folder: Path, context: DistributedContext) -> dict[str, dict]:
     """Evaluate the selected model on the validation, test and training sets.
@@ -191,12 +206,16 @@ def final_evaluation(config: dict, model: torch.nn.Module, loaders: dict, device
     for name in ("valid", "test", "train_eval"):
         keep = PANEL_IMAGES if name == "test" and context.is_main else 0
         evaluation = evaluate(model, loaders[name], device, config["exact_eval_crop"], keep=keep,
-                              crf=crf, crf_workers=config["crf_workers"])
+                              crf=crf, crf_workers=crf_worker_count(config, device), amp=config["amp"],
+                              channels_last=config["channels_last"])
         results[name], sweeps[name] = evaluation.summary, evaluation.sweep
         if evaluation.records:
             class_names = loader.load_encoding(config["name_classes"], loader.fold_dir(config))
             save_prediction_panels(evaluation.records, loaders[name].dataset, class_names,
                                    folder / "test_predictions.png")
+            coarse = evaluation.histogram.reshape(2, HISTOGRAM_BINS, -1).sum(dim=2)
+            plots.plot_score_histograms(coarse, folder / "test_mask_histograms.png",
+                                        title="test set: R+ inside / outside the ground truth")
     results["best_threshold"] = best_threshold_report(sweeps["valid"], sweeps["test"])
     return results
 
@@ -329,6 +348,7 @@ def run(argv: list[str]) -> dict[str, dict]:
         raise ConfigError("max_epochs = -1 evaluates a trained model: give its weights with "
                           "--path_pre_trained FILE")
     device = select_device(config["cudaid"])
+    check_amp(config["amp"], device)
     context = distributed.init_distributed(use_cuda=device.type == "cuda")
     try:
         return run_experiment(config, options, device, context)

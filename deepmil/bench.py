@@ -1,22 +1,47 @@
-"""Benchmarks of the training step: ``python -m deepmil.bench [--model resnet18 ...]``.
+"""Speed benchmarks: ``python -m deepmil.bench [--model resnet18 --sections step,eval ...]``.
 
-Prints a table and writes JSON. Each figure is the median over ``--repeats`` timed runs after
-``--warmup`` untimed runs; ratios are relative to one plain trunk forward+backward on the same
-batch, the unit the method's cost is measured in (theory: about 1.5 without erasing).
+Prints a table and writes JSON (one object per section). Each time is the median over
+``--repeats`` timed runs after ``--warmup`` untimed runs. Sections:
+
+* ``step``: training step with and without erasing, against one plain trunk forward+backward on
+  the same batch (theory: about 1.5 without erasing), and against the sum of its passes timed
+  alone (localizer fwd+bwd, regions fwd+bwd);
+* ``eval``: evaluation forward at batch 1 on an image padded as the evaluation loader pads it,
+  against one trunk forward on the same image;
+* ``loader``: images/s that ``loader.make_loader`` delivers over a synthetic training set
+  (0/1/2 workers, preload on/off), against the rate the training step consumes them;
+* ``crf``: ms per image of ``tools.CRF`` in this process and through ``refine_with_crf`` with a
+  process pool, against the bare pydensecrf calls (unary energy precomputed, so that any work
+  of the wrapper counts as its overhead).
+
+Every section reports its peak memory: process RSS so far on the CPU (``ru_maxrss``), the
+section's ``torch.cuda.max_memory_allocated`` on CUDA.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
-from deepmil.engine import erasing_step, plain_step
+import crf_params
+import loader
+from create_folds import ensure_synthetic_folds
+from deepmil.engine import autocast, erasing_step, plain_step
+from deepmil.losses import localizer_loss, negative_loss, positive_loss
+from deepmil.metrics import refine_with_crf
 from deepmil.model import MinMaxEntropyNet
+from deepmil.synthetic import SyntheticSpec, render_sample
+from tools import CRF
+
+SECTIONS = ("step", "eval", "loader", "crf")
 
 
 def timed(function: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> float:
@@ -35,42 +60,248 @@ def timed(function: Callable[[], None], device: torch.device, warmup: int, repea
     return statistics.median(times)
 
 
-def bench_training_step(args: argparse.Namespace) -> dict[str, float]:
-    """Time trunk fwd+bwd, a plain training step and an erasing training step."""
-    device = torch.device(args.device)
+def peak_memory_mb(device: torch.device) -> dict[str, float]:
+    """Peak CUDA memory of the section, or the process's peak RSS so far on the CPU."""
+    if device.type == "cuda":
+        return {"cuda_peak_mb": torch.cuda.max_memory_allocated(device) / 2**20}
+    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def build_net(args: argparse.Namespace, device: torch.device) -> MinMaxEntropyNet:
+    """The benchmarked model on ``device``, channels-last if asked."""
     torch.manual_seed(0)
     model = MinMaxEntropyNet(args.model, args.classes, kmax=args.kmax, kmin=args.kmax,
-                             dropout=args.dropout).to(device).train()
+                             dropout=args.dropout)
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model.to(device)
+
+
+def random_images(args: argparse.Namespace, batch: int, size: tuple[int, int],
+                  device: torch.device) -> torch.Tensor:
+    """Random ``batch x 3 x h x w`` images, channels-last if asked."""
+    images = torch.randn(batch, 3, *size, device=device)
+    return images.contiguous(memory_format=torch.channels_last) if args.channels_last else images
+
+
+def bench_step(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    """Trunk fwd+bwd, the passes of a step alone, a plain step and an erasing step.
+
+    The labels are the localizer's own predictions on the batch, so that samples stay trusted
+    and erasing runs as many of its passes as it can (``erasing_passes_run``).
+    """
+    model = build_net(args, device).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
-    images = torch.randn(args.batch, 3, args.size, args.size, device=device)
-    labels = torch.randint(0, args.classes, (args.batch,), device=device)
+    images = random_images(args, args.batch, (args.size, args.size), device)
+    with torch.no_grad():
+        labels = model(images, mode="segment")[1].argmax(dim=1)
+    mask = torch.rand_like(images[:, :1])
 
     def trunk() -> None:
         optimizer.zero_grad(set_to_none=True)
-        model.trunk(images).sum().backward()
+        with autocast(device, args.amp):
+            features = model.trunk(images)
+        features.float().sum().backward()
+
+    def localizer() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, args.amp):
+            scores = model(images, mode="segment")[1]
+        localizer_loss(scores.float(), labels).backward()
+
+    def regions() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(device, args.amp):
+            pos_scores, _, neg_scores, _ = model(images, mask=mask, mode="regions")
+        (positive_loss(pos_scores.float(), labels) + negative_loss(neg_scores.float())).backward()
 
     def plain() -> None:
         optimizer.zero_grad(set_to_none=True)
-        plain_step(model, images, labels, seed=0)
+        plain_step(model, images, labels, seed=0, amp=args.amp)
         optimizer.step()
+
+    passes = []
 
     def erasing() -> None:
         optimizer.zero_grad(set_to_none=True)
-        erasing_step(model, images, labels, seed=0, nbr_times_erase=args.erase,
-                     sigma_erase=10.0)
+        stats = erasing_step(model, images, labels, seed=0, nbr_times_erase=args.erase,
+                             sigma_erase=10.0, amp=args.amp)
         optimizer.step()
+        passes.append(int(stats["erasing_passes"]))
 
+    erasing_name = f"step_{args.erase}_erasing_s"
     results = {name: timed(function, device, args.warmup, args.repeats)
-               for name, function in (("trunk_fwd_bwd_s", trunk), ("step_no_erasing_s", plain),
-                                      (f"step_{args.erase}_erasing_s", erasing))}
+               for name, function in (("trunk_fwd_bwd_s", trunk),
+                                      ("localizer_fwd_bwd_s", localizer),
+                                      ("regions_fwd_bwd_s", regions),
+                                      ("step_no_erasing_s", plain), (erasing_name, erasing))}
+    results["erasing_passes_run"] = statistics.median_low(passes)
     results["ratio_no_erasing"] = results["step_no_erasing_s"] / results["trunk_fwd_bwd_s"]
-    results[f"ratio_{args.erase}_erasing"] = (results[f"step_{args.erase}_erasing_s"]
-                                              / results["trunk_fwd_bwd_s"])
+    results[f"ratio_{args.erase}_erasing"] = results[erasing_name] / results["trunk_fwd_bwd_s"]
+    passes_sum = results["localizer_fwd_bwd_s"] + results["regions_fwd_bwd_s"]
+    results["ratio_no_erasing_vs_passes"] = results["step_no_erasing_s"] / passes_sum
+    erasing_sum = (results["erasing_passes_run"] * results["localizer_fwd_bwd_s"]
+                   + results["regions_fwd_bwd_s"])
+    results["ratio_erasing_vs_passes"] = results[erasing_name] / erasing_sum
+    results["consumed_no_erasing_img_s"] = args.batch / results["step_no_erasing_s"]
+    results["consumed_erasing_img_s"] = args.batch / results[erasing_name]
     return results
+
+
+def bench_eval(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    """Default forward (eval mode, no grad, batch 1) against one trunk forward."""
+    model = build_net(args, device).eval()
+    padded = loader.compute_geometry(args.size, args.size, None).padded
+    image = random_images(args, 1, padded, device)
+
+    @torch.no_grad()
+    def forward() -> None:
+        with autocast(device, args.amp):
+            model(image)
+
+    @torch.no_grad()
+    def trunk() -> None:
+        with autocast(device, args.amp):
+            model.trunk(image)
+
+    results = {"padded_height": padded[0], "padded_width": padded[1],
+               "eval_forward_s": timed(forward, device, args.warmup, args.repeats),
+               "trunk_forward_s": timed(trunk, device, args.warmup, args.repeats)}
+    results["eval_img_s"] = 1.0 / results["eval_forward_s"]
+    results["ratio_eval_vs_trunk"] = results["eval_forward_s"] / results["trunk_forward_s"]
+    return results
+
+
+def synthetic_config(root: Path, size: int) -> dict:
+    """The keys ``loader.build_dataset`` reads, for a synthetic set generated under ``root``."""
+    return {"dataset": "synthetic", "data_root": str(root / "data"),
+            "fold_folder": str(root / "folds"), "fold_name": None, "split": 0, "fold": 0,
+            "name_classes": "encoding.yaml", "model": {"num_classes": 2},
+            "crop_size": [size, size], "padding_size": [0.5, 0.5], "padding_mode": "reflect",
+            "up_scale_small_dim_to": None, "resize": None, "pad_eval": False, "MYSEED": 0}
+
+
+def loader_rate(dataset: loader.PhotoDataset, batch: int, workers: int, device: torch.device,
+                warmup: int, repeats: int) -> float:
+    """Images/s of whole training epochs (workers started each epoch, as in training)."""
+    data = loader.make_loader(dataset, batch, workers, shuffle=True, seed=0)
+    epoch = iter(range(warmup + repeats))
+
+    def one_epoch() -> None:
+        loader.set_loader_epoch(data, next(epoch))
+        for _ in data:
+            pass
+
+    return len(dataset) / timed(one_epoch, device, warmup, repeats)
+
+
+def bench_loader(args: argparse.Namespace, device: torch.device,
+                 consumed: float | None) -> dict[str, float]:
+    """Training-loader images/s per worker count and preload setting (synthetic images)."""
+    results = {}
+    with tempfile.TemporaryDirectory() as folder:
+        root = Path(folder)
+        ensure_synthetic_folds(root / "data", root / "folds",
+                               SyntheticSpec(image_size=args.size, n_train=args.loader_images,
+                                             n_test=4))
+        config = synthetic_config(root, args.size)
+        for preload in (False, True):
+            dataset = loader.build_dataset(config, "train", train=True, preload=preload)
+            results["images"] = len(dataset)  # the same training fold for both settings
+            for workers in args.loader_workers:
+                name = f"workers_{workers}_preload_{'on' if preload else 'off'}_img_s"
+                results[name] = loader_rate(dataset, args.batch, workers, device, args.warmup,
+                                            args.repeats)
+    if consumed is not None:
+        results["training_consumes_img_s"] = consumed
+        most = max(args.loader_workers)
+        for preload in ("off", "on"):
+            results[f"ratio_workers_{most}_preload_{preload}_vs_training"] = (
+                results[f"workers_{most}_preload_{preload}_img_s"] / consumed)
+    return results
+
+
+def crf_inputs(size: int, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Synthetic images with a soft version of their ground-truth mask."""
+    spec = SyntheticSpec(image_size=size)
+    samples = [render_sample(spec, "test", index) for index in range(count)]
+    return [(sample.image, 0.2 + 0.6 * sample.mask.astype(np.float64)) for sample in samples]
+
+
+def unary_energy(foreground: np.ndarray) -> np.ndarray:
+    """``-log p`` of background / foreground as pydensecrf takes it (``2 x HW`` float32)."""
+    probabilities = np.clip(np.stack([1 - foreground, foreground]), 1e-8, 1.0)
+    return np.ascontiguousarray(-np.log(probabilities).reshape(2, -1), dtype=np.float32)
+
+
+def raw_densecrf(image: np.ndarray, unary: np.ndarray, params: crf_params.CRFParams,
+                 gaussian_compat: int, bilateral_compat: int) -> np.ndarray:
+    """The bare pydensecrf calls of ``tools.CRF`` (same parameters; no checks, no unary)."""
+    from pydensecrf import densecrf
+
+    height, width = image.shape[:2]
+    model = densecrf.DenseCRF2D(width, height, 2)
+    model.setUnaryEnergy(unary)
+    model.addPairwiseGaussian(sxy=params.sxy_gaussian, compat=gaussian_compat,
+                              kernel=densecrf.DIAG_KERNEL,
+                              normalization=densecrf.NORMALIZE_SYMMETRIC)
+    model.addPairwiseBilateral(sxy=params.sxy_bilateral, srgb=params.srgb_bilateral,
+                               rgbim=np.array(image, order="C"), compat=bilateral_compat,
+                               kernel=densecrf.DIAG_KERNEL,
+                               normalization=densecrf.NORMALIZE_SYMMETRIC)
+    return np.asarray(model.inference(params.n_iter), dtype=np.float32)
+
+
+def bench_crf(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
+    """ms per image: raw pydensecrf, ``tools.CRF`` and ``refine_with_crf`` with a pool."""
+    crf = CRF(crf_params.CUB)
+    results = {}
+    for size in args.crf_sizes:
+        inputs = crf_inputs(size, args.crf_images)
+        keyed = [(index, image, mask) for index, (image, mask) in enumerate(inputs)]
+        unaries = [(image, unary_energy(mask)) for image, mask in inputs]
+
+        def raw() -> None:
+            for image, unary in unaries:
+                raw_densecrf(image, unary, crf.params, crf.GAUSSIAN_COMPAT, crf.BILATERAL_COMPAT)
+
+        def wrapper() -> None:
+            for image, mask in inputs:
+                crf(image, mask)
+
+        def pool() -> None:
+            list(refine_with_crf(crf, keyed, workers=args.crf_workers))
+
+        per_image = 1000.0 / len(inputs)
+        raw_ms = per_image * timed(raw, device, args.warmup, args.repeats)
+        wrapper_ms = per_image * timed(wrapper, device, args.warmup, args.repeats)
+        pool_ms = per_image * timed(pool, device, args.warmup, args.repeats)
+        results.update({f"{size}_raw_ms": raw_ms, f"{size}_wrapper_ms": wrapper_ms,
+                        f"{size}_pool_{args.crf_workers}_ms": pool_ms,
+                        f"{size}_ratio_wrapper_vs_raw": wrapper_ms / raw_ms,
+                        f"{size}_pool_speedup": wrapper_ms / pool_ms})
+    return results
+
+
+def int_list(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``, for argparse."""
+    return [int(item) for item in text.split(",")]
+
+
+def section_list(text: str) -> list[str]:
+    """Comma-separated section names, checked, for argparse."""
+    names = [item.strip() for item in text.split(",") if item.strip()]
+    unknown = [name for name in names if name not in SECTIONS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"unknown sections {unknown}; expected some of "
+                                         f"{','.join(SECTIONS)}")
+    return names
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", type=section_list, default=list(SECTIONS),
+                        help=f"comma list of {','.join(SECTIONS)} (default: all)")
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--classes", type=int, default=2)
     parser.add_argument("--batch", type=int, default=8)
@@ -78,6 +309,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--kmax", type=float, default=0.5)
     parser.add_argument("--dropout", type=float, default=0.0)
     parser.add_argument("--erase", type=int, default=4)
+    parser.add_argument("--amp", choices=("bf16", "fp16"), default=None,
+                        help="autocast dtype of the step and eval sections")
+    parser.add_argument("--channels-last", action="store_true",
+                        help="model and images in channels-last memory format")
+    parser.add_argument("--loader-images", type=int, default=120,
+                        help="synthetic training images generated for the loader section")
+    parser.add_argument("--loader-workers", type=int_list, default=[0, 1, 2])
+    parser.add_argument("--crf-sizes", type=int_list, default=[480, 128])
+    parser.add_argument("--crf-images", type=int, default=8, help="images per CRF size")
+    parser.add_argument("--crf-workers", type=int, default=2, help="processes of the CRF pool")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--warmup", type=int, default=1)
@@ -86,19 +327,45 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> dict[str, float]:
+def run_sections(args: argparse.Namespace, device: torch.device) -> dict[str, dict]:
+    """Run the selected sections in a fixed order; each gets its peak memory."""
+    results = {}
+    for name in SECTIONS:
+        if name not in args.sections:
+            continue
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        if name == "step":
+            results[name] = bench_step(args, device)
+        elif name == "eval":
+            results[name] = bench_eval(args, device)
+        elif name == "loader":
+            consumed = results.get("step", {}).get("consumed_no_erasing_img_s")
+            results[name] = bench_loader(args, device, consumed)
+        else:
+            results[name] = bench_crf(args, device)
+        results[name].update(peak_memory_mb(device))
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    results = bench_training_step(args)
+    device = torch.device(args.device)
     setting = (f"{args.model}, batch {args.batch}, {args.size}x{args.size}, {args.device}, "
-               f"{torch.get_num_threads()} threads")
-    print(f"training step ({setting})")
-    for name, value in results.items():
-        print(f"  {name:<24} {value:10.4f}")
+               f"{torch.get_num_threads()} threads, amp {args.amp}, "
+               f"channels_last {args.channels_last}")
+    results = run_sections(args, device)
+    print(setting)
+    for section, values in results.items():
+        print(section)
+        for name, value in values.items():
+            print(f"  {name:<38} {value:12.4f}")
+    report = {"setting": setting, **results}
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps({"setting": setting, **results}, indent=2))
-    return results
+    args.json.write_text(json.dumps(report, indent=2))
+    return report
 
 
 if __name__ == "__main__":

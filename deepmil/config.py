@@ -310,6 +310,8 @@ SCHEMA: dict[str, Any] = {
     "preload": Field(True, boolean()),
     "batch_size": Field(8, integer(1)),
     "num_workers": Field(8, integer(0)),
+    "amp": Field(None, choice(None, "bf16", "fp16")),
+    "channels_last": Field(False, boolean()),
     "max_epochs": Field(400, integer(-1)),
     "nbr_times_erase": Field(0, integer(0)),
     "epoch_start_erasing": Field(1, integer(0)),
@@ -319,7 +321,8 @@ SCHEMA: dict[str, Any] = {
     "strict": Field(True, boolean()),
     "exact_eval_crop": Field(False, boolean()),
     "crf": Field(False, boolean()),
-    "crf_workers": Field(2, integer(0)),
+    "stain_augmentation": Field(False, boolean()),
+    "crf_workers": Field(None, integer(0, nullable=True)),
     "normalize": Field(True, boolean()),
     "alpha": Field(128, integer(0, 255)),
     "floating": Field(2, integer(0)),
@@ -499,6 +502,9 @@ def _check_ranges(config: dict, source: str) -> None:
     if low >= high:
         raise ConfigError(f"{source}: rangeh = {_show(config['rangeh'])} is out of range "
                           f"(expected [low, high] with low < high)")
+    if config["stain_augmentation"] and config["dataset"] != "glas":
+        raise ConfigError(f"{source}: stain_augmentation = true is for the GlaS histology images "
+                          f"only, not dataset {config['dataset']!r}")
     synthetic = config["synthetic"]
     if synthetic["min_objects"] > synthetic["max_objects"]:
         raise ConfigError(f"{source}: synthetic.min_objects = {synthetic['min_objects']} is out "

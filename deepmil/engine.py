@@ -1,8 +1,9 @@
 """Training step (with recursive erasing), training epoch and evaluation loop."""
 from __future__ import annotations
 
+import contextlib
 import math
-from typing import Callable, Iterable, Iterator, NamedTuple
+from typing import Callable, ContextManager, Iterable, Iterator, NamedTuple
 
 import numpy as np
 import torch
@@ -13,12 +14,45 @@ from deepmil.distributed import (all_reduce_sum, any_process, average_gradients,
 from deepmil.losses import localizer_loss, negative_loss, positive_loss
 from deepmil.metrics import (LocalizationMeter, PxAPMeter, ThresholdSweepMeter, all_ones_f1,
                              f1_pos_neg, iou_at, refine_with_crf, restore_mask_geometry)
+from deepmil.model import ModelOutput
 from loader import load_rgb
 from reproducibility import iteration_seed
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class NonFiniteLossError(RuntimeError):
     """Raised when a training loss term is NaN or infinite."""
+
+
+def check_amp(amp: str | None, device: torch.device) -> None:
+    """Refuse an unknown ``amp`` value, and ``fp16`` off CUDA (CPU autocast lacks fp16 ops)."""
+    if amp is not None and amp not in AMP_DTYPES:
+        raise ValueError(f"amp = {amp!r} is not an allowed value (expected null, 'bf16' or "
+                         f"'fp16')")
+    if amp == "fp16" and device.type != "cuda":
+        raise ValueError(f"amp = 'fp16' needs a CUDA device (float16 autocast is not supported "
+                         f"for all operations on {device.type}); use amp: bf16 or null")
+
+
+def autocast(device: torch.device, amp: str | None) -> ContextManager:
+    """``torch.autocast`` to the dtype of ``amp`` (``bf16`` / ``fp16``), nothing for ``None``."""
+    check_amp(amp, device)
+    if amp is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=AMP_DTYPES[amp])
+
+
+def backward(loss: torch.Tensor, scaler: torch.amp.GradScaler | None) -> None:
+    """``loss.backward()``, through the fp16 gradient scaler when there is one."""
+    (loss if scaler is None else scaler.scale(loss)).backward()
+
+
+def to_device(tensor: torch.Tensor, device: torch.device, channels_last: bool) -> torch.Tensor:
+    """Move a batch of images to ``device``, in channels-last memory format if asked."""
+    memory_format = torch.channels_last if channels_last else torch.preserve_format
+    return tensor.to(device, non_blocking=True, memory_format=memory_format)
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -32,21 +66,26 @@ def seeded_forward(model: nn.Module, seed: int, *args, **kwargs):
     return model(*args, **kwargs)
 
 
-def plain_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-               seed: int) -> dict[str, torch.Tensor]:
-    """One localizer pass and two region passes; backward of ``L_seg + L_pos + L_neg``."""
-    out = seeded_forward(model, seed, images)
-    loss_seg = localizer_loss(out.seg_scores, labels)
-    loss_pos = positive_loss(out.pos_scores, labels)
-    loss_neg = negative_loss(out.neg_scores)
-    (loss_seg + loss_pos + loss_neg).backward()
+def plain_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int,
+               amp: str | None = None, scaler: torch.amp.GradScaler | None = None
+               ) -> dict[str, torch.Tensor]:
+    """One localizer pass and two region passes; backward of ``L_seg + L_pos + L_neg``.
+
+    With ``amp`` the forward pass runs under autocast and the losses in float32.
+    """
+    with autocast(images.device, amp):
+        out = seeded_forward(model, seed, images)
+    loss_seg = localizer_loss(out.seg_scores.float(), labels)
+    loss_pos = positive_loss(out.pos_scores.float(), labels)
+    loss_neg = negative_loss(out.neg_scores.float())
+    backward(loss_seg + loss_pos + loss_neg, scaler)
     return {"loss_seg": loss_seg.detach(), "loss_pos": loss_pos.detach(),
-            "loss_neg": loss_neg.detach(), "pos_scores": out.pos_scores.detach()}
+            "loss_neg": loss_neg.detach(), "pos_scores": out.pos_scores.detach().float()}
 
 
 def erasing_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int,
-                 nbr_times_erase: int, sigma_erase: float
-                 ) -> dict[str, torch.Tensor]:
+                 nbr_times_erase: int, sigma_erase: float, amp: str | None = None,
+                 scaler: torch.amp.GradScaler | None = None) -> dict[str, torch.Tensor]:
     """Recursive (accumulative) erasing for one mini-batch; gradients accumulate, no step.
 
     Up to ``nbr_times_erase`` localizer passes run on progressively erased images. A sample's
@@ -54,6 +93,7 @@ def erasing_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, s
     ``exp(-t / sigma_erase) * 1[correct] * 1[loss <= loss at t=0] * max posterior``; a sample
     that is misclassified once is trusted no more. Only trusted samples are erased. The
     positive and negative regions are then built from the original images with ``A``.
+    With ``amp`` the forward passes run under autocast; losses and masks stay in float32.
     """
     network = unwrap(model)
     current = images
@@ -64,10 +104,12 @@ def erasing_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, s
     for t in range(nbr_times_erase):
         if t > 0 and not any_process(history.any()):
             break
-        continuous_map, seg_scores, _ = seeded_forward(model, seed, current, mode="segment")
-        mask = network.pseudo_binary_mask(continuous_map)
+        with autocast(images.device, amp):
+            continuous_map, seg_scores, _ = seeded_forward(model, seed, current, mode="segment")
+        mask = network.pseudo_binary_mask(continuous_map.float())
+        seg_scores = seg_scores.float()
         per_sample = localizer_loss(seg_scores, labels, reduction="none")
-        per_sample.mean().backward()
+        backward(per_sample.mean(), scaler)
         with torch.no_grad():
             per_sample = per_sample.detach()
             seg_losses.append(per_sample.mean())
@@ -81,11 +123,13 @@ def erasing_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, s
             accumulated = torch.maximum(accumulated, trust.view(-1, 1, 1, 1) * mask)
             erase = (trust != 0).view(-1, 1, 1, 1)
             current = torch.where(erase, current * (1 - accumulated), current)
-    pos_scores, _, neg_scores, _ = seeded_forward(model, seed, images, mask=accumulated,
-                                                  mode="regions")
+    with autocast(images.device, amp):
+        pos_scores, _, neg_scores, _ = seeded_forward(model, seed, images, mask=accumulated,
+                                                      mode="regions")
+    pos_scores = pos_scores.float()
     loss_pos = positive_loss(pos_scores, labels)
-    loss_neg = negative_loss(neg_scores)
-    (loss_pos + loss_neg).backward()
+    loss_neg = negative_loss(neg_scores.float())
+    backward(loss_pos + loss_neg, scaler)
     return {"loss_seg": torch.stack(seg_losses).mean(), "loss_pos": loss_pos.detach(),
             "loss_neg": loss_neg.detach(), "pos_scores": pos_scores.detach(),
             "erasing_passes": torch.tensor(len(seg_losses))}
@@ -109,25 +153,35 @@ def check_finite(stats: dict[str, torch.Tensor], epoch: int, batch: int) -> None
 def train_one_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.optim.Optimizer,
                     epoch: int, seed: int, device: torch.device, nbr_times_erase: int,
                     sigma_erase: float, erase: bool,
-                    on_batch: Callable[[dict[str, float]], None] | None = None
-                    ) -> dict[str, float]:
-    """Train for one epoch; returns the epoch's mean losses and training error (%)."""
+                    on_batch: Callable[[dict[str, float]], None] | None = None,
+                    amp: str | None = None, scaler: torch.amp.GradScaler | None = None,
+                    channels_last: bool = False) -> dict[str, float]:
+    """Train for one epoch; returns the epoch's mean losses and training error (%).
+
+    ``amp`` (``bf16`` / ``fp16``) runs the forward passes under autocast; ``scaler`` (for
+    ``fp16``) scales the losses and steps the optimizer; ``channels_last`` sends the images in
+    channels-last memory format (the model should be converted too).
+    """
     model.train()
     totals = torch.zeros(6, dtype=torch.float64, device=device)
     for batch_index, batch in enumerate(loader):
         seed_i = iteration_seed(seed, epoch, batch_index)
-        images = batch["image"].to(device, non_blocking=True)
+        images = to_device(batch["image"], device, channels_last)
         labels = batch["label"].to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         if erase:
             with no_sync(model):
                 stats = erasing_step(model, images, labels, seed_i, nbr_times_erase,
-                                     sigma_erase)
+                                     sigma_erase, amp, scaler)
             average_gradients(model)
         else:
-            stats = plain_step(model, images, labels, seed_i)
+            stats = plain_step(model, images, labels, seed_i, amp, scaler)
         check_finite(stats, epoch, batch_index)
-        optimizer.step()
+        if scaler is None:
+            optimizer.step()
+        else:
+            scaler.step(optimizer)
+            scaler.update()
         terms = torch.stack([stats["loss_seg"], stats["loss_pos"], stats["loss_neg"]])
         errors = (stats["pos_scores"].argmax(dim=1) != labels).sum()
         totals += torch.cat([torch.cat([terms.sum().view(1), terms]) * labels.numel(),
@@ -145,17 +199,24 @@ class Evaluation(NamedTuple):
     summary: dict[str, float]
     records: list[dict]
     sweep: ThresholdSweepMeter
+    histogram: torch.Tensor
 
 
 @torch.no_grad()
 def predictions(network: nn.Module, loader: Iterable[dict], device: torch.device,
-                exact_crop: bool) -> Iterator[dict]:
-    """Per-image predictions: ``R+`` at the ground-truth geometry, class, losses."""
+                exact_crop: bool, amp: str | None = None, channels_last: bool = False
+                ) -> Iterator[dict]:
+    """Per-image predictions: ``R+`` at the ground-truth geometry, class, losses.
+
+    With ``amp`` the forward pass runs under autocast; its outputs are cast back to float32.
+    """
     geometry = loader.dataset.geometry
     for batch in loader:
-        images = batch["image"].to(device, non_blocking=True)
+        images = to_device(batch["image"], device, channels_last)
         labels = batch["label"].to(device, non_blocking=True)
-        out = network(images)
+        with autocast(device, amp):
+            out = network(images)
+        out = ModelOutput(*(tensor.float() for tensor in out))
         for row in range(labels.numel()):
             index = int(batch["index"][row])
             shape = geometry[index]
@@ -216,7 +277,8 @@ def summarise(rows: Iterable[tuple]) -> dict[str, float]:
 
 def evaluate(model: nn.Module, loader: Iterable[dict], device: torch.device,
              exact_crop: bool = False, keep: int = 0, crf: Callable | None = None,
-             crf_workers: int = 0) -> Evaluation:
+             crf_workers: int = 0, amp: str | None = None,
+             channels_last: bool = False) -> Evaluation:
     """Evaluate image by image (batch 1, no erasing) with the default forward pass.
 
     The predicted class is ``argmax`` of the positive region's scores and the localisation is
@@ -225,11 +287,13 @@ def evaluate(model: nn.Module, loader: Iterable[dict], device: torch.device,
     ``tools.CRF``) the CRF-refined mask is scored too (``crf_*`` keys). Under
     ``torch.distributed`` each process evaluates its shard and the per-image results are
     gathered and summed in image order, so the summary equals a single-process evaluation.
-    ``records`` holds the first ``keep`` predictions of this process (masks on the CPU).
+    ``records`` holds the first ``keep`` predictions of this process (masks on the CPU) and
+    ``histogram`` the set's counts of ``R+`` values per bin outside / inside the ground truth.
+    ``amp`` and ``channels_last`` are as in :func:`train_one_epoch`.
     """
     network = unwrap(model).eval()
     broadcast_buffers(network)
-    stream = predictions(network, loader, device, exact_crop)
+    stream = predictions(network, loader, device, exact_crop, amp, channels_last)
     if crf is not None:
         stream = with_crf(stream, loader, crf, crf_workers)
     pxap, sweep = PxAPMeter(), ThresholdSweepMeter()
@@ -246,4 +310,4 @@ def evaluate(model: nn.Module, loader: Iterable[dict], device: torch.device,
     sweep.n_images = int(all_reduce_sum(torch.tensor(sweep.n_images)))
     summary = summarise(rows)
     summary["pxap"] = pxap.compute()
-    return Evaluation(summary, records, sweep)
+    return Evaluation(summary, records, sweep, pxap.counts)

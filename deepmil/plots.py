@@ -175,21 +175,35 @@ def plot_mask_histograms(inside_values: np.ndarray | torch.Tensor,
                          bins: int = 50, log_y: bool = False, title: str | None = None) -> Path:
     """Density-normalised histograms, on [0, 1], of predicted mask values at pixels inside and
     outside the ground-truth foreground (log y axis with ``log_y``). Returns the PNG path."""
-    groups = {"inside the ground truth": inside_values, "outside the ground truth": outside_values}
-    values = {}
-    for name, group in groups.items():
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    counts = []
+    for name, group in (("outside", outside_values), ("inside", inside_values)):
         array = np.asarray(torch.as_tensor(group).detach().cpu(), dtype=float).ravel()
         if array.size == 0 or not ((array >= 0) & (array <= 1)).all():
-            raise ValueError(f"plot_mask_histograms: values {name} must be non-empty and in "
-                             f"[0, 1] ({array.size} given) for {path}")
-        values[name] = array
+            raise ValueError(f"plot_mask_histograms: values {name} the ground truth must be "
+                             f"non-empty and in [0, 1] ({array.size} given) for {path}")
+        counts.append(np.histogram(array, bins=edges)[0])
+    return plot_score_histograms(np.stack(counts), path, log_y=log_y, title=title)
+
+
+def plot_score_histograms(counts: np.ndarray | torch.Tensor, path: str | Path,
+                          log_y: bool = False, title: str | None = None) -> Path:
+    """Density-normalised histograms from pixel counts per bin of [0, 1]: row 0 for pixels
+    outside the ground-truth foreground, row 1 inside (the state of ``PxAPMeter``)."""
+    counts = np.asarray(torch.as_tensor(counts).cpu(), dtype=float)
+    if counts.ndim != 2 or len(counts) != 2 or (counts.sum(axis=1) == 0).any():
+        raise ValueError(f"plot_score_histograms: need 2 x bins counts with pixels in both rows "
+                         f"for {path}, got shape {counts.shape}")
+    edges = np.linspace(0.0, 1.0, counts.shape[1] + 1)
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.subplots()
-    edges = np.linspace(0.0, 1.0, bins + 1)
-    for (name, array), color in zip(values.items(), ("tab:red", "tab:blue")):
-        ax.hist(array, bins=edges, density=True, histtype="stepfilled", alpha=0.4, color=color,
-                label=f"{name} ({array.size} px)")
-        ax.hist(array, bins=edges, density=True, histtype="step", color=color)
+    rows = (("inside the ground truth", counts[1], "tab:red"),
+            ("outside the ground truth", counts[0], "tab:blue"))
+    for name, row, color in rows:
+        density = row / (row.sum() * np.diff(edges))
+        ax.stairs(density, edges, fill=True, alpha=0.4, color=color,
+                  label=f"{name} ({int(row.sum())} px)")
+        ax.stairs(density, edges, color=color)
     if log_y:
         ax.set_yscale("log")
     ax.set_xlim(0, 1)

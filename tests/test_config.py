@@ -71,7 +71,8 @@ def test_every_config_loads(name):
 COMMON_VALUES = {
     "MYSEED": 0, "split": 0, "fold": 0, "fold_folder": "./folds", "resize": None,
     "crop_size": [480, 480], "pad_eval": False, "padding_mode": "reflect", "batch_size": 8,
-    "num_workers": 8, "max_epochs": 400, "epoch_start_erasing": 1, "sigma_erase": 10,
+    "num_workers": 8, "amp": None, "channels_last": False, "max_epochs": 400,
+    "epoch_start_erasing": 1, "sigma_erase": 10,
     "alpha": 128, "height_tag": 50, "bins": 100, "rangeh": [0, 1], "extension": ["jpeg", "JPEG"],
     "model.name": "resnet101", "model.pretrained": True, "model.num_masks": 1,
     "model.scale": [0.5, 0.5], "model.modalities": 5, "model.kmax": 0.09, "model.kmin": 0.09,
@@ -136,7 +137,8 @@ def test_synthetic_values():
     assert config["synthetic"] == {"num_classes": 2, "image_size": 128, "n_train": 240,
                                    "n_test": 100, "seed": 0, "min_objects": 1, "max_objects": 4}
     assert config["crop_size"] == [128, 128] and config["padding_size"] == [0.5, 0.5]
-    assert (config["batch_size"], config["num_workers"], config["max_epochs"]) == (8, 2, 10)
+    assert (config["batch_size"], config["num_workers"], config["max_epochs"]) == (8, 2, 20)
+    assert config["epoch_start_erasing"] == 10
     assert config["model"]["name"] == "resnet18" and config["model"]["pretrained"] is False
     assert (config["model"]["kmax"], config["model"]["dropout"]) == (0.5, 0.0)
     assert (config["optimizer"]["lr"], config["optimizer"]["weight_decay"]) == (0.01, 1e-5)
@@ -215,6 +217,9 @@ def test_out_of_range_message(tmp_path):
     ("optimizer.name", "rmsprop", "optimizer.name = 'rmsprop' is not an allowed value"),
     ("optimizer.lr_scheduler.name", "cosine", "optimizer.lr_scheduler.name = 'cosine' is not"),
     ("dataset", "imagenet", "dataset = 'imagenet' is not an allowed value"),
+    ("amp", "fp32", "amp = 'fp32' is not an allowed value (expected one of null, 'bf16', "
+                    "'fp16')"),
+    ("channels_last", 1, "channels_last = 1 has the wrong type (expected true or false)"),
 ])
 def test_value_errors(tmp_path, dotted, value, expected):
     data = glas_raw()
@@ -294,6 +299,13 @@ def test_defaults_fill_omitted_keys(tmp_path):
     assert config["model"]["mask_normalization"] == "batch"
     assert config["model"]["apply_min_term"] is False and config["exact_eval_crop"] is False
     assert config["exp_root"] == "exps" and config["fold_name"] is None
+    assert config["amp"] is None and config["channels_last"] is False
+
+
+def test_gpu_flags_can_be_set_on_the_command_line():
+    config = tools.get_yaml_args(["--yaml", "synthetic-4-erasing.yaml", "--set", "amp=bf16",
+                                  "--set", "channels_last=true"])[0]
+    assert config["amp"] == "bf16" and config["channels_last"] is True
 
 
 # ----------------------------------------------------------------------------- command line

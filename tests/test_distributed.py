@@ -9,11 +9,10 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import loader
-from create_folds import ensure_synthetic_folds
 from deepmil import distributed
 from deepmil.engine import evaluate, train_one_epoch
 from deepmil.model import MinMaxEntropyNet
-from deepmil.synthetic import SyntheticSpec
+from helpers import tiny_synthetic_config
 
 WORLD = 2
 
@@ -84,16 +83,6 @@ def test_ranks_agree_and_match_averaged_single_process_gradients(tmp_path, erase
         assert torch.allclose(first[name], reference[name], atol=1e-5, rtol=1e-4), name
 
 
-def synthetic_config(tmp_path: Path) -> dict:
-    spec = SyntheticSpec(image_size=64, n_train=8, n_test=7)
-    ensure_synthetic_folds(tmp_path / "data", tmp_path / "folds", spec)
-    return {"dataset": "synthetic", "data_root": str(tmp_path / "data"),
-            "fold_folder": str(tmp_path / "folds"), "fold_name": None, "split": 0, "fold": 0,
-            "name_classes": "encoding.yaml", "model": {"num_classes": 2}, "crop_size": [64, 64],
-            "padding_size": [0.5, 0.5], "padding_mode": "reflect",
-            "up_scale_small_dim_to": None, "resize": None, "pad_eval": False, "MYSEED": 0}
-
-
 def evaluate_worker(rank: int, store: str, config: dict, out: str) -> None:
     init(rank, store)
     dataset = loader.build_dataset(config, "test", train=False)
@@ -105,7 +94,7 @@ def evaluate_worker(rank: int, store: str, config: dict, out: str) -> None:
 
 
 def test_sharded_evaluation_equals_single_process(tmp_path):
-    config = synthetic_config(tmp_path)
+    config = tiny_synthetic_config(tmp_path, n_test=7)
     mp.spawn(evaluate_worker, args=(str(tmp_path / "store"), config, str(tmp_path)),
              nprocs=WORLD)
     results = [torch.load(tmp_path / f"eval{rank}.pt", weights_only=False) for rank in range(2)]

@@ -1,29 +1,19 @@
 """The evaluation loop: metrics from the per-image predictions, CRF in worker processes."""
-from pathlib import Path
-
 import pytest
 import torch
 
 import crf_params
 import loader
-from create_folds import ensure_synthetic_folds
 from deepmil.engine import evaluate, predictions
 from deepmil.metrics import PxAPMeter, f1_pos_neg, iou_at
 from deepmil.model import MinMaxEntropyNet
-from deepmil.synthetic import SyntheticSpec
+from helpers import tiny_synthetic_config
 from tools import CRF
 
 
 @pytest.fixture(scope="module")
 def test_loader(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evaluate")
-    ensure_synthetic_folds(root / "data", root / "folds", SyntheticSpec(image_size=64, n_train=8,
-                                                                        n_test=5))
-    config = {"dataset": "synthetic", "data_root": str(root / "data"),
-              "fold_folder": str(root / "folds"), "fold_name": None, "split": 0, "fold": 0,
-              "name_classes": "encoding.yaml", "model": {"num_classes": 2},
-              "crop_size": [64, 64], "padding_size": [0.5, 0.5], "padding_mode": "reflect",
-              "up_scale_small_dim_to": None, "resize": None, "pad_eval": False, "MYSEED": 0}
+    config = tiny_synthetic_config(tmp_path_factory.mktemp("evaluate"))
     dataset = loader.build_dataset(config, "test", train=False)
     return loader.make_loader(dataset, 1, 0, shuffle=False, seed=0)
 

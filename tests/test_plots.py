@@ -137,3 +137,12 @@ def test_denormalize_image():
     assert image[..., 0].tolist() == [[0, 128], [255, 255]]
     with pytest.raises(ValueError, match="3xHxW"):
         denormalize_image(torch.zeros(1, 3, 2, 2))
+
+
+def test_score_histograms_from_counts(tmp_path):
+    from deepmil.plots import plot_score_histograms
+    counts = np.array([[5, 3, 0, 2], [0, 1, 4, 5]])
+    path = plot_score_histograms(counts, tmp_path / "h.png")
+    assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="both rows"):
+        plot_score_histograms(np.array([[1, 2], [0, 0]]), tmp_path / "bad.png")

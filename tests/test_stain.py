@@ -96,3 +96,22 @@ def test_augmentor_keeps_the_background():
 def test_bad_image():
     with pytest.raises(ValueError, match="uint8"):
         rgb_to_od(np.zeros((4, 4, 3)))
+
+
+def test_training_pipeline_applies_stain_augmentation_reproducibly(tmp_path):
+    import torch
+    from PIL import Image
+
+    import loader
+    Image.fromarray(two_stain_image(size=48)).save(tmp_path / "a.png")
+    Image.fromarray(np.zeros((48, 48), dtype=np.uint8)).save(tmp_path / "a_mask.png")
+    rows = [loader.FoldRow("a.png", "a_mask.png", "benign")]
+
+    def dataset(stain: bool) -> loader.PhotoDataset:
+        return loader.PhotoDataset(rows, tmp_path, {"benign": 0, "malignant": 1}, "glas",
+                                   train=True, crop_size=48, padding_size=[0.5, 0.5], seed=3,
+                                   stain_augmentation=stain)
+    plain, stained = dataset(False)[0]["image"], dataset(True)[0]["image"]
+    assert torch.equal(dataset(True)[0]["image"], stained)
+    assert not torch.equal(plain, stained)
+    assert stained.min() >= -1 and stained.max() <= 1

@@ -1,5 +1,6 @@
 """End-to-end runs of ``train_deepmil.py`` in a subprocess on a tiny synthetic dataset."""
 import json
+import math
 import os
 import subprocess
 import sys
@@ -10,7 +11,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 EXPECTED_FILES = ["config.yaml", "environment.json", "training.log", "metrics.jsonl",
                   "checkpoint.pt", "best_model.pt", "final_metrics.json", "results.md",
-                  "learning_curves.png", "test_predictions.png"]
+                  "learning_curves.png", "test_predictions.png", "test_mask_histograms.png"]
 
 
 def tiny_run_args(tmp_path: Path, exp_root: str, *extra: str) -> list[str]:
@@ -95,3 +96,40 @@ def test_bad_input_is_a_clear_error(tmp_path):
     assert "no-such-config.yaml" in result.stderr
     result = run_cli(["--yaml", "synthetic-no-erasing.yaml", "--cudaid", "7"])
     assert result.returncode == 1 and "--cudaid 7" in result.stderr
+
+
+def test_evaluation_only_run_reproduces_the_selected_model(two_runs):
+    tmp_path, results = two_runs
+    assert results[0].returncode == 0
+    trained = only_folder(tmp_path / "run_a")
+    args = tiny_run_args(tmp_path, "eval_only", "--epoch", "-1", "--path_pre_trained",
+                         str(trained / "best_model.pt"))
+    result = run_cli(args)
+    assert result.returncode == 0, result.stderr
+    evaluated = json.loads((only_folder(tmp_path / "eval_only") / "final_metrics.json").read_text())
+    reference = json.loads((trained / "final_metrics.json").read_text())
+    assert evaluated["best_epoch"] == -1
+    for name in ("valid", "test", "train_eval"):
+        assert evaluated[name] == reference[name]
+
+
+def test_bf16_channels_last_run(tmp_path):
+    result = run_cli(tiny_run_args(tmp_path, "bf16", "--set", "amp=bf16",
+                                   "--set", "channels_last=true"))
+    assert result.returncode == 0, result.stderr
+    folder = only_folder(tmp_path / "bf16")
+    assert "amp: bf16" in (folder / "config.yaml").read_text()
+    records = epoch_metrics(folder)
+    assert len(records) == 2
+    for record in records:
+        for key in ("train_loss", "valid_loss", "valid_f1_pos"):
+            assert math.isfinite(record[key]), (key, record)
+    test = json.loads((folder / "final_metrics.json").read_text())["test"]
+    assert 0.0 <= test["f1_pos"] <= 100.0 and 0.0 <= test["cl_error"] <= 100.0
+
+
+def test_fp16_on_the_cpu_is_refused_before_anything_is_written(tmp_path):
+    result = run_cli(tiny_run_args(tmp_path, "fp16", "--set", "amp=fp16"))
+    assert result.returncode == 1
+    assert "amp = 'fp16' needs a CUDA device" in result.stderr
+    assert not (tmp_path / "fp16").exists() and not (tmp_path / "data").exists()

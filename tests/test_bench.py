@@ -1,0 +1,67 @@
+"""Smoke test of the benchmark entry point on tiny settings (no timing assertions)."""
+import json
+
+import numpy as np
+import pytest
+
+import crf_params
+from deepmil import bench
+from tools import CRF
+
+EXPECTED = {
+    "step": ["trunk_fwd_bwd_s", "localizer_fwd_bwd_s", "regions_fwd_bwd_s", "step_no_erasing_s",
+             "step_2_erasing_s", "erasing_passes_run", "ratio_no_erasing", "ratio_2_erasing",
+             "ratio_no_erasing_vs_passes", "ratio_erasing_vs_passes",
+             "consumed_no_erasing_img_s", "consumed_erasing_img_s", "peak_rss_mb"],
+    "eval": ["padded_height", "padded_width", "eval_forward_s", "trunk_forward_s", "eval_img_s",
+             "ratio_eval_vs_trunk", "peak_rss_mb"],
+    "loader": ["images", "workers_0_preload_off_img_s", "workers_1_preload_off_img_s",
+               "workers_0_preload_on_img_s", "workers_1_preload_on_img_s",
+               "training_consumes_img_s", "ratio_workers_1_preload_off_vs_training",
+               "ratio_workers_1_preload_on_vs_training", "peak_rss_mb"],
+    "crf": ["48_raw_ms", "48_wrapper_ms", "48_pool_2_ms", "48_ratio_wrapper_vs_raw",
+            "48_pool_speedup", "peak_rss_mb"],
+}
+
+
+def test_bench_writes_every_section(tmp_path, capsys):
+    path = tmp_path / "bench.json"
+    report = bench.main(["--device", "cpu", "--size", "64", "--batch", "2", "--erase", "2",
+                         "--repeats", "1", "--warmup", "0", "--loader-images", "8",
+                         "--loader-workers", "0,1", "--crf-sizes", "48", "--crf-images", "2",
+                         "--json", str(path)])
+    written = json.loads(path.read_text())
+    assert written == json.loads(json.dumps(report))
+    assert "resnet18, batch 2, 64x64, cpu" in written["setting"]
+    for section, keys in EXPECTED.items():
+        assert sorted(written[section]) == sorted(keys), section
+        for key in keys:
+            assert written[section][key] > 0, (section, key)
+    assert 1 <= written["step"]["erasing_passes_run"] <= 2
+    assert written["eval"]["padded_height"] == written["eval"]["padded_width"] == 64
+    assert written["step"]["consumed_no_erasing_img_s"] == 2 / written["step"]["step_no_erasing_s"]
+    assert "ratio_eval_vs_trunk" in capsys.readouterr().out
+
+
+def test_sections_can_be_selected(tmp_path):
+    report = bench.main(["--device", "cpu", "--sections", "crf", "--crf-sizes", "32",
+                         "--crf-images", "1", "--repeats", "1", "--warmup", "0",
+                         "--json", str(tmp_path / "bench.json")])
+    assert sorted(report) == ["crf", "setting"]
+    assert sorted(report["crf"]) == sorted(key.replace("48", "32") for key in EXPECTED["crf"])
+
+
+def test_unknown_section_is_an_argparse_error(capsys):
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--sections", "step,train"])
+    assert "unknown sections ['train']" in capsys.readouterr().err
+
+
+def test_raw_densecrf_does_the_work_of_the_wrapper():
+    (image, mask), = bench.crf_inputs(32, 1)
+    crf = CRF(crf_params.CUB)
+    raw = bench.raw_densecrf(image, bench.unary_energy(mask), crf.params, crf.GAUSSIAN_COMPAT,
+                             crf.BILATERAL_COMPAT)
+    refined = crf(image, mask)
+    np.testing.assert_allclose(raw.reshape(2, 32, 32)[1], refined, atol=1e-6)
+    assert np.abs(refined - mask).max() > 0.01  # the CRF did change the map
