@@ -140,14 +140,15 @@ def erasing_active(epoch: int, nbr_times_erase: int, epoch_start_erasing: int) -
     return nbr_times_erase > 0 and epoch >= epoch_start_erasing
 
 
-def check_finite(stats: dict[str, torch.Tensor], epoch: int, batch: int) -> None:
+LOSS_TERMS = ("loss_seg", "loss_pos", "loss_neg")
+
+
+def check_finite(values: list[float], epoch: int, batch: int) -> None:
     """Stop on a NaN/inf loss term, naming the epoch, the batch and every term's value."""
-    terms = torch.stack([stats["loss_seg"], stats["loss_pos"], stats["loss_neg"]])
-    if not bool(torch.isfinite(terms).all()):
-        values = ", ".join(f"{name}={float(stats[name]):.4g}"
-                           for name in ("loss_seg", "loss_pos", "loss_neg"))
+    if not all(math.isfinite(value) for value in values):
+        terms = ", ".join(f"{name}={value:.4g}" for name, value in zip(LOSS_TERMS, values))
         raise NonFiniteLossError(f"non-finite training loss at epoch {epoch}, batch {batch}: "
-                                 f"{values}")
+                                 f"{terms}")
 
 
 def train_one_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.optim.Optimizer,
@@ -176,18 +177,19 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.o
             average_gradients(model)
         else:
             stats = plain_step(model, images, labels, seed_i, amp, scaler)
-        check_finite(stats, epoch, batch_index)
+        terms = torch.stack([stats[name] for name in LOSS_TERMS])
+        values = terms.tolist()
+        check_finite(values, epoch, batch_index)
         if scaler is None:
             optimizer.step()
         else:
             scaler.step(optimizer)
             scaler.update()
-        terms = torch.stack([stats["loss_seg"], stats["loss_pos"], stats["loss_neg"]])
         errors = (stats["pos_scores"].argmax(dim=1) != labels).sum()
         totals += torch.cat([torch.cat([terms.sum().view(1), terms]) * labels.numel(),
                              errors.view(1), torch.ones(1, device=device) * labels.numel()])
         if on_batch is not None:
-            on_batch({"loss": float(terms.sum())})
+            on_batch({"loss": sum(values)})
     loss, loss_seg, loss_pos, loss_neg, errors, samples = all_reduce_sum(totals).tolist()
     return {"loss": loss / samples, "loss_seg": loss_seg / samples, "loss_pos": loss_pos / samples,
             "loss_neg": loss_neg / samples, "cl_error": 100.0 * errors / samples}

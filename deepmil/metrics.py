@@ -77,19 +77,25 @@ def restore_mask_geometry(mask: torch.Tensor, padded_hw: Size, upscaled_hw: Size
     return out
 
 
+def _overlap(pred: torch.Tensor, target: torch.Tensor, name: str
+             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(|P n G|, |P|, |G|)`` per image over the last two dimensions, in float64."""
+    if pred.shape != target.shape or pred.dim() < 2:
+        raise ValueError(f"{name} needs two masks of equal shape (>= 2 dims), got "
+                         f"{tuple(pred.shape)} and {tuple(target.shape)}")
+    p = (pred != 0).to(torch.float64)
+    t = (target != 0).to(torch.float64)
+    return (p * t).sum(dim=(-2, -1)), p.sum(dim=(-2, -1)), t.sum(dim=(-2, -1))
+
+
 def dice(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-image Dice ``2|P n G| / (|P| + |G|)`` over the last two dimensions.
 
     Inputs are binary (bool or {0, 1}; any non-zero value counts as foreground) and of equal
     shape. Returns a float64 tensor of shape ``pred.shape[:-2]``; two empty sets give 1.
     """
-    if pred.shape != target.shape or pred.dim() < 2:
-        raise ValueError(f"dice needs two masks of equal shape (>= 2 dims), got "
-                         f"{tuple(pred.shape)} and {tuple(target.shape)}")
-    p = (pred != 0).to(torch.float64)
-    t = (target != 0).to(torch.float64)
-    inter = (p * t).sum(dim=(-2, -1))
-    total = p.sum(dim=(-2, -1)) + t.sum(dim=(-2, -1))
+    inter, p_sum, t_sum = _overlap(pred, target, "dice")
+    total = p_sum + t_sum
     return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
 
 
@@ -99,13 +105,8 @@ def iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     Same input rules as :func:`dice`; returns float64 of shape ``pred.shape[:-2]``; two empty
     sets give 1.
     """
-    if pred.shape != target.shape or pred.dim() < 2:
-        raise ValueError(f"iou needs two masks of equal shape (>= 2 dims), got "
-                         f"{tuple(pred.shape)} and {tuple(target.shape)}")
-    p = (pred != 0).to(torch.float64)
-    t = (target != 0).to(torch.float64)
-    inter = (p * t).sum(dim=(-2, -1))
-    union = p.sum(dim=(-2, -1)) + t.sum(dim=(-2, -1)) - inter
+    inter, p_sum, t_sum = _overlap(pred, target, "iou")
+    union = p_sum + t_sum - inter
     return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
 
 
