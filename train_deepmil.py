@@ -25,11 +25,12 @@ import loader
 import reproducibility
 from create_folds import ensure_synthetic_folds
 from deepmil import checkpoint, distributed, experiment, plots
+from deepmil.baselines import build_network_for
 from deepmil.config import ConfigError, save_config
 from deepmil.distributed import DistributedContext
 from deepmil.engine import check_amp, erasing_active, evaluate, train_one_epoch, unwrap
 from deepmil.metrics import best_threshold_report
-from deepmil.model import DEEP_STEM_LAYERS, build_model, load_pretrained_trunk
+from deepmil.model import DEEP_STEM_LAYERS, load_pretrained_trunk
 from deepmil.optim import build_optimizer, learning_rate, set_learning_rate
 from deepmil.synthetic import SyntheticSpec
 from tools import CRF, get_yaml_args
@@ -101,14 +102,26 @@ def build_data(config: dict, context: DistributedContext) -> dict[str, torch.uti
     for split, name in (("valid", "valid"), ("test", "test"), ("train", "train_eval")):
         preload = config["preload"] and name == "valid"
         dataset = loader.build_dataset(config, split, train=False, preload=preload)
-        loaders[name] = loader.make_loader(dataset, 1, workers, shuffle=False, seed=seed, **shard)
+        batch = config["eval_batch_size"]
+        check_batchable(dataset, batch, split)
+        loaders[name] = loader.make_loader(dataset, batch, workers, shuffle=False, seed=seed,
+                                           **shard)
     return loaders
+
+
+def check_batchable(dataset: loader.PhotoDataset, batch: int, split: str) -> None:
+    """Batched evaluation (``eval_batch_size > 1``) needs evaluation inputs of a single size."""
+    sizes = sorted({tuple(geometry.padded) for geometry in dataset.geometry})
+    if batch > 1 and len(sizes) > 1:
+        raise ConfigError(f"eval_batch_size = {batch}: the {split} images come in {len(sizes)} "
+                          f"sizes (e.g. {sizes[0]} and {sizes[-1]}); batched evaluation needs "
+                          f"images of one size, use eval_batch_size: 1")
 
 
 def build_network(config: dict, device: torch.device) -> torch.nn.Module:
     """The model with ImageNet or user weights as the configuration asks."""
     reproducibility.set_seed(config["MYSEED"])
-    model = build_model(config["model"])
+    model = build_network_for(config["method"], config["model"])
     if config["model"]["pretrained"] and config["model"]["name"] in DEEP_STEM_LAYERS:
         load_pretrained_trunk(model, config["model"]["pretrained_cache"])
     if config["path_pre_trained"]:
@@ -116,7 +129,10 @@ def build_network(config: dict, device: torch.device) -> torch.nn.Module:
         LOGGER.info("loaded weights from %s", config["path_pre_trained"])
     if config["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
-    return model.to(device)
+    model = model.to(device)
+    if config["compile"]:
+        model.compile(backend=config["compile"])
+    return model
 
 
 def epoch_record(epoch: int, lr: float, train: dict, valid: dict, seconds: float) -> dict:
@@ -143,7 +159,14 @@ def train(config: dict, options, model: torch.nn.Module, loaders: dict, device: 
         best, history, start = state["best"], state["history"], state["epoch"] + 1
         LOGGER.info("resuming after epoch %d", state["epoch"])
     seed, amp, channels_last = config["MYSEED"], config["amp"], config["channels_last"]
+    method = config["method"]
     scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    if scaler is not None and state is not None:
+        if "scaler" in state:
+            scaler.load_state_dict(state["scaler"])
+        else:
+            LOGGER.warning("the checkpoint holds no gradient-scaler state; the fp16 loss scale "
+                           "starts again from its initial value")
     for epoch in range(start, config["max_epochs"]):
         began = time.perf_counter()
         lr = learning_rate(epoch, config["optimizer"]["lr"], config["optimizer"]["lr_scheduler"])
@@ -155,15 +178,15 @@ def train(config: dict, options, model: torch.nn.Module, loaders: dict, device: 
         train_stats = train_one_epoch(
             model, bar, optimizer, epoch, seed, device, config["nbr_times_erase"],
             config["sigma_erase"], erase, amp=amp, scaler=scaler, channels_last=channels_last,
-            on_batch=lambda s: bar.set_postfix(loss=f"{s['loss']:.3f}"))
+            on_batch=lambda s: bar.set_postfix(loss=f"{s['loss']:.3f}"), method=method)
         valid_stats = evaluate(model, loaders["valid"], device, config["exact_eval_crop"], amp=amp,
-                               channels_last=channels_last).summary
+                               channels_last=channels_last, method=method).summary
         record = epoch_record(epoch, lr, train_stats, valid_stats, time.perf_counter() - began)
         history.append(record)
         if valid_stats["cl_error"] <= best["valid_cl_error"]:
             best = {"epoch": epoch, "valid_cl_error": valid_stats["cl_error"]}
         if context.is_main:
-            save_epoch(unwrap(model), optimizer, epoch, best, history, folder)
+            save_epoch(unwrap(model), optimizer, epoch, best, history, folder, scaler)
         LOGGER.info("epoch %d/%d lr %.2e erase %s | train loss %.4f err %.2f%% | valid loss "
                     "%.4f err %.2f%% F1+ %.2f F1- %.2f | %.1fs", epoch, config["max_epochs"] - 1,
                     lr, erase, train_stats["loss"], train_stats["cl_error"], valid_stats["loss"],
@@ -176,11 +199,12 @@ def train(config: dict, options, model: torch.nn.Module, loaders: dict, device: 
 
 
 def save_epoch(network: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
-               best: dict, history: list[dict], folder: Path) -> None:
+               best: dict, history: list[dict], folder: Path,
+               scaler: torch.amp.GradScaler | None = None) -> None:
     """``checkpoint.pt``, then ``best_model.pt`` if ``epoch`` is the best so far, then
     ``metrics.jsonl`` rewritten from the history, each atomically."""
-    checkpoint.save_torch(checkpoint.training_state(network, optimizer, epoch, best, history),
-                          folder / "checkpoint.pt")
+    state = checkpoint.training_state(network, optimizer, epoch, best, history, scaler)
+    checkpoint.save_torch(state, folder / "checkpoint.pt")
     if best["epoch"] == epoch:
         checkpoint.save_torch(network.state_dict(), folder / "best_model.pt")
     experiment.write_json_lines(history, folder / "metrics.jsonl")
@@ -207,22 +231,25 @@ def final_evaluation(config: dict, model: torch.nn.Module, loaders: dict, device
         keep = PANEL_IMAGES if name == "test" and context.is_main else 0
         evaluation = evaluate(model, loaders[name], device, config["exact_eval_crop"], keep=keep,
                               crf=crf, crf_workers=crf_worker_count(config, device), amp=config["amp"],
-                              channels_last=config["channels_last"])
+                              channels_last=config["channels_last"], method=config["method"])
         results[name], sweeps[name] = evaluation.summary, evaluation.sweep
         if evaluation.records:
             class_names = loader.load_encoding(config["name_classes"], loader.fold_dir(config))
-            save_prediction_panels(evaluation.records, loaders[name].dataset, class_names,
-                                   folder / "test_predictions.png")
+            samples = prediction_samples(evaluation.records, loaders[name].dataset, class_names)
+            plots.save_mask_panels(samples, folder / "test_predictions.png",
+                                   title="test predictions")
+            experiment.save_prediction_samples(samples, folder / "test_predictions.npz")
             coarse = evaluation.histogram.reshape(2, HISTOGRAM_BINS, -1).sum(dim=2)
             plots.plot_score_histograms(coarse, folder / "test_mask_histograms.png",
-                                        title="test set: R+ inside / outside the ground truth")
+                                        title="test set: mask values inside / outside the "
+                                              "ground truth")
     results["best_threshold"] = best_threshold_report(sweeps["valid"], sweeps["test"])
     return results
 
 
-def save_prediction_panels(records: list[dict], dataset: loader.PhotoDataset,
-                           encoding: dict[str, int], path: Path) -> None:
-    """Image, ground truth, thresholded and continuous mask for a few test images."""
+def prediction_samples(records: list[dict], dataset: loader.PhotoDataset,
+                       encoding: dict[str, int]) -> list[dict]:
+    """Image, ground truth, continuous (and CRF) mask and a caption for a few test images."""
     names = {value: key for key, value in encoding.items()}
     samples = []
     for record in records:
@@ -230,12 +257,13 @@ def save_prediction_panels(records: list[dict], dataset: loader.PhotoDataset,
         caption = (f"true {names[record['label']]} | predicted {names[record['predicted']]} "
                    f"({100 * record['probability']:.0f}%) | F1+ {100 * record['f1_pos']:.1f} "
                    f"F1- {100 * record['f1_neg']:.1f}")
-        sample = {"image": np.asarray(image), "gt_mask": record["truth"][0].numpy(),
+        sample = {"index": record["index"], "image": np.asarray(image),
+                  "gt_mask": record["truth"][0].numpy(),
                   "pred_mask": record["mask"][0].numpy(), "caption": caption}
         if "crf_mask" in record:
             sample["crf_mask"] = record["crf_mask"][0].numpy()
         samples.append(sample)
-    plots.save_mask_panels(samples, path, title="test predictions")
+    return samples
 
 
 def planned_folder(config: dict, options) -> Path:

@@ -7,7 +7,8 @@ Prints a table and writes JSON (one object per section). Each time is the median
   the same batch (theory: about 1.5 without erasing), and against the sum of its passes timed
   alone (localizer fwd+bwd, regions fwd+bwd);
 * ``eval``: evaluation forward at batch 1 on an image padded as the evaluation loader pads it,
-  against one trunk forward on the same image;
+  against one trunk forward on the same image; and per image when ``--batch`` same-size images
+  are evaluated together (``eval_batch_size``);
 * ``loader``: images/s that ``loader.make_loader`` delivers over a synthetic training set
   (0/1/2 workers, preload on/off), against the rate the training step consumes them;
 * ``crf``: ms per image of ``tools.CRF`` in this process and through ``refine_with_crf`` with a
@@ -68,13 +69,16 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
 
 
 def build_net(args: argparse.Namespace, device: torch.device) -> MinMaxEntropyNet:
-    """The benchmarked model on ``device``, channels-last if asked."""
+    """The benchmarked model on ``device``, channels-last and compiled if asked."""
     torch.manual_seed(0)
     model = MinMaxEntropyNet(args.model, args.classes, kmax=args.kmax, kmin=args.kmax,
                              dropout=args.dropout)
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return model.to(device)
+    model = model.to(device)
+    if args.compile:
+        model.compile(backend=args.compile)
+    return model
 
 
 def random_images(args: argparse.Namespace, batch: int, size: tuple[int, int],
@@ -154,10 +158,17 @@ def bench_eval(args: argparse.Namespace, device: torch.device) -> dict[str, floa
     padded = loader.compute_geometry(args.size, args.size, None).padded
     image = random_images(args, 1, padded, device)
 
+    batch = random_images(args, args.batch, padded, device)
+
     @torch.no_grad()
     def forward() -> None:
         with autocast(device, args.amp):
-            model(image)
+            model(image, mask_normalization="sample")
+
+    @torch.no_grad()
+    def batched() -> None:
+        with autocast(device, args.amp):
+            model(batch, mask_normalization="sample", fused_regions=True)
 
     @torch.no_grad()
     def trunk() -> None:
@@ -166,9 +177,13 @@ def bench_eval(args: argparse.Namespace, device: torch.device) -> dict[str, floa
 
     results = {"padded_height": padded[0], "padded_width": padded[1],
                "eval_forward_s": timed(forward, device, args.warmup, args.repeats),
-               "trunk_forward_s": timed(trunk, device, args.warmup, args.repeats)}
+               "trunk_forward_s": timed(trunk, device, args.warmup, args.repeats),
+               "batched_eval_forward_s": timed(batched, device, args.warmup, args.repeats)}
     results["eval_img_s"] = 1.0 / results["eval_forward_s"]
     results["ratio_eval_vs_trunk"] = results["eval_forward_s"] / results["trunk_forward_s"]
+    per_image = results["batched_eval_forward_s"] / args.batch
+    results["batched_eval_img_s"] = 1.0 / per_image
+    results["ratio_batched_eval_per_image_vs_trunk"] = per_image / results["trunk_forward_s"]
     return results
 
 
@@ -313,6 +328,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="autocast dtype of the step and eval sections")
     parser.add_argument("--channels-last", action="store_true",
                         help="model and images in channels-last memory format")
+    parser.add_argument("--compile", default=None, metavar="BACKEND",
+                        help="torch.compile the model with this backend (e.g. inductor)")
     parser.add_argument("--loader-images", type=int, default=120,
                         help="synthetic training images generated for the loader section")
     parser.add_argument("--loader-workers", type=int_list, default=[0, 1, 2])
@@ -355,7 +372,7 @@ def main(argv: list[str] | None = None) -> dict:
     device = torch.device(args.device)
     setting = (f"{args.model}, batch {args.batch}, {args.size}x{args.size}, {args.device}, "
                f"{torch.get_num_threads()} threads, amp {args.amp}, "
-               f"channels_last {args.channels_last}")
+               f"channels_last {args.channels_last}, compile {args.compile}")
     results = run_sections(args, device)
     print(setting)
     for section, values in results.items():

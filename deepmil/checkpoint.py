@@ -62,8 +62,10 @@ def save_torch(obj: Any, path: Path) -> None:
 
 
 def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
-                   best: dict[str, Any], history: list[dict]) -> dict[str, Any]:
-    """Everything needed to continue training after ``epoch`` (0-based) has finished.
+                   best: dict[str, Any], history: list[dict],
+                   scaler: torch.amp.GradScaler | None = None) -> dict[str, Any]:
+    """Everything needed to continue training after ``epoch`` (0-based) has finished, with the
+    fp16 gradient scaler's state when there is one.
 
     The weights of the best epoch are not repeated here: ``best_model.pt`` is written after the
     checkpoint of that epoch, so when ``best["epoch"] == epoch`` they are this ``model``.
@@ -74,8 +76,11 @@ def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, epoch: in
     and the learning rate is a closed form of the epoch. (The loaders' own generators advance
     every epoch but only seed the workers' global generators, which nothing draws from.)
     """
-    return {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "best": best, "history": history}
+    state = {"epoch": epoch, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+             "best": best, "history": history}
+    if scaler is not None:
+        state["scaler"] = scaler.state_dict()
+    return state
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:

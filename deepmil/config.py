@@ -23,6 +23,7 @@ from typing import Any
 
 import yaml
 
+from deepmil.baselines import METHODS
 from deepmil.pooling import feature_map_size
 
 logger = logging.getLogger(__name__)
@@ -292,6 +293,7 @@ SYNTHETIC_SCHEMA: dict[str, Any] = {
 
 SCHEMA: dict[str, Any] = {
     "MYSEED": Field(0, integer(0, SEED_LIMIT - 1)),
+    "method": Field("minmax", choice(*METHODS)),
     "dataset": Field(REQUIRED, choice(*DATASETS)),
     "fold_name": Field(None, text(nullable=True)),
     "data_root": Field(None, text(nullable=True)),
@@ -312,6 +314,8 @@ SCHEMA: dict[str, Any] = {
     "num_workers": Field(8, integer(0)),
     "amp": Field(None, choice(None, "bf16", "fp16")),
     "channels_last": Field(False, boolean()),
+    "compile": Field(None, choice(None, "inductor", "cudagraphs", "aot_eager", "eager")),
+    "eval_batch_size": Field(1, integer(1)),
     "max_epochs": Field(400, integer(-1)),
     "nbr_times_erase": Field(0, integer(0)),
     "epoch_start_erasing": Field(1, integer(0)),
@@ -340,8 +344,9 @@ SCHEMA: dict[str, Any] = {
     "optimizer": OPTIMIZER_SCHEMA,
 }
 
-# Command-line flags kept from the original driver: flag -> (dotted key, value type).
+# Command-line flags of the original driver, and --method: flag -> (dotted key, value type).
 FLAG_KEYS: dict[str, tuple[str, str]] = {
+    "method": ("method", "str"),
     "bsize": ("batch_size", "int"),
     "lr": ("optimizer.lr", "float"),
     "momentum": ("optimizer.momentum", "float"),
@@ -505,6 +510,10 @@ def _check_ranges(config: dict, source: str) -> None:
     if config["stain_augmentation"] and config["dataset"] != "glas":
         raise ConfigError(f"{source}: stain_augmentation = true is for the GlaS histology images "
                           f"only, not dataset {config['dataset']!r}")
+    if config["method"] != "minmax" and config["nbr_times_erase"] > 0:
+        raise ConfigError(f"{source}: nbr_times_erase = {config['nbr_times_erase']} is out of "
+                          f"range for method {config['method']!r} (expected 0: recursive erasing "
+                          f"belongs to the min-max entropy model)")
     synthetic = config["synthetic"]
     if synthetic["min_objects"] > synthetic["max_objects"]:
         raise ConfigError(f"{source}: synthetic.min_objects = {synthetic['min_objects']} is out "
@@ -584,16 +593,59 @@ def display_path(path: str | Path) -> str:
     return str(path)
 
 
-def load_config(path: str | Path) -> dict:
-    """Read a YAML configuration file, fill the defaults and validate it."""
+def default_values(schema: Mapping[str, Any] = SCHEMA) -> dict:
+    """The schema's default configuration (required keys left out)."""
+    defaults = {}
+    for key, entry in schema.items():
+        if isinstance(entry, Field):
+            if entry.default is not REQUIRED:
+                defaults[key] = copy.deepcopy(entry.default)
+        else:
+            defaults[key] = default_values(entry)
+    return defaults
+
+
+def merge_sections(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict:
+    """``base`` updated by ``changes``, sections (nested mappings) merged key by key."""
+    merged = copy.deepcopy(dict(base))
+    for key, value in changes.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = merge_sections(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def read_raw_config(path: Path, chain: tuple[Path, ...] = ()) -> Any:
+    """The YAML content of ``path``; a ``base: FILE`` entry (looked up next to ``path``, then as
+    for ``--yaml``) is read first and the file's own keys are merged over it."""
     source = display_path(path)
+    if path.resolve() in chain:
+        raise ConfigError(f"{source}: base configurations form a cycle "
+                          f"({' -> '.join(display_path(link) for link in (*chain, path))})")
     try:
-        raw = parse_yaml(Path(path).read_text(encoding="utf-8"))
+        raw = parse_yaml(path.read_text(encoding="utf-8"))
     except OSError as error:
         raise ConfigError(f"{source}: cannot read the configuration ({error})") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{source}: invalid YAML ({error})") from None
-    return validate_config({} if raw is None else raw, source)
+    if not isinstance(raw, dict) or "base" not in raw:
+        return raw
+    base_name = raw.pop("base")
+    if not isinstance(base_name, str):
+        raise ConfigError(f"{source}: base = {_show(base_name)} is not a file name")
+    sibling = path.parent / base_name
+    base_path = sibling if sibling.is_file() else resolve_yaml_path(base_name)
+    base = read_raw_config(base_path, (*chain, path.resolve()))
+    if not isinstance(base, dict):
+        raise ConfigError(f"{display_path(base_path)}: expected a mapping of config keys")
+    return merge_sections(base, raw)
+
+
+def load_config(path: str | Path) -> dict:
+    """Read a YAML configuration file (and its ``base`` files), fill the defaults, validate."""
+    raw = read_raw_config(Path(path))
+    return validate_config({} if raw is None else raw, display_path(path))
 
 
 def save_config(config: Mapping[str, Any], path: str | Path) -> None:

@@ -9,9 +9,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from deepmil.baselines import localization_mask
 from deepmil.distributed import (all_reduce_sum, any_process, average_gradients,
                                  broadcast_buffers, gather_objects, no_sync)
-from deepmil.losses import localizer_loss, negative_loss, positive_loss
+from deepmil.losses import classifier_loss, localizer_loss, negative_loss, positive_loss
 from deepmil.metrics import (LocalizationMeter, PxAPMeter, ThresholdSweepMeter, all_ones_f1,
                              f1_pos_neg, iou_at, refine_with_crf, restore_mask_geometry)
 from deepmil.model import ModelOutput
@@ -80,7 +81,7 @@ def plain_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, see
     loss_neg = negative_loss(out.neg_scores.float())
     backward(loss_seg + loss_pos + loss_neg, scaler)
     return {"loss_seg": loss_seg.detach(), "loss_pos": loss_pos.detach(),
-            "loss_neg": loss_neg.detach(), "pos_scores": out.pos_scores.detach().float()}
+            "loss_neg": loss_neg.detach(), "scores": out.pos_scores.detach().float()}
 
 
 def erasing_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int,
@@ -131,8 +132,20 @@ def erasing_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, s
     loss_neg = negative_loss(neg_scores.float())
     backward(loss_pos + loss_neg, scaler)
     return {"loss_seg": torch.stack(seg_losses).mean(), "loss_pos": loss_pos.detach(),
-            "loss_neg": loss_neg.detach(), "pos_scores": pos_scores.detach(),
+            "loss_neg": loss_neg.detach(), "scores": pos_scores.detach(),
             "erasing_passes": torch.tensor(len(seg_losses))}
+
+
+def classifier_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int,
+                    amp: str | None = None, scaler: torch.amp.GradScaler | None = None
+                    ) -> dict[str, torch.Tensor]:
+    """A baseline's step: backward of the cross-entropy ``L_cl`` of its class scores."""
+    with autocast(images.device, amp):
+        out = seeded_forward(model, seed, images)
+    scores = out.scores.float()
+    loss_cl = classifier_loss(scores, labels)
+    backward(loss_cl, scaler)
+    return {"loss_cl": loss_cl.detach(), "scores": scores.detach()}
 
 
 def erasing_active(epoch: int, nbr_times_erase: int, epoch_start_erasing: int) -> bool:
@@ -141,12 +154,19 @@ def erasing_active(epoch: int, nbr_times_erase: int, epoch_start_erasing: int) -
 
 
 LOSS_TERMS = ("loss_seg", "loss_pos", "loss_neg")
+BASELINE_LOSS_TERMS = ("loss_cl",)
 
 
-def check_finite(values: list[float], epoch: int, batch: int) -> None:
+def loss_terms(method: str) -> tuple[str, ...]:
+    """Names of the loss terms that ``method`` trains with."""
+    return LOSS_TERMS if method == "minmax" else BASELINE_LOSS_TERMS
+
+
+def check_finite(values: list[float], epoch: int, batch: int,
+                 names: tuple[str, ...] = LOSS_TERMS) -> None:
     """Stop on a NaN/inf loss term, naming the epoch, the batch and every term's value."""
     if not all(math.isfinite(value) for value in values):
-        terms = ", ".join(f"{name}={value:.4g}" for name, value in zip(LOSS_TERMS, values))
+        terms = ", ".join(f"{name}={value:.4g}" for name, value in zip(names, values))
         raise NonFiniteLossError(f"non-finite training loss at epoch {epoch}, batch {batch}: "
                                  f"{terms}")
 
@@ -156,43 +176,48 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.o
                     sigma_erase: float, erase: bool,
                     on_batch: Callable[[dict[str, float]], None] | None = None,
                     amp: str | None = None, scaler: torch.amp.GradScaler | None = None,
-                    channels_last: bool = False) -> dict[str, float]:
+                    channels_last: bool = False, method: str = "minmax") -> dict[str, float]:
     """Train for one epoch; returns the epoch's mean losses and training error (%).
 
-    ``amp`` (``bf16`` / ``fp16``) runs the forward passes under autocast; ``scaler`` (for
-    ``fp16``) scales the losses and steps the optimizer; ``channels_last`` sends the images in
+    ``method`` other than ``minmax`` trains a baseline with :func:`classifier_step`. ``amp``
+    (``bf16`` / ``fp16``) runs the forward passes under autocast; ``scaler`` (for ``fp16``)
+    scales the losses and steps the optimizer; ``channels_last`` sends the images in
     channels-last memory format (the model should be converted too).
     """
     model.train()
-    totals = torch.zeros(6, dtype=torch.float64, device=device)
+    names = loss_terms(method)
+    totals = torch.zeros(len(names) + 3, dtype=torch.float64, device=device)
     for batch_index, batch in enumerate(loader):
         seed_i = iteration_seed(seed, epoch, batch_index)
         images = to_device(batch["image"], device, channels_last)
         labels = batch["label"].to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        if erase:
+        if method != "minmax":
+            stats = classifier_step(model, images, labels, seed_i, amp, scaler)
+        elif erase:
             with no_sync(model):
                 stats = erasing_step(model, images, labels, seed_i, nbr_times_erase,
                                      sigma_erase, amp, scaler)
             average_gradients(model)
         else:
             stats = plain_step(model, images, labels, seed_i, amp, scaler)
-        terms = torch.stack([stats[name] for name in LOSS_TERMS])
+        terms = torch.stack([stats[name] for name in names])
         values = terms.tolist()
-        check_finite(values, epoch, batch_index)
+        check_finite(values, epoch, batch_index, names)
         if scaler is None:
             optimizer.step()
         else:
             scaler.step(optimizer)
             scaler.update()
-        errors = (stats["pos_scores"].argmax(dim=1) != labels).sum()
+        errors = (stats["scores"].argmax(dim=1) != labels).sum()
         totals += torch.cat([torch.cat([terms.sum().view(1), terms]) * labels.numel(),
                              errors.view(1), torch.ones(1, device=device) * labels.numel()])
         if on_batch is not None:
             on_batch({"loss": sum(values)})
-    loss, loss_seg, loss_pos, loss_neg, errors, samples = all_reduce_sum(totals).tolist()
-    return {"loss": loss / samples, "loss_seg": loss_seg / samples, "loss_pos": loss_pos / samples,
-            "loss_neg": loss_neg / samples, "cl_error": 100.0 * errors / samples}
+    loss, *term_sums, errors, samples = all_reduce_sum(totals).tolist()
+    return {"loss": loss / samples,
+            **{name: total / samples for name, total in zip(names, term_sums)},
+            "cl_error": 100.0 * errors / samples}
 
 
 class Evaluation(NamedTuple):
@@ -204,35 +229,63 @@ class Evaluation(NamedTuple):
     histogram: torch.Tensor
 
 
+def minmax_outputs(network: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                   batched: bool = False
+                   ) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Scores of ``R+``, the mask ``R+`` and per-image losses of the min-max entropy model.
+
+    The mask is min-max normalised per image, as in a batch of one, whatever the batch size;
+    ``batched`` also sends the positive and negative regions through the network together.
+    """
+    out = network(images, mask_normalization="sample", fused_regions=batched)
+    out = ModelOutput(*(tensor.float() for tensor in out))
+    losses = {"loss_seg": localizer_loss(out.seg_scores, labels, reduction="none"),
+              "loss_pos": positive_loss(out.pos_scores, labels, reduction="none"),
+              "loss_neg": negative_loss(out.neg_scores, reduction="none")}
+    return out.pos_scores, out.mask, losses
+
+
+def baseline_outputs(network: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+                     method: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """Scores, localisation map and per-image ``L_cl`` of a baseline (see deepmil.baselines)."""
+    out = network(images)
+    scores = out.scores.float()
+    mask = localization_mask(method, network, images, out)
+    return scores, mask, {"loss_cl": classifier_loss(scores, labels, reduction="none")}
+
+
 @torch.no_grad()
 def predictions(network: nn.Module, loader: Iterable[dict], device: torch.device,
-                exact_crop: bool, amp: str | None = None, channels_last: bool = False
-                ) -> Iterator[dict]:
-    """Per-image predictions: ``R+`` at the ground-truth geometry, class, losses.
+                exact_crop: bool, amp: str | None = None, channels_last: bool = False,
+                method: str = "minmax") -> Iterator[dict]:
+    """Per-image predictions: the localisation at the ground-truth geometry, class, losses.
 
-    With ``amp`` the forward pass runs under autocast; its outputs are cast back to float32.
+    The localisation is ``R+`` for ``minmax`` and the baseline's map otherwise. With ``amp`` the
+    forward pass runs under autocast (Grad-CAM excepted); its outputs are cast to float32. A
+    loader of batches larger than one (``eval_batch_size``) evaluates in batches: images and
+    regions go through the network together, which equals image by image up to float rounding.
     """
     geometry = loader.dataset.geometry
+    batched = (loader.batch_size or 1) > 1
     for batch in loader:
         images = to_device(batch["image"], device, channels_last)
         labels = batch["label"].to(device, non_blocking=True)
-        with autocast(device, amp):
-            out = network(images)
-        out = ModelOutput(*(tensor.float() for tensor in out))
+        with autocast(device, None if method == "gradcam" else amp):
+            if method == "minmax":
+                scores, masks, losses = minmax_outputs(network, images, labels, batched)
+            else:
+                scores, masks, losses = baseline_outputs(network, images, labels, method)
+        masks = masks.float()
+        losses["loss"] = sum(losses.values())
+        probabilities = torch.softmax(scores, dim=1)
+        confidence, predicted = probabilities.max(dim=1)
         for row in range(labels.numel()):
             index = int(batch["index"][row])
             shape = geometry[index]
-            one = slice(row, row + 1)
-            losses = {"loss_seg": localizer_loss(out.seg_scores[one], labels[one]),
-                      "loss_pos": positive_loss(out.pos_scores[one], labels[one]),
-                      "loss_neg": negative_loss(out.neg_scores[one])}
-            losses["loss"] = sum(losses.values())
-            probabilities = torch.softmax(out.pos_scores[row], dim=0)
-            predicted = int(probabilities.argmax())
-            yield {"index": index, "label": int(labels[row]), "predicted": predicted,
-                   "probability": float(probabilities[predicted]),
-                   "losses": {name: float(value) for name, value in losses.items()},
-                   "mask": restore_mask_geometry(out.mask[row], shape.padded, shape.upscaled,
+            yield {"index": index, "label": int(labels[row]), "predicted": int(predicted[row]),
+                   "probability": float(confidence[row]),
+                   "losses": {name: float(value[row]) for name, value in losses.items()},
+                   "mask": restore_mask_geometry(masks[row], shape.padded, shape.upscaled,
                                                  shape.original, exact=exact_crop),
                    "truth": batch["mask"][row].to(device)}
 
@@ -280,8 +333,9 @@ def summarise(rows: Iterable[tuple]) -> dict[str, float]:
 def evaluate(model: nn.Module, loader: Iterable[dict], device: torch.device,
              exact_crop: bool = False, keep: int = 0, crf: Callable | None = None,
              crf_workers: int = 0, amp: str | None = None,
-             channels_last: bool = False) -> Evaluation:
-    """Evaluate image by image (batch 1, no erasing) with the default forward pass.
+             channels_last: bool = False, method: str = "minmax") -> Evaluation:
+    """Evaluate (no erasing) with the default forward pass, image by image or in batches of
+    same-size images (with per-image mask normalisation: the same results).
 
     The predicted class is ``argmax`` of the positive region's scores and the localisation is
     ``R+`` brought back to the ground-truth geometry, thresholded at 0.5 (F1+, F1-, IoU), plus
@@ -291,11 +345,12 @@ def evaluate(model: nn.Module, loader: Iterable[dict], device: torch.device,
     gathered and summed in image order, so the summary equals a single-process evaluation.
     ``records`` holds the first ``keep`` predictions of this process (masks on the CPU) and
     ``histogram`` the set's counts of ``R+`` values per bin outside / inside the ground truth.
-    ``amp`` and ``channels_last`` are as in :func:`train_one_epoch`.
+    ``amp``, ``channels_last`` and ``method`` are as in :func:`train_one_epoch`; a baseline is
+    scored on its own map instead of ``R+``.
     """
     network = unwrap(model).eval()
     broadcast_buffers(network)
-    stream = predictions(network, loader, device, exact_crop, amp, channels_last)
+    stream = predictions(network, loader, device, exact_crop, amp, channels_last, method)
     if crf is not None:
         stream = with_crf(stream, loader, crf, crf_workers)
     pxap, sweep = PxAPMeter(), ThresholdSweepMeter()

@@ -22,14 +22,16 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 REPOSITORY = Path(__file__).resolve().parents[1]
 RUN_FILES = ("config.yaml", "environment.json", "training.log", "metrics.jsonl", "checkpoint.pt",
              "best_model.pt", "final_metrics.json", "results.md", "learning_curves.png",
-             "test_predictions.png")
+             "test_predictions.png", "test_predictions.npz", "test_mask_histograms.png")
 
 
 def experiment_name(config: Mapping[str, Any]) -> str:
-    """Readable folder name: config, model, fold, seed, erasing and a timestamp."""
+    """Readable folder name: config, method, model, fold, seed, erasing and a timestamp."""
     config_name = Path(config["yaml"]).stem
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    return (f"{config_name}-{config['model']['name']}-s{config['split']}f{config['fold']}"
+    method = config["method"]
+    method = "" if method == "minmax" or method in config_name.split("-") else f"-{method}"
+    return (f"{config_name}{method}-{config['model']['name']}-s{config['split']}f{config['fold']}"
             f"-erase{config['nbr_times_erase']}-seed{config['MYSEED']}-{stamp}")
 
 
@@ -150,3 +152,29 @@ def results_table(final: Mapping[str, Mapping[str, Any]]) -> str:
         values = " | ".join(f"{metrics[key]:.2f}" for key, _ in columns)
         lines.append(f"| {name} | {metrics['n_images']} | {values} |")
     return "\n".join(lines) + "\n"
+
+
+SAMPLE_ARRAYS = ("image", "gt_mask", "pred_mask", "crf_mask")
+
+
+def save_prediction_samples(samples: list[dict], path: Path) -> None:
+    """Store a few test predictions (see ``train_deepmil.prediction_samples``) as ``.npz``, for
+    figures that compare methods on the same images."""
+    arrays: dict[str, np.ndarray] = {"index": np.array([sample["index"] for sample in samples]),
+                                     "caption": np.array([sample["caption"] for sample in samples])}
+    for number, sample in enumerate(samples):
+        arrays.update({f"{name}_{number}": np.asarray(sample[name])
+                       for name in SAMPLE_ARRAYS if name in sample})
+    atomic_write(path, lambda stream: np.savez_compressed(stream, **arrays))
+
+
+def load_prediction_samples(path: Path) -> list[dict]:
+    """The samples written by :func:`save_prediction_samples`."""
+    with np.load(path) as data:
+        samples = []
+        for number, (index, caption) in enumerate(zip(data["index"], data["caption"])):
+            sample = {"index": int(index), "caption": str(caption)}
+            sample.update({name: data[f"{name}_{number}"] for name in SAMPLE_ARRAYS
+                           if f"{name}_{number}" in data})
+            samples.append(sample)
+    return samples

@@ -125,40 +125,38 @@ class ModelOutput(NamedTuple):
     seg_maps: torch.Tensor
 
 
-class MinMaxEntropyNet(nn.Module):
-    """Shared ResNet trunk with a localizer head (``headseg``) and a classifier head (``cl32``).
+def minmax_normalise(maps: torch.Tensor, per_sample: bool, eps: float = 1e-8) -> torch.Tensor:
+    """``(maps - min) / max(max - min, eps)``, with min/max over the whole batch or per sample
+    (a constant map becomes 0)."""
+    if per_sample:
+        flat = maps.flatten(1)
+        shape = (-1,) + (1,) * (maps.dim() - 1)
+        low, high = flat.min(dim=1).values.view(shape), flat.max(dim=1).values.view(shape)
+    else:
+        low, high = maps.min(), maps.max()
+    return (maps - low) / (high - low).clamp_min(eps)
 
-    ``forward(x)`` runs the localizer on ``x``, builds the pseudo-binary mask ``R+`` and
-    classifies the positive (``x * R+``) and negative (``x * (1 - R+)``) regions at half size.
-    ``forward(x, mode="segment")`` and ``forward(x, mask=m, mode="regions")`` expose the two
-    halves, so that every pass goes through ``forward`` (as distributed wrappers require).
+
+class ResNetTrunk(nn.Module):
+    """A ResNet trunk (deep-stem ``resnet*`` or torchvision ``tv_resnet*``) up to layer4.
+
+    Its layers are attributes of the network itself (``conv1``, ``layer1``...), so state-dict keys
+    match the ImageNet checkpoints. Subclasses add heads and list their name prefixes in
+    ``head_prefixes`` (the keys that ImageNet weights do not provide).
     """
 
-    def __init__(self, name: str, num_classes: int, modalities: int = 5, kmax: float = 0.09,
-                 kmin: float = 0.09, alpha: float = 0.0, dropout: float = 0.0,
-                 sigma: float = 0.5, w: float = 8.0, scale: tuple[float, float] = (0.5, 0.5),
-                 mask_normalization: str = "batch", apply_min_term: bool = False,
-                 torchvision_weights: str | None = None) -> None:
+    head_prefixes: tuple[str, ...] = ()
+
+    def __init__(self, name: str, torchvision_weights: str | None = None) -> None:
         super().__init__()
         if name not in MODEL_NAMES:
             raise ValueError(f"unknown model name {name!r}; expected one of {MODEL_NAMES}")
-        if mask_normalization not in MASK_NORMALIZATIONS:
-            raise ValueError(f"unknown mask normalization {mask_normalization!r}; "
-                             f"expected one of {MASK_NORMALIZATIONS}")
         self.name = name
-        self.scale = tuple(scale)
-        self.mask_normalization = mask_normalization
-        self.register_buffer("sigma", torch.tensor([float(sigma)]))
-        self.register_buffer("w", torch.tensor([float(w)]))
         self.deep_stem = name in DEEP_STEM_LAYERS
         if self.deep_stem:
-            out_channels = self._build_deep_stem_trunk(*DEEP_STEM_LAYERS[name])
+            self.trunk_channels = self._build_deep_stem_trunk(*DEEP_STEM_LAYERS[name])
         else:
-            out_channels = self._adopt_torchvision_trunk(name, torchvision_weights)
-        head_args = (out_channels, num_classes, modalities, kmax, kmin, alpha, dropout,
-                     apply_min_term)
-        self.headseg = WildcatHead(*head_args)
-        self.cl32 = WildcatHead(*head_args)
+            self.trunk_channels = self._adopt_torchvision_trunk(name, torchvision_weights)
 
     def _build_deep_stem_trunk(self, block_name: str, layers: list[int]) -> int:
         """Deep-stem (3x3 64-64-128) ResNet, He fan-out initialised; returns layer4 channels."""
@@ -202,6 +200,36 @@ class MinMaxEntropyNet(nn.Module):
         x = self.maxpool(x)
         return self.layer4(self.layer3(self.layer2(self.layer1(x))))
 
+
+class MinMaxEntropyNet(ResNetTrunk):
+    """Shared ResNet trunk with a localizer head (``headseg``) and a classifier head (``cl32``).
+
+    ``forward(x)`` runs the localizer on ``x``, builds the pseudo-binary mask ``R+`` and
+    classifies the positive (``x * R+``) and negative (``x * (1 - R+)``) regions at half size.
+    ``forward(x, mode="segment")`` and ``forward(x, mask=m, mode="regions")`` expose the two
+    halves, so that every pass goes through ``forward`` (as distributed wrappers require).
+    """
+
+    head_prefixes = ("headseg.", "cl32.")
+
+    def __init__(self, name: str, num_classes: int, modalities: int = 5, kmax: float = 0.09,
+                 kmin: float = 0.09, alpha: float = 0.0, dropout: float = 0.0,
+                 sigma: float = 0.5, w: float = 8.0, scale: tuple[float, float] = (0.5, 0.5),
+                 mask_normalization: str = "batch", apply_min_term: bool = False,
+                 torchvision_weights: str | None = None) -> None:
+        if mask_normalization not in MASK_NORMALIZATIONS:
+            raise ValueError(f"unknown mask normalization {mask_normalization!r}; "
+                             f"expected one of {MASK_NORMALIZATIONS}")
+        super().__init__(name, torchvision_weights)
+        self.scale = tuple(scale)
+        self.mask_normalization = mask_normalization
+        self.register_buffer("sigma", torch.tensor([float(sigma)]))
+        self.register_buffer("w", torch.tensor([float(w)]))
+        head_args = (self.trunk_channels, num_classes, modalities, kmax, kmin, alpha, dropout,
+                     apply_min_term)
+        self.headseg = WildcatHead(*head_args)
+        self.cl32 = WildcatHead(*head_args)
+
     def segment(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Localizer pass: ``(detached upsampled map B x 1 x H x W, scores, class maps)``."""
         scores, maps = self.headseg(self.trunk(x))
@@ -211,16 +239,15 @@ class MinMaxEntropyNet(nn.Module):
                                   align_corners=True)
         return upsampled.detach(), scores, maps
 
-    def pseudo_binary_mask(self, continuous_map: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-        """``sigmoid(w * (normalised map - sigma))``; min-max over the batch or per sample."""
-        if self.mask_normalization == "batch":
-            low, high = continuous_map.min(), continuous_map.max()
-        else:
-            flat = continuous_map.flatten(1)
-            shape = (-1,) + (1,) * (continuous_map.dim() - 1)
-            low = flat.min(dim=1).values.view(shape)
-            high = flat.max(dim=1).values.view(shape)
-        normalised = (continuous_map - low) / (high - low).clamp_min(eps)
+    def pseudo_binary_mask(self, continuous_map: torch.Tensor, eps: float = 1e-8,
+                           normalization: str | None = None) -> torch.Tensor:
+        """``sigmoid(w * (normalised map - sigma))``; min-max over the batch or per sample
+        (``normalization``, by default the model's ``mask_normalization``)."""
+        normalization = normalization or self.mask_normalization
+        if normalization not in MASK_NORMALIZATIONS:
+            raise ValueError(f"unknown mask normalization {normalization!r}; "
+                             f"expected one of {MASK_NORMALIZATIONS}")
+        normalised = minmax_normalise(continuous_map, normalization == "sample", eps)
         return torch.sigmoid(self.w * (normalised - self.sigma))
 
     def classify(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -230,16 +257,33 @@ class MinMaxEntropyNet(nn.Module):
         resized = F.interpolate(x, size=size, mode="bilinear", align_corners=True)
         return self.cl32(self.trunk(resized))
 
-    def classify_regions(self, x: torch.Tensor, mask: torch.Tensor
+    def classify_regions(self, x: torch.Tensor, mask: torch.Tensor, fused: bool = False
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Classify ``x * mask`` then ``x * (1 - mask)``: ``(pos scores, pos maps, neg ...)``."""
+        """Classify ``x * mask`` then ``x * (1 - mask)``: ``(pos scores, pos maps, neg ...)``.
+
+        ``fused`` sends both regions through the network as one batch: faster, and equal up to
+        float rounding in eval mode; in training it would mix their BatchNorm statistics.
+        """
+        if fused:
+            if self.training:
+                raise ValueError("fused region passes are for evaluation: in training they "
+                                 "would mix the BatchNorm statistics of the two regions")
+            scores, maps = self.classify(torch.cat([x * mask, x * (1 - mask)]))
+            count = x.shape[0]
+            return scores[:count], maps[:count], scores[count:], maps[count:]
         pos_scores, pos_maps = self.classify(x * mask)
         neg_scores, neg_maps = self.classify(x * (1 - mask))
         return pos_scores, pos_maps, neg_scores, neg_maps
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, mode: str = "full"):
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, mode: str = "full",
+                mask_normalization: str | None = None, fused_regions: bool = False):
         """``full`` -> :class:`ModelOutput`; ``segment`` -> :meth:`segment`;
-        ``regions`` -> :meth:`classify_regions` of ``x`` with ``mask``."""
+        ``regions`` -> :meth:`classify_regions` of ``x`` with ``mask``.
+
+        ``mask_normalization`` (``batch`` / ``sample``) overrides the model's in ``full`` mode;
+        evaluation uses ``sample`` so that a batch of images gives each one its batch-1 mask.
+        ``fused_regions`` is passed to :meth:`classify_regions` (batched evaluation only).
+        """
         if mode == "segment":
             return self.segment(x)
         if mode == "regions":
@@ -247,14 +291,21 @@ class MinMaxEntropyNet(nn.Module):
         if mode != "full":
             raise ValueError(f"unknown forward mode {mode!r}")
         continuous_map, seg_scores, seg_maps = self.segment(x)
-        mask = self.pseudo_binary_mask(continuous_map)
-        return ModelOutput(*self.classify_regions(x, mask), mask, seg_scores, seg_maps)
+        mask = self.pseudo_binary_mask(continuous_map, normalization=mask_normalization)
+        regions = self.classify_regions(x, mask, fused=fused_regions)
+        return ModelOutput(*regions, mask, seg_scores, seg_maps)
+
+
+def torchvision_weights(model_config: dict) -> str | None:
+    """The torchvision weights a ``tv_resnet*`` with ``pretrained: true`` starts from."""
+    if model_config.get("pretrained") and model_config["name"] in TORCHVISION_MODELS:
+        return "IMAGENET1K_V1"
+    return None
 
 
 def build_model(model_config: dict) -> MinMaxEntropyNet:
     """Build the network from the ``model`` section of a configuration (weights not loaded)."""
     name = model_config["name"]
-    pretrained = bool(model_config.get("pretrained", False))
     return MinMaxEntropyNet(
         name=name, num_classes=model_config["num_classes"],
         modalities=model_config["modalities"], kmax=model_config["kmax"],
@@ -263,7 +314,7 @@ def build_model(model_config: dict) -> MinMaxEntropyNet:
         scale=tuple(model_config["scale"]),
         mask_normalization=model_config.get("mask_normalization", "batch"),
         apply_min_term=model_config.get("apply_min_term", False),
-        torchvision_weights="IMAGENET1K_V1" if pretrained and name in TORCHVISION_MODELS else None)
+        torchvision_weights=torchvision_weights(model_config))
 
 
 def pretrained_path(name: str, cache_dir: str | Path | None = None) -> Path:
@@ -287,22 +338,23 @@ def download_pretrained(name: str, cache_dir: str | Path | None = None) -> dict:
             f"model.pretrained: false.") from error
 
 
-def load_trunk_weights(model: MinMaxEntropyNet, state_dict: dict) -> None:
+def load_trunk_weights(model: ResNetTrunk, state_dict: dict) -> None:
     """Load ImageNet trunk weights, checking that every trunk tensor was found.
 
-    Only ``fc.*`` entries may be left unused, and only the heads, the ``sigma``/``w`` buffers and
-    BatchNorm ``num_batches_tracked`` counters may be missing; anything else is an error.
+    Only ``fc.*`` entries may be left unused, and only the heads (``model.head_prefixes``), the
+    ``sigma``/``w`` buffers and BatchNorm ``num_batches_tracked`` counters may be missing;
+    anything else is an error.
     """
     result = model.load_state_dict(state_dict, strict=False)
     unexpected = [key for key in result.unexpected_keys if not key.startswith("fc.")]
     missing = [key for key in result.missing_keys
-               if not key.startswith(("headseg.", "cl32."))
+               if not key.startswith(model.head_prefixes)
                and key not in ("sigma", "w") and not key.endswith("num_batches_tracked")]
     if unexpected or missing:
         raise RuntimeError(f"pretrained weights do not match the {model.name} trunk: "
                            f"missing trunk keys {missing}, unexpected keys {unexpected}")
 
 
-def load_pretrained_trunk(model: MinMaxEntropyNet, cache_dir: str | Path | None = None) -> None:
+def load_pretrained_trunk(model: ResNetTrunk, cache_dir: str | Path | None = None) -> None:
     """Download (or reuse) and load the CSAIL ImageNet weights into a deep-stem model."""
     load_trunk_weights(model, download_pretrained(model.name, cache_dir))

@@ -5,6 +5,7 @@ pyplot), so no global backend or figure state is touched and nothing stays open 
 """
 from __future__ import annotations
 
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -14,6 +15,9 @@ from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
 OVERLAY_ALPHA = 128 / 255
+REGION_COLORMAP = "Reds"
+REGION_ALPHA = 0.55
+TRUTH_OUTLINE = "yellow"
 MOVING_AVERAGE = 20
 PANEL_TITLES = ("image", "ground truth", "prediction (R+ >= 0.5)", "continuous R+")
 CRF_TITLE = "CRF-refined R+"
@@ -167,6 +171,53 @@ def save_mask_panels(samples: Sequence[Mapping[str, object]], path: str | Path,
         row.suptitle(str(sample["caption"]), fontsize=10)
     if title:
         fig.suptitle(title, fontsize=12, fontweight="bold")
+    return _save(fig, path)
+
+
+def _region_overlay(ax: Axes, image: np.ndarray, region: np.ndarray,
+                    truth: np.ndarray) -> None:
+    """``image`` with ``region`` (a binary mask) tinted red and the outline of ``truth``."""
+    ax.imshow(image)
+    ax.imshow(np.ma.masked_where(region < 0.5, region), cmap=REGION_COLORMAP, vmin=0.0, vmax=1.0,
+              alpha=REGION_ALPHA, interpolation="nearest")
+    if truth.min() != truth.max():
+        ax.contour(truth, levels=[0.5], colors=TRUTH_OUTLINE, linewidths=1.0)
+
+
+def save_method_comparison(images: Sequence[np.ndarray], truths: Sequence[np.ndarray],
+                           methods: Sequence[tuple[str, Sequence[np.ndarray]]],
+                           path: str | Path, title: str | None = None) -> Path:
+    """One row per test image: the image, its ground truth, then each method's map thresholded
+    at 0.5, tinted red over the image with the ground truth outlined in yellow. ``methods``
+    holds ``(label, maps)`` with one map per image. Returns the written PNG path."""
+    if not images:
+        raise ValueError(f"save_method_comparison: no image to draw into {path}")
+    for label, maps in methods:
+        if len(maps) != len(images):
+            raise ValueError(f"save_method_comparison: {label} has {len(maps)} maps for "
+                             f"{len(images)} images")
+    titles = ["image", "ground truth", *(label for label, _ in methods)]
+    height, width = np.asarray(images[0]).shape[:2]
+    panel = 2.2
+    fig = Figure(figsize=(panel * len(titles), panel * height / width * len(images) + 0.6),
+                 layout="constrained")
+    axes = np.atleast_2d(fig.subplots(len(images), len(titles)))
+    for row, (image, truth) in enumerate(zip(images, truths)):
+        image, truth = np.asarray(image), np.asarray(truth, dtype=float)
+        regions = [None, truth] + [(np.asarray(maps[row], dtype=float) >= 0.5).astype(float)
+                                   for _, maps in methods]
+        for column, region in enumerate(regions):
+            ax = axes[row, column]
+            if region is None:
+                ax.imshow(image)
+            else:
+                _region_overlay(ax, image, region, truth)
+            if row == 0:
+                ax.set_title(textwrap.fill(titles[column], 22), fontsize=9)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    if title:
+        fig.suptitle(title, fontsize=11)
     return _save(fig, path)
 
 

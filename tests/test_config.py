@@ -22,6 +22,10 @@ from deepmil.config import (
 PAPER_CONFIGS = [f"{name}-{tag}.yaml" for name in ("glas", "cub5", "cuball", "oxford-flowers")
                  for tag in ("no-erasing", "4-erasing")]
 SYNTHETIC_CONFIGS = ["synthetic-no-erasing.yaml", "synthetic-4-erasing.yaml"]
+BASELINES = ("cam", "wildcat", "gradcam", "allones")
+DATASET_PREFIXES = ("glas", "cub5", "cuball", "oxford-flowers", "synthetic")
+BASELINE_CONFIGS = [f"{prefix}-{method}.yaml" for prefix in DATASET_PREFIXES
+                    for method in BASELINES]
 README_COMMAND = ("--cudaid 1 --yaml glas-no-erase.yaml --kmin 0.09 --kmax 0.09 --dout 0.0 "
                   "--epoch 2 --nbrerase 0 --epocherase 1 --stepsize 40 --bsize 8 --modalities 5 "
                   "--lr 0.001 --fold 0 --wdecay 1e-05 --alpha 0.2")
@@ -57,10 +61,10 @@ def without(config: dict, key: str) -> dict:
 
 
 def test_shipped_config_set():
-    assert available_configs() == sorted(PAPER_CONFIGS + SYNTHETIC_CONFIGS)
+    assert available_configs() == sorted(PAPER_CONFIGS + SYNTHETIC_CONFIGS + BASELINE_CONFIGS)
 
 
-@pytest.mark.parametrize("name", PAPER_CONFIGS + SYNTHETIC_CONFIGS)
+@pytest.mark.parametrize("name", PAPER_CONFIGS + SYNTHETIC_CONFIGS + BASELINE_CONFIGS)
 def test_every_config_loads(name):
     config = load_config(resolve_yaml_path(name))
     assert config["nbr_classes"] == config["model"]["num_classes"]
@@ -130,6 +134,46 @@ def test_erasing_pairs_differ_only_in_nbr_times_erase(prefix):
     erasing = raw_config(f"{prefix}-4-erasing.yaml")
     assert (plain["nbr_times_erase"], erasing["nbr_times_erase"]) == (0, 4)
     assert without(plain, "nbr_times_erase") == without(erasing, "nbr_times_erase")
+
+
+@pytest.mark.parametrize("name", BASELINE_CONFIGS)
+def test_baseline_configs_are_the_no_erasing_settings_with_their_method(name):
+    prefix, method = name[:-len(".yaml")].rsplit("-", 1)
+    config = load_config(CONFIG_DIR / name)
+    reference = load_config(CONFIG_DIR / f"{prefix}-no-erasing.yaml")
+    assert config["method"] == method and reference["method"] == "minmax"
+    assert without(config, "method") == without(reference, "method")
+
+
+def test_base_file_is_merged_section_by_section(tmp_path):
+    write_config(tmp_path, {**raw_config("synthetic-no-erasing.yaml"), "max_epochs": 7},
+                 "parent.yaml")
+    child = write_config(tmp_path, {"base": "parent.yaml", "method": "cam",
+                                    "model": {"kmax": 1.0}, "optimizer": {"lr": 0.5}})
+    config = load_config(child)
+    assert (config["method"], config["max_epochs"]) == ("cam", 7)
+    assert config["model"]["kmax"] == 1.0 and config["model"]["kmin"] == 0.5
+    assert config["optimizer"]["lr"] == 0.5 and config["optimizer"]["momentum"] == 0.9
+
+
+def test_base_falls_back_to_shipped_configs_and_refuses_cycles(tmp_path):
+    shipped = write_config(tmp_path, {"base": "glas-no-erasing.yaml", "method": "wildcat"})
+    assert load_config(shipped)["dataset"] == "glas"
+    write_config(tmp_path, {"base": "b.yaml"}, "a.yaml")
+    write_config(tmp_path, {"base": "a.yaml"}, "b.yaml")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.yaml")
+    missing = write_config(tmp_path, {"base": "nowhere.yaml"}, "c.yaml")
+    with pytest.raises(ConfigError, match="'nowhere.yaml' not found"):
+        load_config(missing)
+
+
+def test_baselines_refuse_erasing(tmp_path):
+    path = write_config(tmp_path, {"base": "synthetic-4-erasing.yaml", "method": "cam"})
+    with pytest.raises(ConfigError, match="nbr_times_erase = 4 is out of range for method 'cam'"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="method"):
+        tools.get_yaml_args(["--yaml", "synthetic-no-erasing.yaml", "--method", "gradcampp"])
 
 
 def test_synthetic_values():
@@ -335,6 +379,7 @@ def test_readme_command_maps_every_flag():
 
 # flag -> (dotted key of the original override table, command-line text, parsed value)
 FLAG_CASES = {
+    "method": ("method", "wildcat", "wildcat"),
     "bsize": ("batch_size", "3", 3),
     "lr": ("optimizer.lr", "0.5", 0.5),
     "momentum": ("optimizer.momentum", "0.5", 0.5),

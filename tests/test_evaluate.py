@@ -42,6 +42,27 @@ def test_summary_is_the_mean_of_per_image_values(test_loader, net):
     assert all(item["mask"].shape == item["truth"].shape for item in items)
 
 
+def test_batched_evaluation_equals_image_by_image(tmp_path_factory, test_loader):
+    config = tiny_synthetic_config(tmp_path_factory.mktemp("batched"), n_train=8, n_test=7)
+    dataset = loader.build_dataset(config, "test", train=False)
+    torch.manual_seed(0)
+    network = MinMaxEntropyNet("resnet18", 2, modalities=2, kmax=1.0, kmin=1.0).eval()
+    single, batched = (evaluate(network, loader.make_loader(dataset, batch, 0, shuffle=False,
+                                                           seed=0), torch.device("cpu"), keep=7)
+                       for batch in (1, 3))
+    assert single.summary.keys() == batched.summary.keys()
+    for key, value in single.summary.items():
+        assert batched.summary[key] == pytest.approx(value, abs=1e-4), key
+    for one, many in zip(single.records, batched.records):
+        assert one["index"] == many["index"] and one["predicted"] == many["predicted"]
+        assert torch.allclose(one["mask"], many["mask"], atol=1e-5)
+    images = torch.stack([dataset[i]["image"] for i in range(3)])
+    with torch.no_grad():
+        batch_wide = network(images).mask
+        per_image = network(images, mask_normalization="sample").mask
+    assert not torch.allclose(batch_wide, per_image, atol=1e-3)
+
+
 def test_crf_scores_appear_and_do_not_depend_on_the_worker_count(test_loader, net):
     crf = CRF(crf_params.params_for("synthetic"))
     in_process = evaluate(net, test_loader, torch.device("cpu"), crf=crf, crf_workers=0)

@@ -1,6 +1,7 @@
 """Tests of the data pipeline on tiny hand-made datasets written in the real on-disk layout."""
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -9,6 +10,8 @@ from PIL import Image
 
 import loader
 import reproducibility
+import train_deepmil
+from deepmil.config import ConfigError
 
 GLAS_SUBFOLDER = "GlaS-2015/Warwick QU Dataset (Released 2016_07_08)"
 
@@ -476,3 +479,13 @@ def test_resize_is_refused(synthetic_config):
     synthetic_config["resize"] = [100, 100]
     with pytest.raises(ValueError, match="resize"):
         loader.build_dataset(synthetic_config, "train", train=True)
+
+
+def test_batched_evaluation_needs_images_of_one_size():
+    same = SimpleNamespace(geometry=[loader.compute_geometry(64, 64, None)] * 3)
+    train_deepmil.check_batchable(same, 4, "test")
+    mixed = SimpleNamespace(geometry=[loader.compute_geometry(64, 64, None),
+                                      loader.compute_geometry(80, 64, None)])
+    train_deepmil.check_batchable(mixed, 1, "test")
+    with pytest.raises(ConfigError, match=r"eval_batch_size = 4: the test images come in 2 sizes"):
+        train_deepmil.check_batchable(mixed, 4, "test")

@@ -231,3 +231,17 @@ def test_torchvision_variant_is_available_by_name():
     assert "conv2.weight" not in net.state_dict()
     out = net.eval()(torch.randn(1, 3, 64, 64))
     assert out.mask.shape == (1, 1, 64, 64)
+
+
+def test_fused_region_passes_equal_separate_ones_and_are_for_evaluation():
+    net = small_net()
+    images, mask = torch.randn(2, 3, 64, 64), torch.rand(2, 1, 64, 64)
+    with torch.no_grad():
+        separate = net.eval().classify_regions(images, mask)
+        fused = net.classify_regions(images, mask, fused=True)
+        for expected, got in zip(separate, fused):
+            assert torch.allclose(expected, got, atol=1e-5)
+    with pytest.raises(ValueError, match="fused region passes are for evaluation"):
+        net.train().classify_regions(images, mask, fused=True)
+    with pytest.raises(ValueError, match="unknown mask normalization 'image'"):
+        net.pseudo_binary_mask(torch.rand(1, 1, 4, 4), normalization="image")

@@ -4,11 +4,14 @@ import copy
 import pytest
 import torch
 
+import train_deepmil
+from deepmil.checkpoint import read_checkpoint
 from deepmil.engine import (autocast, check_amp, erasing_step, plain_step, predictions,
                             to_device, train_one_epoch)
 from deepmil.losses import negative_loss, positive_loss
 from deepmil.model import MinMaxEntropyNet
 from loader import compute_geometry
+from tools import get_yaml_args
 
 CPU = torch.device("cpu")
 # bf16 keeps 8 mantissa bits (relative step 2**-8 = 0.4%). On 128x128 images through an untrained
@@ -123,11 +126,13 @@ def test_channels_last_gives_the_same_outputs_in_eval_mode():
 
 
 class OneBatch(list):
-    """A list of batches with the ``dataset.geometry`` that ``predictions`` reads."""
+    """A list of one-image batches with the ``dataset.geometry`` and ``batch_size`` that
+    ``predictions`` reads."""
 
     def __init__(self, batches, geometry):
         super().__init__(batches)
         self.dataset = type("Dataset", (), {"geometry": geometry})()
+        self.batch_size = 1
 
 
 def test_channels_last_and_bf16_in_evaluation_predictions():
@@ -144,3 +149,33 @@ def test_channels_last_and_bf16_in_evaluation_predictions():
     assert bf16["mask"].dtype == torch.float32 and torch.isfinite(bf16["mask"]).all()
     assert bf16["losses"]["loss_seg"] == pytest.approx(reference["losses"]["loss_seg"],
                                                        abs=BF16_TOLERANCE)
+
+
+def tiny_config(*extra: str) -> dict:
+    config, _ = get_yaml_args(["--yaml", "synthetic-no-erasing.yaml", "--kmax", "1.0", "--kmin",
+                               "1.0", "--set", "synthetic.image_size=64",
+                               "--set", "crop_size=[64, 64]", *extra])
+    return config
+
+
+def test_compile_keeps_the_outputs_and_the_state_dict_keys():
+    eager = train_deepmil.build_network(tiny_config(), CPU).eval()
+    compiled = train_deepmil.build_network(tiny_config("--set", "compile=aot_eager"), CPU).eval()
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    images, _ = batch(64, 2)
+    with torch.no_grad():
+        for expected, got in zip(eager(images), compiled(images)):
+            assert torch.allclose(expected, got, atol=1e-5)
+
+
+def test_the_checkpoint_keeps_the_gradient_scaler_state(tmp_path):
+    network = tiny_net()
+    optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=512.0, growth_interval=7)
+    train_deepmil.save_epoch(network, optimizer, 0, {"epoch": 0}, [], tmp_path, scaler)
+    state = read_checkpoint(tmp_path / "checkpoint.pt")
+    restored = torch.amp.GradScaler("cpu")
+    restored.load_state_dict(state["scaler"])
+    assert restored.get_scale() == 512.0 and restored.get_growth_interval() == 7
+    train_deepmil.save_epoch(network, optimizer, 1, {"epoch": 0}, [], tmp_path)
+    assert "scaler" not in read_checkpoint(tmp_path / "checkpoint.pt")
