@@ -158,13 +158,19 @@ def build_glas(data_root: Path, grades: dict[str, str] = GLAS_GRADES,
     return written
 
 
+def replica_with_folds(tmp_path_factory, dataset: str, build) -> tuple:
+    """A miniature replica built by ``build(data_root)``, then its folds from create_folds.py:
+    ``(folder, what build returned, the create_folds.py result)``."""
+    tmp = tmp_path_factory.mktemp(dataset)
+    built = build(tmp / "data")
+    result = run_create_folds(dataset, tmp / "data", tmp / "folds")
+    assert result.returncode == 0, result.stderr
+    return tmp, built, result
+
+
 @pytest.fixture(scope="module")
 def glas(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("glas")
-    written = build_glas(tmp / "data")
-    result = run_create_folds("glas", tmp / "data", tmp / "folds")
-    assert result.returncode == 0, result.stderr
-    return tmp, written, result
+    return replica_with_folds(tmp_path_factory, "glas", build_glas)
 
 
 def glas_config(tmp: Path, *sets: str) -> dict:
@@ -539,11 +545,7 @@ def build_oxf(data_root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def oxf(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("oxf")
-    root = build_oxf(tmp / "data")
-    result = run_create_folds("oxf", tmp / "data", tmp / "folds")
-    assert result.returncode == 0, result.stderr
-    return tmp, root, result
+    return replica_with_folds(tmp_path_factory, "oxf", build_oxf)
 
 
 def test_oxf_folds_and_binary_masks(oxf):

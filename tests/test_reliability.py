@@ -162,18 +162,12 @@ def first_row(root: Path) -> list[str]:
 # ----------------------------------------------------------------------------- reproducibility
 
 
-def test_workers_do_not_change_the_run(reference, dataset):
-    result = run_cli(tiny_args(dataset, "--exp-name", "workers", "--set", "num_workers=2"))
+@pytest.mark.parametrize("name, setting", [("workers", "num_workers=2"),
+                                           ("lazy", "preload=false")])
+def test_workers_and_preloading_do_not_change_the_run(reference, dataset, name, setting):
+    result = run_cli(tiny_args(dataset, "--exp-name", name, "--set", setting))
     assert result.returncode == 0, result.stderr
-    folder = dataset / "exps" / "workers"
-    assert epoch_metrics(folder) == epoch_metrics(reference)
-    assert final_metrics(folder) == final_metrics(reference)
-
-
-def test_preloading_does_not_change_the_run(reference, dataset):
-    result = run_cli(tiny_args(dataset, "--exp-name", "lazy", "--set", "preload=false"))
-    assert result.returncode == 0, result.stderr
-    folder = dataset / "exps" / "lazy"
+    folder = dataset / "exps" / name
     assert epoch_metrics(folder) == epoch_metrics(reference)
     assert final_metrics(folder) == final_metrics(reference)
 
