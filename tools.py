@@ -6,7 +6,7 @@ import argparse
 import numpy as np
 
 from crf_params import DEFAULT, CRFParams
-from deepmil.config import build_parser, config_from_args
+from deepmil.cli import build_parser, config_from_args
 
 
 def get_yaml_args(argv: list[str] | None = None) -> tuple[dict, argparse.Namespace]:

@@ -107,34 +107,39 @@ class _ScoresOnly(nn.Module):
         return self.network.forward(x).scores
 
 
-def grad_cam_mask(network: CAMNet, images: torch.Tensor, classes: torch.Tensor) -> torch.Tensor:
-    """Grad-CAM of ``classes`` on layer4 (``pytorch_grad_cam.GradCAM``), ``B x 1 x H x W``.
+def grad_cam(network: CAMNet, images: torch.Tensor, classes: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class scores and Grad-CAM on layer4 (``pytorch_grad_cam.GradCAM``) from one forward pass.
 
-    The package normalises each map to [0, 1] and resizes it to the input. It runs in float32
-    with gradients enabled; its hooks are removed and the parameter gradients it leaves are
-    dropped afterwards.
+    The maps (``B x 1 x H x W``) are those of ``classes``, by default the predicted classes. The
+    package normalises each map to [0, 1] and resizes it to the input. It runs in float32 with
+    gradients enabled; its hooks are removed and the parameter gradients it leaves are dropped
+    afterwards.
     """
     from pytorch_grad_cam import GradCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    targets = [ClassifierOutputTarget(int(label)) for label in classes]
+    targets = None if classes is None else [ClassifierOutputTarget(int(c)) for c in classes]
     cam = GradCAM(model=_ScoresOnly(network), target_layers=[network.layer4[-1]])
     try:
         with torch.enable_grad():
             maps = cam(input_tensor=images.float(), targets=targets)
+        scores = cam.outputs.detach()
     finally:
         cam.activations_and_grads.release()
         network.zero_grad(set_to_none=True)
-    return torch.from_numpy(maps).to(images.device).unsqueeze(1)
+    return scores, torch.from_numpy(maps).to(images.device).unsqueeze(1)
 
 
-def localization_mask(method: str, network: nn.Module, images: torch.Tensor,
-                      output: ClassifierOutput) -> torch.Tensor:
-    """The baseline's map in [0, 1] at the input size for the predicted classes of ``output``."""
-    classes = output.scores.argmax(dim=1)
+def scores_and_localization(method: str, network: nn.Module, images: torch.Tensor
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A baseline's class scores and its map in [0, 1] at the input size for the predicted
+    classes (one forward pass of ``network``)."""
+    if method == "gradcam":
+        return grad_cam(network, images)
+    output = network(images)
     size = tuple(images.shape[-2:])
     if method == "allones":
-        return torch.ones(images.shape[0], 1, *size, device=images.device)
-    if method == "gradcam":
-        return grad_cam_mask(network, images, classes)
-    return class_map_mask(output.maps.float(), classes, size)
+        return output.scores, torch.ones(images.shape[0], 1, *size, device=images.device)
+    classes = output.scores.argmax(dim=1)
+    return output.scores, class_map_mask(output.maps.float(), classes, size)

@@ -1,4 +1,4 @@
-"""Configuration: schema, loading, validation, command-line overrides and seed resolution.
+"""Configuration: schema, loading, validation and overrides of YAML configurations.
 
 A configuration is a plain nested dict whose keys are those of the shipped YAML files
 (``config["model"]["kmax"]``, ``config["optimizer"]["lr_scheduler"]["step_size"]``...).
@@ -8,7 +8,6 @@ the value and what is allowed.
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import difflib
 import logging
@@ -31,9 +30,6 @@ logger = logging.getLogger(__name__)
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "config_yaml"
 CONFIG_ALIASES = {"glas-no-erase.yaml": "glas-no-erasing.yaml"}
-DEFAULT_DATA_ROOT = "./data"
-DATA_ROOT_ENV = "DEEPMIL_DATA_ROOT"
-SEED_ENV = "MYSEED"
 SEED_LIMIT = 2**32
 DATASETS = ("glas", "Caltech-UCSD-Birds-200-2011", "Oxford-flowers-102", "synthetic")
 MODEL_NAMES = ("resnet18", "resnet50", "resnet101", "tv_resnet18", "tv_resnet50", "tv_resnet101")
@@ -344,32 +340,6 @@ SCHEMA: dict[str, Any] = {
     "optimizer": OPTIMIZER_SCHEMA,
 }
 
-# Command-line flags of the original driver, and --method: flag -> (dotted key, value type).
-FLAG_KEYS: dict[str, tuple[str, str]] = {
-    "method": ("method", "str"),
-    "bsize": ("batch_size", "int"),
-    "lr": ("optimizer.lr", "float"),
-    "momentum": ("optimizer.momentum", "float"),
-    "wdecay": ("optimizer.weight_decay", "float"),
-    "stepsize": ("optimizer.lr_scheduler.step_size", "int"),
-    "epoch": ("max_epochs", "int"),
-    "fold": ("fold", "int"),
-    "split": ("split", "int"),
-    "alpha": ("model.alpha", "float"),
-    "kmax": ("model.kmax", "float"),
-    "kmin": ("model.kmin", "float"),
-    "dout": ("model.dropout", "float"),
-    "modalities": ("model.modalities", "int"),
-    "pretrained": ("model.pretrained", "bool"),
-    "w": ("model.w", "float"),
-    "modelname": ("model.name", "str"),
-    "nbrerase": ("nbr_times_erase", "int"),
-    "epocherase": ("epoch_start_erasing", "int"),
-    "path_pre_trained": ("path_pre_trained", "str"),
-    "strict": ("strict", "bool"),
-}
-
-
 # ----------------------------------------------------------------------------- YAML
 
 
@@ -401,7 +371,7 @@ def _unknown_key_error(source: str, prefix: str, key: Any,
                        f"{', '.join(section)}")
 
 
-def _check_value(dotted: str, value: Any, check: Check, source: str) -> Any:
+def check_value(dotted: str, value: Any, check: Check, source: str) -> Any:
     try:
         return check.normalise(value)
     except _Reject as reject:
@@ -423,7 +393,7 @@ def _normalise_section(raw: Any, schema: Mapping[str, Any], prefix: str, source:
         if isinstance(spec, dict):
             section[key] = _normalise_section(raw.get(key, {}), spec, dotted + ".", source)
         elif key in raw:
-            section[key] = _check_value(dotted, raw[key], spec.check, source)
+            section[key] = check_value(dotted, raw[key], spec.check, source)
         elif spec.default is REQUIRED:
             raise ConfigError(f"{source}: missing key {dotted} (expected {spec.check.expected})")
         else:
@@ -616,9 +586,12 @@ def merge_sections(base: Mapping[str, Any], changes: Mapping[str, Any]) -> dict:
     return merged
 
 
-def read_raw_config(path: Path, chain: tuple[Path, ...] = ()) -> Any:
-    """The YAML content of ``path``; a ``base: FILE`` entry (looked up next to ``path``, then as
-    for ``--yaml``) is read first and the file's own keys are merged over it."""
+def read_raw_config(path: Path, chain: tuple[Path, ...] = ()) -> tuple[Any, list[Path]]:
+    """The YAML content of ``path`` and the base files it was merged over.
+
+    A ``base: FILE`` entry (looked up next to ``path``, then as for ``--yaml``) is read first
+    (recursively) and the file's own keys are merged over it.
+    """
     source = display_path(path)
     if path.resolve() in chain:
         raise ConfigError(f"{source}: base configurations form a cycle "
@@ -630,22 +603,29 @@ def read_raw_config(path: Path, chain: tuple[Path, ...] = ()) -> Any:
     except yaml.YAMLError as error:
         raise ConfigError(f"{source}: invalid YAML ({error})") from None
     if not isinstance(raw, dict) or "base" not in raw:
-        return raw
+        return raw, []
     base_name = raw.pop("base")
     if not isinstance(base_name, str):
         raise ConfigError(f"{source}: base = {_show(base_name)} is not a file name")
     sibling = path.parent / base_name
     base_path = sibling if sibling.is_file() else resolve_yaml_path(base_name)
-    base = read_raw_config(base_path, (*chain, path.resolve()))
+    base, bases = read_raw_config(base_path, (*chain, path.resolve()))
     if not isinstance(base, dict):
         raise ConfigError(f"{display_path(base_path)}: expected a mapping of config keys")
-    return merge_sections(base, raw)
+    return merge_sections(base, raw), [base_path, *bases]
 
 
 def load_config(path: str | Path) -> dict:
-    """Read a YAML configuration file (and its ``base`` files), fill the defaults, validate."""
-    raw = read_raw_config(Path(path))
-    return validate_config({} if raw is None else raw, display_path(path))
+    """Read a YAML configuration file (and its ``base`` files), fill the defaults, validate.
+
+    Error messages name the file and, when it has any, its base files (a bad key or value may
+    come from either).
+    """
+    raw, bases = read_raw_config(Path(path))
+    source = display_path(path)
+    if bases:
+        source += f" (over base {', '.join(display_path(base) for base in bases)})"
+    return validate_config({} if raw is None else raw, source)
 
 
 def save_config(config: Mapping[str, Any], path: str | Path) -> None:
@@ -707,7 +687,7 @@ def override_values(config: Mapping[str, Any], changes: list[tuple[str, Any, str
     updated = copy.deepcopy(dict(config))
     for dotted, value, origin in changes:
         field = _leaf_field(dotted, origin)
-        new = _check_value(dotted, value, field.check, origin)
+        new = check_value(dotted, value, field.check, origin)
         logger.info("%s: %s -> %s", dotted, _show(_get(updated, dotted)), _show(new))
         _set(updated, dotted, new)
     return validate_config(updated, source)
@@ -718,165 +698,14 @@ def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, str], sou
 
     Returns a new, validated dict; each change is logged as ``key: old -> new``.
     """
-    changes = [(dotted, _parse_value(dotted, raw, source), source)
+    changes = [(dotted, parse_value(dotted, raw, source), source)
                for dotted, raw in overrides.items()]
     return override_values(config, changes, source)
 
 
-def _parse_value(dotted: str, raw: str, source: str) -> Any:
+def parse_value(dotted: str, raw: str, source: str) -> Any:
+    """``raw`` read as YAML, or a :class:`ConfigError` naming ``dotted`` and ``source``."""
     try:
         return parse_yaml(raw)
     except yaml.YAMLError as error:
         raise ConfigError(f"{source}: {dotted} = {raw!r} is not valid YAML ({error})") from None
-
-
-# ----------------------------------------------------------------------------- run values
-
-
-def resolve_seed(config: dict) -> int:
-    """Seed of the run: env ``MYSEED`` if set, else ``config['MYSEED']`` (default 0).
-
-    The result is stored in ``config['MYSEED']`` and returned. An invalid env value is an error.
-    """
-    raw = os.environ.get(SEED_ENV)
-    if raw is None:
-        logger.warning("environment variable %s is not set; using seed MYSEED = %d",
-                       SEED_ENV, config["MYSEED"])
-        return config["MYSEED"]
-    if not re.fullmatch(r"[0-9]+", raw.strip()) or int(raw) >= SEED_LIMIT:
-        raise ConfigError(f"environment variable {SEED_ENV} = {raw!r} is not a valid seed "
-                          f"(expected an integer in [0, 2**32))")
-    config["MYSEED"] = int(raw)
-    return config["MYSEED"]
-
-
-def resolve_data_root(config: Mapping[str, Any], cli_value: str | None) -> str:
-    """``--data-root`` > env ``DEEPMIL_DATA_ROOT`` > ``config['data_root']`` > ``./data``."""
-    for value in (cli_value, os.environ.get(DATA_ROOT_ENV), config.get("data_root")):
-        if value:
-            return str(value)
-    return DEFAULT_DATA_ROOT
-
-
-# ----------------------------------------------------------------------------- command line
-
-
-def parse_bool(value: str) -> bool:
-    """``true/false/1/0/yes/no`` (any case) for argparse."""
-    lowered = value.strip().lower()
-    if lowered in ("true", "1", "yes"):
-        return True
-    if lowered in ("false", "0", "no"):
-        return False
-    raise argparse.ArgumentTypeError(
-        f"invalid boolean {value!r} (expected true/false, 1/0, yes/no)")
-
-
-def parse_cudaid(value: str) -> str:
-    """``cpu``, a GPU index or a comma-separated list of GPU indices, for argparse."""
-    parsed = parse_cudaid_text(value)
-    if parsed is None:
-        raise argparse.ArgumentTypeError(
-            f"invalid device {value!r} (expected cpu, a GPU index or a comma list such as 0,1)")
-    return parsed
-
-
-def parse_assignment(value: str) -> tuple[str, str]:
-    """``section.key=value`` -> ``("section.key", "value")``, for argparse."""
-    key, sep, raw = value.partition("=")
-    if not sep or not key.strip():
-        raise argparse.ArgumentTypeError(f"invalid --set {value!r} (expected section.key=value)")
-    return key.strip(), raw
-
-
-FLAG_TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str,
-                                               "bool": parse_bool}
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The training command line: ``--yaml``, ``--cudaid``, the original override flags, ``--set``
-    and the run options ``--data-root --exp-root --exp-name --quiet --overwrite --resume``."""
-    parser = argparse.ArgumentParser(description="Train / evaluate the min-max entropy model.",
-                                     allow_abbrev=False)
-    parser.add_argument("--yaml", default=None,
-                        help="config file name in config_yaml/ (or a path to a YAML file); "
-                             "required unless --resume is given")
-    parser.add_argument("--cudaid", type=parse_cudaid, default=None,
-                        help="cpu, a GPU index or a comma list (default: first GPU, else cpu)")
-    for flag, (dotted, kind) in FLAG_KEYS.items():
-        parser.add_argument(f"--{flag}", type=FLAG_TYPES[kind], default=None,
-                            help=f"overrides {dotted} ({kind})")
-    parser.add_argument("--set", action="append", type=parse_assignment, default=[],
-                        metavar="SECTION.KEY=VALUE",
-                        help="override any config key (value read as YAML); repeatable")
-    parser.add_argument("--data-root", default=None,
-                        help=f"parent folder of the datasets (else ${DATA_ROOT_ENV}, the config "
-                             f"key data_root, then {DEFAULT_DATA_ROOT})")
-    parser.add_argument("--exp-root", default=None, help="overrides the config key exp_root")
-    parser.add_argument("--exp-name", default=None, metavar="NAME",
-                        help="name of the experiment folder (default: config, model, fold, "
-                             "erasing, seed and start time)")
-    parser.add_argument("--crf", action="store_true",
-                        help="also score CRF-refined masks in the final evaluation (key crf)")
-    parser.add_argument("--quiet", action="store_true", help="log warnings and errors only")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the results of an existing experiment folder")
-    parser.add_argument("--resume", default=None, metavar="EXP_DIR",
-                        help="resume the experiment stored in EXP_DIR")
-    return parser
-
-
-def resumed_config(args: argparse.Namespace) -> dict:
-    """The configuration saved in the experiment folder ``args.resume``.
-
-    Only the run options (``--cudaid``, ``--data-root``, ``--quiet``) may change on resume; the
-    seed must stay the one the run started with.
-    """
-    path = Path(args.resume) / "config.yaml"
-    if not path.is_file():
-        raise ConfigError(f"--resume {args.resume}: {path} not found; is it an experiment folder?")
-    changed = [f"--{flag}" for flag in FLAG_KEYS if getattr(args, flag) is not None]
-    if args.yaml or args.set or args.exp_root or changed:
-        raise ConfigError("--resume continues a run with its saved configuration; drop "
-                          + ", ".join(changed + ["--yaml"] * bool(args.yaml)
-                                      + ["--set"] * bool(args.set)
-                                      + ["--exp-root"] * bool(args.exp_root)))
-    config = load_config(path)
-    saved_seed = config["MYSEED"]
-    if resolve_seed(config) != saved_seed:
-        raise ConfigError(f"--resume {args.resume}: the run used seed {saved_seed} but "
-                          f"{SEED_ENV} = {config['MYSEED']}; unset it or set it to {saved_seed}")
-    config["data_root"] = resolve_data_root(config, args.data_root)
-    config["cudaid"] = args.cudaid
-    return config
-
-
-def config_from_args(args: argparse.Namespace) -> dict:
-    """The fully resolved configuration of a parsed command line (see ``tools.get_yaml_args``)."""
-    if args.resume:
-        return resumed_config(args)
-    if not args.yaml:
-        raise ConfigError("--yaml NAME is required (a file of config_yaml/ or a path)")
-    path = resolve_yaml_path(args.yaml)
-    config = load_config(path)
-    changes = [(dotted, getattr(args, flag), f"command line (--{flag})")
-               for flag, (dotted, _) in FLAG_KEYS.items() if getattr(args, flag) is not None]
-    if args.crf:
-        changes.append(("crf", True, "command line (--crf)"))
-    origin = "command line (--set)"
-    changes += [(dotted, _parse_value(dotted, raw, origin), origin) for dotted, raw in args.set]
-    source = display_path(path)
-    config = override_values(config, changes, f"{source} with command-line overrides")
-    if args.strict is None:
-        if not config["strict"]:
-            logger.warning("strict = false in %s is ignored: checkpoints load strictly unless "
-                           "--strict false is given", source)
-        config["strict"] = True
-    if args.exp_root is not None:
-        config["exp_root"] = _check_value("exp_root", args.exp_root, SCHEMA["exp_root"].check,
-                                          "command line (--exp-root)")
-    config["data_root"] = resolve_data_root(config, args.data_root)
-    config["cudaid"] = args.cudaid
-    config["yaml"] = args.yaml
-    resolve_seed(config)
-    return config

@@ -9,7 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from deepmil.baselines import localization_mask
+from deepmil.baselines import scores_and_localization
 from deepmil.distributed import (all_reduce_sum, any_process, average_gradients,
                                  broadcast_buffers, gather_objects, no_sync)
 from deepmil.losses import classifier_loss, localizer_loss, negative_loss, positive_loss
@@ -248,9 +248,8 @@ def minmax_outputs(network: nn.Module, images: torch.Tensor, labels: torch.Tenso
 def baseline_outputs(network: nn.Module, images: torch.Tensor, labels: torch.Tensor,
                      method: str) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """Scores, localisation map and per-image ``L_cl`` of a baseline (see deepmil.baselines)."""
-    out = network(images)
-    scores = out.scores.float()
-    mask = localization_mask(method, network, images, out)
+    scores, mask = scores_and_localization(method, network, images)
+    scores = scores.float()
     return scores, mask, {"loss_cl": classifier_loss(scores, labels, reduction="none")}
 
 

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import loader
-from deepmil.baselines import (CAMNet, WildcatNet, build_network_for, class_map_mask,
-                               grad_cam_mask, localization_mask)
+from deepmil.baselines import (CAMNet, WildcatNet, build_network_for, class_map_mask, grad_cam,
+                               scores_and_localization)
 from deepmil.engine import classifier_step, evaluate, train_one_epoch
 from deepmil.model import MinMaxEntropyNet, load_trunk_weights, minmax_normalise
 from helpers import tiny_synthetic_config
@@ -62,17 +62,28 @@ def test_grad_cam_of_a_gap_linear_classifier_is_the_rectified_cam():
     network = cam_net().eval()
     images = torch.randn(2, 3, 64, 64)
     classes = torch.tensor([0, 2])
-    masks = grad_cam_mask(network, images, classes)
+    scores, masks = grad_cam(network, images, classes)
     assert masks.shape == (2, 1, 64, 64)
     assert all(parameter.grad is None for parameter in network.parameters())
     assert not network.layer4[-1]._forward_hooks
     with torch.no_grad():
         maps = network(images).maps
+        assert torch.equal(scores, network(images).scores)
     for row, label in enumerate(classes):
         cam = maps[row, label].clamp_min(0).numpy()
         shifted = cam - cam.min()
         expected = cv2.resize((shifted / (1e-7 + shifted.max())).astype(np.float32), (64, 64))
         assert np.allclose(masks[row, 0].numpy(), expected, atol=1e-4)
+
+
+def test_grad_cam_localises_the_predicted_class_by_default():
+    network = cam_net().eval()
+    images = torch.randn(3, 3, 64, 64)
+    scores, masks = grad_cam(network, images)
+    _, expected = grad_cam(network, images, scores.argmax(dim=1))
+    assert torch.equal(masks, expected)
+    _, other = grad_cam(network, images, (scores.argmax(dim=1) + 1) % 3)
+    assert not torch.equal(masks, other)
 
 
 @pytest.mark.parametrize("method, network_type", [
@@ -88,8 +99,8 @@ def test_baseline_maps_have_the_input_geometry_and_range(method):
     network = build_network_for(method, MODEL_CONFIG).eval()
     images = torch.randn(2, 3, 96, 64)
     with torch.no_grad():
-        out = network(images)
-        mask = localization_mask(method, network, images, out)
+        scores, mask = scores_and_localization(method, network, images)
+        assert torch.equal(scores, network(images).scores)
     assert mask.shape == (2, 1, 96, 64)
     if method == "allones":
         assert torch.equal(mask, torch.ones_like(mask))

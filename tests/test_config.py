@@ -5,15 +5,14 @@ import pytest
 import yaml
 
 import tools
+from deepmil.cli import FLAG_KEYS, resolve_seed
 from deepmil.config import (
     CONFIG_DIR,
-    FLAG_KEYS,
     ConfigError,
     apply_overrides,
     available_configs,
     load_config,
     parse_yaml,
-    resolve_seed,
     resolve_yaml_path,
     save_config,
     validate_config,
@@ -172,6 +171,18 @@ def test_baselines_refuse_erasing(tmp_path):
     path = write_config(tmp_path, {"base": "synthetic-4-erasing.yaml", "method": "cam"})
     with pytest.raises(ConfigError, match="nbr_times_erase = 4 is out of range for method 'cam'"):
         load_config(path)
+
+
+def test_errors_name_the_file_and_its_base_files(tmp_path):
+    write_config(tmp_path, {**raw_config("synthetic-no-erasing.yaml"), "batch_size": 0},
+                 "parent.yaml")
+    write_config(tmp_path, {"base": "parent.yaml", "max_epochs": 3}, "middle.yaml")
+    child = write_config(tmp_path, {"base": "middle.yaml", "method": "cam"})
+    with pytest.raises(ConfigError) as info:
+        load_config(child)
+    message = str(info.value)
+    assert message.startswith(f"{child} (over base {tmp_path / 'middle.yaml'}, "
+                              f"{tmp_path / 'parent.yaml'}): batch_size = 0")
     with pytest.raises(ConfigError, match="method"):
         tools.get_yaml_args(["--yaml", "synthetic-no-erasing.yaml", "--method", "gradcampp"])
 

@@ -38,14 +38,17 @@ def init(rank: int, store: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
 
 
-def train_worker(rank: int, store: str, out: str, erase: bool) -> None:
+def train_worker(rank: int, store: str, out: str, erase: bool, scaled: bool) -> None:
     init(rank, store)
     context = distributed.DistributedContext(rank, WORLD, 0)
     model = distributed.wrap_model(tiny_net(), context, torch.device("cpu"))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     local = [shard(batch, rank) for batch in batches()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if scaled else None
     train_one_epoch(model, local, optimizer, epoch=1, seed=0, device=torch.device("cpu"),
-                    nbr_times_erase=2, sigma_erase=10.0, erase=erase)
+                    nbr_times_erase=2, sigma_erase=10.0, erase=erase, scaler=scaler)
+    if scaled:
+        assert scaler.get_scale() == 2.0**10, "no step may be skipped"
     torch.save({k: v for k, v in model.module.state_dict().items()}, f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -71,9 +74,12 @@ def reference_training(erase: bool) -> dict:
     return model.state_dict()
 
 
-@pytest.mark.parametrize("erase", [False, True])
-def test_ranks_agree_and_match_averaged_single_process_gradients(tmp_path, erase):
-    mp.spawn(train_worker, args=(str(tmp_path / "store"), str(tmp_path), erase), nprocs=WORLD)
+@pytest.mark.parametrize("erase, scaled", [(False, False), (True, False), (True, True)])
+def test_ranks_agree_and_match_averaged_single_process_gradients(tmp_path, erase, scaled):
+    """With a gradient scaler (as for fp16), the scaled gradients are averaged across the
+    processes and unscaled at the step: the same weights as without it."""
+    mp.spawn(train_worker, args=(str(tmp_path / "store"), str(tmp_path), erase, scaled),
+             nprocs=WORLD)
     first = torch.load(tmp_path / "rank0.pt", weights_only=True)
     second = torch.load(tmp_path / "rank1.pt", weights_only=True)
     reference = reference_training(erase)

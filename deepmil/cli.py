@@ -1,0 +1,201 @@
+"""The training command line: flags, ``--set`` overrides, ``--resume``, seed and data root.
+
+:func:`build_parser` and :func:`config_from_args` make ``tools.get_yaml_args``; the flags of the
+original driver (``FLAG_KEYS``) map to configuration keys and are validated like YAML values.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from deepmil.config import (SCHEMA, SEED_LIMIT, ConfigError, check_value, display_path,
+                            load_config, override_values, parse_cudaid_text, parse_value,
+                            resolve_yaml_path)
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_DATA_ROOT = "./data"
+DATA_ROOT_ENV = "DEEPMIL_DATA_ROOT"
+SEED_ENV = "MYSEED"
+
+# Command-line flags of the original driver, and --method: flag -> (dotted key, value type).
+FLAG_KEYS: dict[str, tuple[str, str]] = {
+    "method": ("method", "str"),
+    "bsize": ("batch_size", "int"),
+    "lr": ("optimizer.lr", "float"),
+    "momentum": ("optimizer.momentum", "float"),
+    "wdecay": ("optimizer.weight_decay", "float"),
+    "stepsize": ("optimizer.lr_scheduler.step_size", "int"),
+    "epoch": ("max_epochs", "int"),
+    "fold": ("fold", "int"),
+    "split": ("split", "int"),
+    "alpha": ("model.alpha", "float"),
+    "kmax": ("model.kmax", "float"),
+    "kmin": ("model.kmin", "float"),
+    "dout": ("model.dropout", "float"),
+    "modalities": ("model.modalities", "int"),
+    "pretrained": ("model.pretrained", "bool"),
+    "w": ("model.w", "float"),
+    "modelname": ("model.name", "str"),
+    "nbrerase": ("nbr_times_erase", "int"),
+    "epocherase": ("epoch_start_erasing", "int"),
+    "path_pre_trained": ("path_pre_trained", "str"),
+    "strict": ("strict", "bool"),
+}
+
+
+# ----------------------------------------------------------------------------- run values
+
+
+def resolve_seed(config: dict) -> int:
+    """Seed of the run: env ``MYSEED`` if set, else ``config['MYSEED']`` (default 0).
+
+    The result is stored in ``config['MYSEED']`` and returned. An invalid env value is an error.
+    """
+    raw = os.environ.get(SEED_ENV)
+    if raw is None:
+        logger.warning("environment variable %s is not set; using seed MYSEED = %d",
+                       SEED_ENV, config["MYSEED"])
+        return config["MYSEED"]
+    if not re.fullmatch(r"[0-9]+", raw.strip()) or int(raw) >= SEED_LIMIT:
+        raise ConfigError(f"environment variable {SEED_ENV} = {raw!r} is not a valid seed "
+                          f"(expected an integer in [0, 2**32))")
+    config["MYSEED"] = int(raw)
+    return config["MYSEED"]
+
+
+def resolve_data_root(config: Mapping[str, Any], cli_value: str | None) -> str:
+    """``--data-root`` > env ``DEEPMIL_DATA_ROOT`` > ``config['data_root']`` > ``./data``."""
+    for value in (cli_value, os.environ.get(DATA_ROOT_ENV), config.get("data_root")):
+        if value:
+            return str(value)
+    return DEFAULT_DATA_ROOT
+
+
+# ----------------------------------------------------------------------------- command line
+
+
+def parse_bool(value: str) -> bool:
+    """``true/false/1/0/yes/no`` (any case) for argparse."""
+    lowered = value.strip().lower()
+    if lowered in ("true", "1", "yes"):
+        return True
+    if lowered in ("false", "0", "no"):
+        return False
+    raise argparse.ArgumentTypeError(
+        f"invalid boolean {value!r} (expected true/false, 1/0, yes/no)")
+
+
+def parse_cudaid(value: str) -> str:
+    """``cpu``, a GPU index or a comma-separated list of GPU indices, for argparse."""
+    parsed = parse_cudaid_text(value)
+    if parsed is None:
+        raise argparse.ArgumentTypeError(
+            f"invalid device {value!r} (expected cpu, a GPU index or a comma list such as 0,1)")
+    return parsed
+
+
+def parse_assignment(value: str) -> tuple[str, str]:
+    """``section.key=value`` -> ``("section.key", "value")``, for argparse."""
+    key, sep, raw = value.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"invalid --set {value!r} (expected section.key=value)")
+    return key.strip(), raw
+
+
+FLAG_TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str,
+                                               "bool": parse_bool}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The training command line: ``--yaml``, ``--cudaid``, the original override flags, ``--set``
+    and the run options ``--data-root --exp-root --exp-name --quiet --overwrite --resume``."""
+    parser = argparse.ArgumentParser(description="Train / evaluate the min-max entropy model.",
+                                     allow_abbrev=False)
+    parser.add_argument("--yaml", default=None,
+                        help="config file name in config_yaml/ (or a path to a YAML file); "
+                             "required unless --resume is given")
+    parser.add_argument("--cudaid", type=parse_cudaid, default=None,
+                        help="cpu, a GPU index or a comma list (default: first GPU, else cpu)")
+    for flag, (dotted, kind) in FLAG_KEYS.items():
+        parser.add_argument(f"--{flag}", type=FLAG_TYPES[kind], default=None,
+                            help=f"overrides {dotted} ({kind})")
+    parser.add_argument("--set", action="append", type=parse_assignment, default=[],
+                        metavar="SECTION.KEY=VALUE",
+                        help="override any config key (value read as YAML); repeatable")
+    parser.add_argument("--data-root", default=None,
+                        help=f"parent folder of the datasets (else ${DATA_ROOT_ENV}, the config "
+                             f"key data_root, then {DEFAULT_DATA_ROOT})")
+    parser.add_argument("--exp-root", default=None, help="overrides the config key exp_root")
+    parser.add_argument("--exp-name", default=None, metavar="NAME",
+                        help="name of the experiment folder (default: config, model, fold, "
+                             "erasing, seed and start time)")
+    parser.add_argument("--crf", action="store_true",
+                        help="also score CRF-refined masks in the final evaluation (key crf)")
+    parser.add_argument("--quiet", action="store_true", help="log warnings and errors only")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the results of an existing experiment folder")
+    parser.add_argument("--resume", default=None, metavar="EXP_DIR",
+                        help="resume the experiment stored in EXP_DIR")
+    return parser
+
+
+def resumed_config(args: argparse.Namespace) -> dict:
+    """The configuration saved in the experiment folder ``args.resume``.
+
+    Only the run options (``--cudaid``, ``--data-root``, ``--quiet``) may change on resume; the
+    seed must stay the one the run started with.
+    """
+    path = Path(args.resume) / "config.yaml"
+    if not path.is_file():
+        raise ConfigError(f"--resume {args.resume}: {path} not found; is it an experiment folder?")
+    changed = [f"--{flag}" for flag in FLAG_KEYS if getattr(args, flag) is not None]
+    if args.yaml or args.set or args.exp_root or changed:
+        raise ConfigError("--resume continues a run with its saved configuration; drop "
+                          + ", ".join(changed + ["--yaml"] * bool(args.yaml)
+                                      + ["--set"] * bool(args.set)
+                                      + ["--exp-root"] * bool(args.exp_root)))
+    config = load_config(path)
+    saved_seed = config["MYSEED"]
+    if resolve_seed(config) != saved_seed:
+        raise ConfigError(f"--resume {args.resume}: the run used seed {saved_seed} but "
+                          f"{SEED_ENV} = {config['MYSEED']}; unset it or set it to {saved_seed}")
+    config["data_root"] = resolve_data_root(config, args.data_root)
+    config["cudaid"] = args.cudaid
+    return config
+
+
+def config_from_args(args: argparse.Namespace) -> dict:
+    """The fully resolved configuration of a parsed command line (see ``tools.get_yaml_args``)."""
+    if args.resume:
+        return resumed_config(args)
+    if not args.yaml:
+        raise ConfigError("--yaml NAME is required (a file of config_yaml/ or a path)")
+    path = resolve_yaml_path(args.yaml)
+    config = load_config(path)
+    changes = [(dotted, getattr(args, flag), f"command line (--{flag})")
+               for flag, (dotted, _) in FLAG_KEYS.items() if getattr(args, flag) is not None]
+    if args.crf:
+        changes.append(("crf", True, "command line (--crf)"))
+    origin = "command line (--set)"
+    changes += [(dotted, parse_value(dotted, raw, origin), origin) for dotted, raw in args.set]
+    source = display_path(path)
+    config = override_values(config, changes, f"{source} with command-line overrides")
+    if args.strict is None:
+        if not config["strict"]:
+            logger.warning("strict = false in %s is ignored: checkpoints load strictly unless "
+                           "--strict false is given", source)
+        config["strict"] = True
+    if args.exp_root is not None:
+        config["exp_root"] = check_value("exp_root", args.exp_root, SCHEMA["exp_root"].check,
+                                          "command line (--exp-root)")
+    config["data_root"] = resolve_data_root(config, args.data_root)
+    config["cudaid"] = args.cudaid
+    config["yaml"] = args.yaml
+    resolve_seed(config)
+    return config
