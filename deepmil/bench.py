@@ -1,14 +1,19 @@
-"""Speed benchmarks: ``python -m deepmil.bench [--model resnet18 --sections step,eval ...]``.
+"""Speed benchmarks: ``python -m deepmil.bench [--yaml CONFIG --sections step,eval ...]``.
 
-Prints a table and writes JSON (one object per section). Each time is the median over
-``--repeats`` timed runs after ``--warmup`` untimed runs. Sections:
+The benchmarked setting is that of a configuration (``--yaml``, by default the synthetic one):
+its model section (random weights), batch size, crop size, erasing passes, ``amp``,
+``channels_last``, ``compile``, optimizer and CRF parameters; the flags ``--model --classes
+--batch --size --kmax --dropout --erase --amp --channels-last --compile`` override it. Prints a
+table and writes JSON (one object per section). Each time is the median over ``--repeats`` timed
+runs after ``--warmup`` untimed runs. Sections:
 
 * ``step``: training step with and without erasing, against one plain trunk forward+backward on
   the same batch (theory: about 1.5 without erasing), and against the sum of its passes timed
   alone (localizer fwd+bwd, regions fwd+bwd);
-* ``eval``: evaluation forward at batch 1 on an image padded as the evaluation loader pads it,
-  against one trunk forward on the same image; and per image when ``--batch`` same-size images
-  are evaluated together (``eval_batch_size``);
+* ``eval``: evaluation forward at batch 1 on a ``--size`` image upscaled and padded as the
+  evaluation loader does it (the config's ``up_scale_small_dim_to``), against one trunk forward
+  on the same image; and per image when ``--batch`` such images are evaluated together
+  (``eval_batch_size``);
 * ``loader``: images/s that ``loader.make_loader`` delivers over a synthetic training set
   (0/1/2 workers, preload on/off), against the rate the training step consumes them;
 * ``crf``: ms per image of ``tools.CRF`` in this process and through ``refine_with_crf`` with a
@@ -24,6 +29,7 @@ import argparse
 import json
 import resource
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,14 +41,18 @@ import torch
 import crf_params
 import loader
 from create_folds import ensure_synthetic_folds
+from deepmil.config import ConfigError, load_config, resolve_yaml_path
 from deepmil.engine import autocast, erasing_step, plain_step
 from deepmil.losses import localizer_loss, negative_loss, positive_loss
 from deepmil.metrics import refine_with_crf
-from deepmil.model import MinMaxEntropyNet
+from deepmil.model import MinMaxEntropyNet, build_model
+from deepmil.optim import build_optimizer
 from deepmil.synthetic import SyntheticSpec, render_sample
 from tools import CRF
 
 SECTIONS = ("step", "eval", "loader", "crf")
+DEFAULT_CONFIG = "synthetic-no-erasing.yaml"
+DEFAULT_ERASING_PASSES = 4
 
 
 def timed(function: Callable[[], None], device: torch.device, warmup: int, repeats: int) -> float:
@@ -68,11 +78,40 @@ def peak_memory_mb(device: torch.device) -> dict[str, float]:
     return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
+def apply_config(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill the flags left unset from the configuration ``args.yaml``; adds ``config`` (its model
+    section updated by the flags; ``--kmax`` sets ``kmin`` too) and ``sigma_erase``."""
+    config = load_config(resolve_yaml_path(args.yaml))
+    if config["method"] != "minmax":
+        raise ConfigError(f"{args.yaml}: method = {config['method']!r}; the benchmark measures "
+                          f"the min-max entropy model (method: minmax)")
+    model = config["model"]
+    crop_height, crop_width = config["crop_size"]
+    if args.size is None and crop_height != crop_width:
+        raise ConfigError(f"{args.yaml}: crop_size = {config['crop_size']} is not square; give "
+                          f"the benchmark's image side with --size")
+    kmin = model["kmin"] if args.kmax is None else args.kmax
+    erasing_passes = config["nbr_times_erase"] or DEFAULT_ERASING_PASSES
+    for flag, value in (("model", model["name"]), ("classes", model["num_classes"]),
+                        ("batch", config["batch_size"]), ("size", crop_height),
+                        ("kmax", model["kmax"]), ("dropout", model["dropout"]),
+                        ("erase", erasing_passes), ("amp", config["amp"]),
+                        ("channels_last", config["channels_last"]),
+                        ("compile", config["compile"])):
+        if getattr(args, flag) is None:
+            setattr(args, flag, value)
+    config["model"] = {**model, "name": args.model, "num_classes": args.classes,
+                       "kmax": args.kmax, "kmin": kmin, "dropout": args.dropout,
+                       "pretrained": False}
+    args.config, args.sigma_erase = config, float(config["sigma_erase"])
+    return args
+
+
 def build_net(args: argparse.Namespace, device: torch.device) -> MinMaxEntropyNet:
-    """The benchmarked model on ``device``, channels-last and compiled if asked."""
+    """The benchmarked model on ``device`` (random weights), channels-last and compiled if
+    asked."""
     torch.manual_seed(0)
-    model = MinMaxEntropyNet(args.model, args.classes, kmax=args.kmax, kmin=args.kmax,
-                             dropout=args.dropout)
+    model = build_model(args.config["model"])
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model = model.to(device)
@@ -95,7 +134,7 @@ def bench_step(args: argparse.Namespace, device: torch.device) -> dict[str, floa
     and erasing runs as many of its passes as it can (``erasing_passes_run``).
     """
     model = build_net(args, device).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9, nesterov=True)
+    optimizer = build_optimizer(model, args.config["optimizer"])
     images = random_images(args, args.batch, (args.size, args.size), device)
     with torch.no_grad():
         labels = model(images, mode="segment")[1].argmax(dim=1)
@@ -129,7 +168,7 @@ def bench_step(args: argparse.Namespace, device: torch.device) -> dict[str, floa
     def erasing() -> None:
         optimizer.zero_grad(set_to_none=True)
         stats = erasing_step(model, images, labels, seed=0, nbr_times_erase=args.erase,
-                             sigma_erase=10.0, amp=args.amp)
+                             sigma_erase=args.sigma_erase, amp=args.amp)
         optimizer.step()
         passes.append(int(stats["erasing_passes"]))
 
@@ -155,7 +194,8 @@ def bench_step(args: argparse.Namespace, device: torch.device) -> dict[str, floa
 def bench_eval(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     """Default forward (eval mode, no grad, batch 1) against one trunk forward."""
     model = build_net(args, device).eval()
-    padded = loader.compute_geometry(args.size, args.size, None).padded
+    padded = loader.compute_geometry(args.size, args.size,
+                                     args.config["up_scale_small_dim_to"]).padded
     image = random_images(args, 1, padded, device)
 
     batch = random_images(args, args.batch, padded, device)
@@ -268,8 +308,9 @@ def raw_densecrf(image: np.ndarray, unary: np.ndarray, params: crf_params.CRFPar
 
 
 def bench_crf(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
-    """ms per image: raw pydensecrf, ``tools.CRF`` and ``refine_with_crf`` with a pool."""
-    crf = CRF(crf_params.CUB)
+    """ms per image: raw pydensecrf, ``tools.CRF`` and ``refine_with_crf`` with a pool (the CRF
+    parameters of the config's dataset)."""
+    crf = CRF(crf_params.params_for(args.config["dataset"]))
     results = {}
     for size in args.crf_sizes:
         inputs = crf_inputs(size, args.crf_images)
@@ -317,16 +358,21 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sections", type=section_list, default=list(SECTIONS),
                         help=f"comma list of {','.join(SECTIONS)} (default: all)")
-    parser.add_argument("--model", default="resnet18")
-    parser.add_argument("--classes", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--size", type=int, default=128)
-    parser.add_argument("--kmax", type=float, default=0.5)
-    parser.add_argument("--dropout", type=float, default=0.0)
-    parser.add_argument("--erase", type=int, default=4)
+    parser.add_argument("--yaml", default=DEFAULT_CONFIG,
+                        help=f"configuration whose setting is benchmarked (default: "
+                             f"{DEFAULT_CONFIG}); the flags below override it")
+    parser.add_argument("--model", default=None, help="model.name")
+    parser.add_argument("--classes", type=int, default=None, help="model.num_classes")
+    parser.add_argument("--batch", type=int, default=None, help="batch_size")
+    parser.add_argument("--size", type=int, default=None, help="image side (crop_size)")
+    parser.add_argument("--kmax", type=float, default=None, help="model.kmax and model.kmin")
+    parser.add_argument("--dropout", type=float, default=None, help="model.dropout")
+    parser.add_argument("--erase", type=int, default=None,
+                        help=f"erasing passes of the erasing step (nbr_times_erase, or "
+                             f"{DEFAULT_ERASING_PASSES} when it is 0)")
     parser.add_argument("--amp", choices=("bf16", "fp16"), default=None,
                         help="autocast dtype of the step and eval sections")
-    parser.add_argument("--channels-last", action="store_true",
+    parser.add_argument("--channels-last", action="store_const", const=True, default=None,
                         help="model and images in channels-last memory format")
     parser.add_argument("--compile", default=None, metavar="BACKEND",
                         help="torch.compile the model with this backend (e.g. inductor)")
@@ -366,11 +412,12 @@ def run_sections(args: argparse.Namespace, device: torch.device) -> dict[str, di
 
 
 def main(argv: list[str] | None = None) -> dict:
-    args = parse_args(argv)
+    args = apply_config(parse_args(argv))
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    setting = (f"{args.model}, batch {args.batch}, {args.size}x{args.size}, {args.device}, "
+    setting = (f"{args.yaml}: {args.model}, batch {args.batch}, {args.size}x{args.size}, "
+               f"{args.device}, "
                f"{torch.get_num_threads()} threads, amp {args.amp}, "
                f"channels_last {args.channels_last}, compile {args.compile}")
     results = run_sections(args, device)
@@ -386,4 +433,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except (ConfigError, ValueError) as error:
+        sys.exit(f"error: {error}")

@@ -6,6 +6,7 @@ import pytest
 
 import crf_params
 from deepmil import bench
+from deepmil.config import ConfigError
 from tools import CRF
 
 EXPECTED = {
@@ -33,7 +34,7 @@ def test_bench_writes_every_section(tmp_path, capsys):
                          "--json", str(path)])
     written = json.loads(path.read_text())
     assert written == json.loads(json.dumps(report))
-    assert "resnet18, batch 2, 64x64, cpu" in written["setting"]
+    assert written["setting"].startswith("synthetic-no-erasing.yaml: resnet18, batch 2, 64x64, cpu")
     for section, keys in EXPECTED.items():
         assert sorted(written[section]) == sorted(keys), section
         for key in keys:
@@ -66,3 +67,36 @@ def test_raw_densecrf_does_the_work_of_the_wrapper():
     refined = crf(image, mask)
     np.testing.assert_allclose(raw.reshape(2, 32, 32)[1], refined, atol=1e-6)
     assert np.abs(refined - mask).max() > 0.01  # the CRF did change the map
+
+
+def test_the_setting_comes_from_the_config_and_flags_override_it():
+    args = bench.apply_config(bench.parse_args(["--yaml", "glas-4-erasing.yaml", "--model",
+                                                "resnet18", "--size", "64", "--amp", "bf16"]))
+    assert (args.model, args.classes, args.batch, args.size) == ("resnet18", 2, 8, 64)
+    assert (args.kmax, args.dropout, args.erase, args.sigma_erase) == (0.09, 0.75, 4, 10.0)
+    assert (args.amp, args.channels_last, args.compile) == ("bf16", False, None)
+    model = args.config["model"]
+    assert (model["name"], model["kmin"], model["modalities"], model["pretrained"]) == (
+        "resnet18", 0.09, 5, False)
+    assert args.config["optimizer"]["weight_decay"] == 1e-5
+    network = bench.build_net(args, bench.torch.device("cpu"))
+    assert network.cl32.wildcat.kmax == 0.09 and network.scale == (0.5, 0.5)
+
+
+def test_the_default_setting_is_the_synthetic_config():
+    args = bench.apply_config(bench.parse_args(["--kmax", "0.25", "--erase", "2"]))
+    assert (args.yaml, args.model, args.classes, args.batch, args.size) == (
+        "synthetic-no-erasing.yaml", "resnet18", 2, 8, 128)
+    assert (args.config["model"]["kmax"], args.config["model"]["kmin"], args.erase) == (
+        0.25, 0.25, 2)
+    assert bench.apply_config(bench.parse_args([])).erase == bench.DEFAULT_ERASING_PASSES
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"method": "cam"}, "measures the min-max entropy model"),
+    ({"crop_size": [96, 64]}, "is not square; give the benchmark's image side with --size")])
+def test_configs_the_benchmark_cannot_take(tmp_path, changes, message):
+    path = tmp_path / "x.yaml"
+    path.write_text(bench.json.dumps({"base": "synthetic-no-erasing.yaml", **changes}))
+    with pytest.raises(ConfigError, match=message):
+        bench.apply_config(bench.parse_args(["--yaml", str(path)]))
