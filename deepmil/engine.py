@@ -276,14 +276,15 @@ def predictions(network: nn.Module, loader: Iterable[dict], device: torch.device
                 scores, masks, losses = baseline_outputs(network, images, labels, method)
         masks = masks.float()
         losses["loss"] = sum(losses.values())
-        probabilities = torch.softmax(scores, dim=1)
-        confidence, predicted = probabilities.max(dim=1)
-        for row in range(labels.numel()):
+        confidence, predicted = torch.softmax(scores, dim=1).max(dim=1)
+        per_image = {name: value.tolist() for name, value in losses.items()}
+        confidence, predicted = confidence.tolist(), predicted.tolist()
+        for row, label in enumerate(labels.tolist()):
             index = int(batch["index"][row])
             shape = geometry[index]
-            yield {"index": index, "label": int(labels[row]), "predicted": int(predicted[row]),
-                   "probability": float(confidence[row]),
-                   "losses": {name: float(value[row]) for name, value in losses.items()},
+            yield {"index": index, "label": label, "predicted": predicted[row],
+                   "probability": confidence[row],
+                   "losses": {name: values[row] for name, values in per_image.items()},
                    "mask": restore_mask_geometry(masks[row], shape.padded, shape.upscaled,
                                                  shape.original, exact=exact_crop),
                    "truth": batch["mask"][row].to(device)}

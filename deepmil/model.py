@@ -137,6 +137,13 @@ def minmax_normalise(maps: torch.Tensor, per_sample: bool, eps: float = 1e-8) ->
     return (maps - low) / (high - low).clamp_min(eps)
 
 
+def check_mask_normalization(normalization: str) -> None:
+    """Refuse a mask normalization other than ``batch`` or ``sample``."""
+    if normalization not in MASK_NORMALIZATIONS:
+        raise ValueError(f"unknown mask normalization {normalization!r}; "
+                         f"expected one of {MASK_NORMALIZATIONS}")
+
+
 class ResNetTrunk(nn.Module):
     """A ResNet trunk (deep-stem ``resnet*`` or torchvision ``tv_resnet*``) up to layer4.
 
@@ -217,9 +224,7 @@ class MinMaxEntropyNet(ResNetTrunk):
                  sigma: float = 0.5, w: float = 8.0, scale: tuple[float, float] = (0.5, 0.5),
                  mask_normalization: str = "batch", apply_min_term: bool = False,
                  torchvision_weights: str | None = None) -> None:
-        if mask_normalization not in MASK_NORMALIZATIONS:
-            raise ValueError(f"unknown mask normalization {mask_normalization!r}; "
-                             f"expected one of {MASK_NORMALIZATIONS}")
+        check_mask_normalization(mask_normalization)
         super().__init__(name, torchvision_weights)
         self.scale = tuple(scale)
         self.mask_normalization = mask_normalization
@@ -244,9 +249,7 @@ class MinMaxEntropyNet(ResNetTrunk):
         """``sigmoid(w * (normalised map - sigma))``; min-max over the batch or per sample
         (``normalization``, by default the model's ``mask_normalization``)."""
         normalization = normalization or self.mask_normalization
-        if normalization not in MASK_NORMALIZATIONS:
-            raise ValueError(f"unknown mask normalization {normalization!r}; "
-                             f"expected one of {MASK_NORMALIZATIONS}")
+        check_mask_normalization(normalization)
         normalised = minmax_normalise(continuous_map, normalization == "sample", eps)
         return torch.sigmoid(self.w * (normalised - self.sigma))
 

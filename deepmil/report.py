@@ -94,8 +94,7 @@ def method_label(config: dict) -> str:
 
 def setting_key(config: dict) -> str:
     """The configuration without its run-specific keys, as comparable text."""
-    return json.dumps({key: value for key, value in config.items() if key not in RUN_KEYS},
-                      sort_keys=True)
+    return json.dumps(flatten(config), sort_keys=True)
 
 
 def row_rank(setting: Setting) -> tuple:

@@ -137,8 +137,7 @@ def test_baselines_load_imagenet_trunk_weights_without_their_heads():
 
 @pytest.fixture(scope="module")
 def synthetic_loaders(tmp_path_factory):
-    config = tiny_synthetic_config(tmp_path_factory.mktemp("baselines"), n_train=8, n_test=4)
-    config["model"]["num_classes"] = 2
+    config = tiny_synthetic_config(tmp_path_factory.mktemp("baselines"), n_test=4)
     train_set = loader.build_dataset(config, "train", train=True)
     test_set = loader.build_dataset(config, "test", train=False)
     return (loader.make_loader(train_set, 4, 0, shuffle=True, seed=0),
@@ -158,8 +157,11 @@ def test_baselines_train_an_epoch_and_evaluate(method, synthetic_loaders):
     evaluation = evaluate(network, test_loader, torch.device("cpu"), keep=4, method=method)
     assert evaluation.summary["n_images"] == 4
     assert evaluation.summary["loss"] == pytest.approx(evaluation.summary["loss_cl"])
+    errors = sum(record["predicted"] != record["label"] for record in evaluation.records)
+    assert evaluation.summary["cl_error"] == pytest.approx(100 * errors / 4)
     for record in evaluation.records:
         assert record["mask"].shape == record["truth"].shape
+        assert 0 <= record["mask"].min() and record["mask"].max() <= 1
     if method == "allones":
         assert evaluation.summary["f1_pos"] == pytest.approx(
             evaluation.summary["f1_pos_all_ones"])

@@ -42,13 +42,10 @@ def test_summary_is_the_mean_of_per_image_values(test_loader, net):
     assert all(item["mask"].shape == item["truth"].shape for item in items)
 
 
-def test_batched_evaluation_equals_image_by_image(tmp_path_factory, test_loader):
-    config = tiny_synthetic_config(tmp_path_factory.mktemp("batched"), n_train=8, n_test=7)
-    dataset = loader.build_dataset(config, "test", train=False)
-    torch.manual_seed(0)
-    network = MinMaxEntropyNet("resnet18", 2, modalities=2, kmax=1.0, kmin=1.0).eval()
-    single, batched = (evaluate(network, loader.make_loader(dataset, batch, 0, shuffle=False,
-                                                           seed=0), torch.device("cpu"), keep=7)
+def test_batched_evaluation_equals_image_by_image(test_loader, net):
+    dataset = test_loader.dataset
+    single, batched = (evaluate(net, loader.make_loader(dataset, batch, 0, shuffle=False, seed=0),
+                                torch.device("cpu"), keep=len(dataset))
                        for batch in (1, 3))
     assert single.summary.keys() == batched.summary.keys()
     for key, value in single.summary.items():
@@ -58,8 +55,8 @@ def test_batched_evaluation_equals_image_by_image(tmp_path_factory, test_loader)
         assert torch.allclose(one["mask"], many["mask"], atol=1e-5)
     images = torch.stack([dataset[i]["image"] for i in range(3)])
     with torch.no_grad():
-        batch_wide = network(images).mask
-        per_image = network(images, mask_normalization="sample").mask
+        batch_wide = net(images).mask
+        per_image = net(images, mask_normalization="sample").mask
     assert not torch.allclose(batch_wide, per_image, atol=1e-3)
 
 

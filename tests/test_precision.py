@@ -158,9 +158,19 @@ def tiny_config(*extra: str) -> dict:
     return config
 
 
-def test_compile_keeps_the_outputs_and_the_state_dict_keys():
+def test_compile_keeps_the_outputs_and_the_state_dict_keys(monkeypatch):
+    backends = []
+    compile_module = torch.nn.Module.compile
+
+    def recording_compile(module, **options):
+        backends.append(options.get("backend"))
+        return compile_module(module, **options)
+
+    monkeypatch.setattr(torch.nn.Module, "compile", recording_compile)
     eager = train_deepmil.build_network(tiny_config(), CPU).eval()
+    assert backends == []
     compiled = train_deepmil.build_network(tiny_config("--set", "compile=aot_eager"), CPU).eval()
+    assert backends == ["aot_eager"]
     assert list(compiled.state_dict()) == list(eager.state_dict())
     images, _ = batch(64, 2)
     with torch.no_grad():

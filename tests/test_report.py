@@ -106,11 +106,22 @@ def test_figure_uses_the_same_images_for_every_method(tmp_path):
 
 
 def test_prediction_samples_round_trip(tmp_path):
-    folder = fake_run(tmp_path, "cam", "cam", 0, metrics(1, 2, 3, 4))
-    samples = load_prediction_samples(folder / "test_predictions.npz")
-    assert [sample["index"] for sample in samples] == [3, 5]
-    assert samples[1]["caption"] == "image 5" and samples[0]["image"].dtype == np.uint8
-    assert "crf_mask" not in samples[0]
+    rng = np.random.default_rng(0)
+    samples = [{"index": index, "caption": f"image {index}",
+                "image": rng.integers(0, 255, (8, 6, 3), dtype=np.uint8),
+                "gt_mask": (rng.random((8, 6)) > 0.5).astype(np.uint8),
+                "pred_mask": rng.random((8, 6)).astype(np.float32)} for index in (3, 5)]
+    samples[1]["crf_mask"] = rng.random((8, 6)).astype(np.float32)
+    save_prediction_samples(samples, tmp_path / "samples.npz")
+    loaded = load_prediction_samples(tmp_path / "samples.npz")
+    assert [sorted(sample) for sample in loaded] == [sorted(sample) for sample in samples]
+    for original, restored in zip(samples, loaded):
+        assert (restored["index"], restored["caption"]) == (original["index"],
+                                                            original["caption"])
+        for name in ("image", "gt_mask", "pred_mask", "crf_mask"):
+            if name in original:
+                assert restored[name].dtype == original[name].dtype
+                np.testing.assert_array_equal(restored[name], original[name])
 
 
 def test_compare_starts_resumes_and_reuses_runs(tmp_path):
