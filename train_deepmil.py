@@ -29,7 +29,7 @@ from deepmil.baselines import build_network_for
 from deepmil.config import ConfigError, save_config
 from deepmil.distributed import DistributedContext
 from deepmil.engine import check_amp, erasing_active, evaluate, train_one_epoch, unwrap
-from deepmil.metrics import best_threshold_report
+from deepmil.metrics import MetricSettings, best_threshold_report
 from deepmil.model import DEEP_STEM_LAYERS, load_pretrained_trunk
 from deepmil.optim import build_optimizer, learning_rate, set_learning_rate
 from deepmil.synthetic import SyntheticSpec
@@ -139,7 +139,8 @@ def epoch_record(epoch: int, lr: float, train: dict, valid: dict, seconds: float
     """One line of ``metrics.jsonl``."""
     record = {"epoch": epoch, "lr": lr, "seconds": round(seconds, 3)}
     record.update({f"train_{key}": value for key, value in train.items()})
-    record.update({f"valid_{key}": value for key, value in valid.items() if key != "n_images"})
+    record.update({f"valid_{key}": value for key, value in valid.items()
+                   if not key.startswith("n_")})
     return record
 
 
@@ -180,7 +181,8 @@ def train(config: dict, options, model: torch.nn.Module, loaders: dict, device: 
             config["sigma_erase"], erase, amp=amp, scaler=scaler, channels_last=channels_last,
             on_batch=lambda s: bar.set_postfix(loss=f"{s['loss']:.3f}"), method=method)
         valid_stats = evaluate(model, loaders["valid"], device, config["exact_eval_crop"], amp=amp,
-                               channels_last=channels_last, method=method).summary
+                               channels_last=channels_last, method=method,
+                               metrics=MetricSettings.from_config(config["metrics"])).summary
         record = epoch_record(epoch, lr, train_stats, valid_stats, time.perf_counter() - began)
         history.append(record)
         if valid_stats["cl_error"] <= best["valid_cl_error"]:
@@ -231,7 +233,8 @@ def final_evaluation(config: dict, model: torch.nn.Module, loaders: dict, device
         keep = PANEL_IMAGES if name == "test" and context.is_main else 0
         evaluation = evaluate(model, loaders[name], device, config["exact_eval_crop"], keep=keep,
                               crf=crf, crf_workers=crf_worker_count(config, device), amp=config["amp"],
-                              channels_last=config["channels_last"], method=config["method"])
+                              channels_last=config["channels_last"], method=config["method"],
+                              metrics=MetricSettings.from_config(config["metrics"]))
         results[name], sweeps[name] = evaluation.summary, evaluation.sweep
         if evaluation.records:
             class_names = loader.load_encoding(config["name_classes"], loader.fold_dir(config))
@@ -239,7 +242,7 @@ def final_evaluation(config: dict, model: torch.nn.Module, loaders: dict, device
             plots.save_mask_panels(samples, folder / "test_predictions.png",
                                    title="test predictions")
             experiment.save_prediction_samples(samples, folder / "test_predictions.npz")
-            coarse = evaluation.histogram.reshape(2, HISTOGRAM_BINS, -1).sum(dim=2)
+            coarse = evaluation.pxap.coarse_counts(HISTOGRAM_BINS)
             plots.plot_score_histograms(coarse, folder / "test_mask_histograms.png",
                                         title="test set: mask values inside / outside the "
                                               "ground truth")

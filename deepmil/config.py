@@ -287,6 +287,11 @@ SYNTHETIC_SCHEMA: dict[str, Any] = {
     "max_objects": Field(4, integer(1)),
 }
 
+METRICS_SCHEMA: dict[str, Any] = {
+    "empty_dice": Field("one", choice("one", "zero")),
+    "cam_curve_interval": Field(0.001, number(1e-5, 0.5)),
+}
+
 SCHEMA: dict[str, Any] = {
     "MYSEED": Field(0, integer(0, SEED_LIMIT - 1)),
     "method": Field("minmax", choice(*METHODS)),
@@ -338,6 +343,7 @@ SCHEMA: dict[str, Any] = {
     "synthetic": SYNTHETIC_SCHEMA,
     "model": MODEL_SCHEMA,
     "optimizer": OPTIMIZER_SCHEMA,
+    "metrics": METRICS_SCHEMA,
 }
 
 # ----------------------------------------------------------------------------- YAML

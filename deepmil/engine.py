@@ -13,8 +13,9 @@ from deepmil.baselines import scores_and_localization
 from deepmil.distributed import (all_reduce_sum, any_process, average_gradients,
                                  broadcast_buffers, gather_objects, no_sync)
 from deepmil.losses import classifier_loss, localizer_loss, negative_loss, positive_loss
-from deepmil.metrics import (LocalizationMeter, PxAPMeter, ThresholdSweepMeter, all_ones_f1,
-                             f1_pos_neg, iou_at, refine_with_crf, restore_mask_geometry)
+from deepmil.metrics import (LocalizationMeter, MetricSettings, PxAPMeter, ThresholdSweepMeter,
+                             all_ones_f1, f1_pos_neg, iou_at, refine_with_crf,
+                             restore_mask_geometry)
 from deepmil.model import ModelOutput
 from loader import load_rgb
 from reproducibility import iteration_seed
@@ -80,8 +81,9 @@ def plain_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, see
     loss_pos = positive_loss(out.pos_scores.float(), labels)
     loss_neg = negative_loss(out.neg_scores.float())
     backward(loss_seg + loss_pos + loss_neg, scaler)
-    return {"loss_seg": loss_seg.detach(), "loss_pos": loss_pos.detach(),
-            "loss_neg": loss_neg.detach(), "scores": out.pos_scores.detach().float()}
+    return {"loss_seg": loss_seg.detach(), "loss_seg_pass_mean": loss_seg.detach(),
+            "loss_pos": loss_pos.detach(), "loss_neg": loss_neg.detach(),
+            "scores": out.pos_scores.detach().float()}
 
 
 def erasing_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int,
@@ -94,7 +96,13 @@ def erasing_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, s
     ``exp(-t / sigma_erase) * 1[correct] * 1[loss <= loss at t=0] * max posterior``; a sample
     that is misclassified once is trusted no more. Only trusted samples are erased. The
     positive and negative regions are then built from the original images with ``A``.
-    With ``amp`` the forward passes run under autocast; losses and masks stay in float32.
+    Every localizer pass and each of the two region passes starts from the iteration
+    ``seed``, so they all draw the same dropout mask.
+
+    ``loss_seg`` is the sum of the passes' ``L_seg`` divided by ``nbr_times_erase + 1``
+    whatever the number of passes that ran (the value the original training logs show);
+    ``loss_seg_pass_mean`` is their mean. Gradients do not depend on either. With ``amp`` the
+    forward passes run under autocast; losses and masks stay in float32.
     """
     network = unwrap(model)
     current = images
@@ -125,13 +133,14 @@ def erasing_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, s
             erase = (trust != 0).view(-1, 1, 1, 1)
             current = torch.where(erase, current * (1 - accumulated), current)
     with autocast(images.device, amp):
-        pos_scores, _, neg_scores, _ = seeded_forward(model, seed, images, mask=accumulated,
-                                                      mode="regions")
+        pos_scores, _, neg_scores, _ = model(images, mask=accumulated, mode="regions", seed=seed)
     pos_scores = pos_scores.float()
     loss_pos = positive_loss(pos_scores, labels)
     loss_neg = negative_loss(neg_scores.float())
     backward(loss_pos + loss_neg, scaler)
-    return {"loss_seg": torch.stack(seg_losses).mean(), "loss_pos": loss_pos.detach(),
+    seg_losses = torch.stack(seg_losses)
+    return {"loss_seg": seg_losses.sum() / (nbr_times_erase + 1),
+            "loss_seg_pass_mean": seg_losses.mean(), "loss_pos": loss_pos.detach(),
             "loss_neg": loss_neg.detach(), "scores": pos_scores.detach(),
             "erasing_passes": torch.tensor(len(seg_losses))}
 
@@ -155,11 +164,17 @@ def erasing_active(epoch: int, nbr_times_erase: int, epoch_start_erasing: int) -
 
 LOSS_TERMS = ("loss_seg", "loss_pos", "loss_neg")
 BASELINE_LOSS_TERMS = ("loss_cl",)
+EXTRA_LOGGED = ("loss_seg_pass_mean",)
 
 
 def loss_terms(method: str) -> tuple[str, ...]:
     """Names of the loss terms that ``method`` trains with."""
     return LOSS_TERMS if method == "minmax" else BASELINE_LOSS_TERMS
+
+
+def extra_logged(method: str) -> tuple[str, ...]:
+    """Names of the logged values of ``method``'s step that are not loss terms."""
+    return EXTRA_LOGGED if method == "minmax" else ()
 
 
 def check_finite(values: list[float], epoch: int, batch: int,
@@ -185,8 +200,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.o
     channels-last memory format (the model should be converted too).
     """
     model.train()
-    names = loss_terms(method)
-    totals = torch.zeros(len(names) + 3, dtype=torch.float64, device=device)
+    names, extras = loss_terms(method), extra_logged(method)
+    totals = torch.zeros(len(names) + len(extras) + 3, dtype=torch.float64, device=device)
     for batch_index, batch in enumerate(loader):
         seed_i = iteration_seed(seed, epoch, batch_index)
         images = to_device(batch["image"], device, channels_last)
@@ -201,8 +216,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.o
             average_gradients(model)
         else:
             stats = plain_step(model, images, labels, seed_i, amp, scaler)
-        terms = torch.stack([stats[name] for name in names])
-        values = terms.tolist()
+        logged = torch.stack([stats[name] for name in names + extras])
+        values = logged.tolist()[:len(names)]
         check_finite(values, epoch, batch_index, names)
         if scaler is None:
             optimizer.step()
@@ -210,13 +225,14 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.o
             scaler.step(optimizer)
             scaler.update()
         errors = (stats["scores"].argmax(dim=1) != labels).sum()
-        totals += torch.cat([torch.cat([terms.sum().view(1), terms]) * labels.numel(),
+        loss = logged[:len(names)].sum().view(1)
+        totals += torch.cat([torch.cat([loss, logged]) * labels.numel(),
                              errors.view(1), torch.ones(1, device=device) * labels.numel()])
         if on_batch is not None:
             on_batch({"loss": sum(values)})
-    loss, *term_sums, errors, samples = all_reduce_sum(totals).tolist()
+    loss, *logged_sums, errors, samples = all_reduce_sum(totals).tolist()
     return {"loss": loss / samples,
-            **{name: total / samples for name, total in zip(names, term_sums)},
+            **{name: total / samples for name, total in zip(names + extras, logged_sums)},
             "cl_error": 100.0 * errors / samples}
 
 
@@ -226,7 +242,7 @@ class Evaluation(NamedTuple):
     summary: dict[str, float]
     records: list[dict]
     sweep: ThresholdSweepMeter
-    histogram: torch.Tensor
+    pxap: PxAPMeter
 
 
 def minmax_outputs(network: nn.Module, images: torch.Tensor, labels: torch.Tensor,
@@ -300,30 +316,43 @@ def with_crf(stream: Iterable[dict], loader, crf: Callable, workers: int) -> Ite
         yield item
 
 
-def image_row(item: dict) -> tuple:
-    """The per-image numbers that make up a summary (``index`` first, for ordering)."""
-    f1_pos, f1_neg = f1_pos_neg(item["mask"], item["truth"])
-    ones_pos, _ = all_ones_f1(item["truth"])
+def empty_dice_cases(item: dict) -> int:
+    """How many of the image's F1+ and F1- are a Dice of two empty sets (0, 1 or 2)."""
+    predicted, truth = item["mask"] >= 0.5, item["truth"] >= 0.5
+    both_empty = not (predicted.any() or truth.any())
+    both_full = bool(predicted.all() and truth.all())
+    return int(both_empty) + int(both_full)
+
+
+def image_row(item: dict, empty: float = 1.0) -> tuple:
+    """The per-image numbers that make up a summary (``index`` first, for ordering);
+    ``empty`` is the Dice and IoU of two empty sets."""
+    f1_pos, f1_neg = f1_pos_neg(item["mask"], item["truth"], empty=empty)
+    ones_pos, _ = all_ones_f1(item["truth"], empty)
     row = {"f1_pos": float(f1_pos), "f1_neg": float(f1_neg),
-           "iou": float(iou_at(item["mask"], item["truth"])), "f1_pos_all_ones": float(ones_pos),
+           "iou": float(iou_at(item["mask"], item["truth"], empty=empty)),
+           "f1_pos_all_ones": float(ones_pos), "empty_dice": empty_dice_cases(item),
            "correct": item["predicted"] == item["label"], "losses": item["losses"]}
     if "crf_mask" in item:
-        crf_pos, crf_neg = f1_pos_neg(item["crf_mask"], item["truth"])
+        crf_pos, crf_neg = f1_pos_neg(item["crf_mask"], item["truth"], empty=empty)
         row.update(crf_f1_pos=float(crf_pos), crf_f1_neg=float(crf_neg),
-                   crf_iou=float(iou_at(item["crf_mask"], item["truth"])))
+                   crf_iou=float(iou_at(item["crf_mask"], item["truth"], empty=empty)))
     return item["index"], row
 
 
 def summarise(rows: Iterable[tuple]) -> dict[str, float]:
-    """Per-image means over all processes' rows, summed in image order."""
+    """Per-image means over all processes' rows, summed in image order, and the number of
+    F1 values that are a Dice of two empty sets (``n_empty_dice``)."""
     meter, crf_meter = LocalizationMeter(), LocalizationMeter()
-    for _, row in sorted(gather_objects(list(rows)), key=lambda item: item[0]):
+    rows = sorted(gather_objects(list(rows)), key=lambda item: item[0])
+    for _, row in rows:
         meter.update(row["f1_pos"], row["f1_neg"], row["correct"], row["losses"],
                      f1_pos_all_ones=row["f1_pos_all_ones"], iou=row["iou"])
         if "crf_f1_pos" in row:
             crf_meter.update(row["crf_f1_pos"], row["crf_f1_neg"], row["correct"],
                              iou=row["crf_iou"])
     summary = meter.summary()
+    summary["n_empty_dice"] = sum(row["empty_dice"] for _, row in rows)
     if crf_meter.n_images:
         crf = crf_meter.summary()
         summary.update({f"crf_{key}": crf[key] for key in ("f1_pos", "f1_neg", "iou", "top1_loc")})
@@ -333,7 +362,8 @@ def summarise(rows: Iterable[tuple]) -> dict[str, float]:
 def evaluate(model: nn.Module, loader: Iterable[dict], device: torch.device,
              exact_crop: bool = False, keep: int = 0, crf: Callable | None = None,
              crf_workers: int = 0, amp: str | None = None,
-             channels_last: bool = False, method: str = "minmax") -> Evaluation:
+             channels_last: bool = False, method: str = "minmax",
+             metrics: MetricSettings = MetricSettings()) -> Evaluation:
     """Evaluate (no erasing) with the default forward pass, image by image or in batches of
     same-size images (with per-image mask normalisation: the same results).
 
@@ -344,19 +374,20 @@ def evaluate(model: nn.Module, loader: Iterable[dict], device: torch.device,
     ``torch.distributed`` each process evaluates its shard and the per-image results are
     gathered and summed in image order, so the summary equals a single-process evaluation.
     ``records`` holds the first ``keep`` predictions of this process (masks on the CPU) and
-    ``histogram`` the set's counts of ``R+`` values per bin outside / inside the ground truth.
+    ``pxap`` the set's counts of ``R+`` values per bin outside / inside the ground truth.
     ``amp``, ``channels_last`` and ``method`` are as in :func:`train_one_epoch`; a baseline is
-    scored on its own map instead of ``R+``.
+    scored on its own map instead of ``R+``. ``metrics`` sets the empty-set Dice and the PxAP
+    bins.
     """
     network = unwrap(model).eval()
     broadcast_buffers(network)
     stream = predictions(network, loader, device, exact_crop, amp, channels_last, method)
     if crf is not None:
         stream = with_crf(stream, loader, crf, crf_workers)
-    pxap, sweep = PxAPMeter(), ThresholdSweepMeter()
+    pxap, sweep = PxAPMeter(metrics.pxap_interval), ThresholdSweepMeter(empty=metrics.empty)
     rows, records = [], []
     for item in stream:
-        rows.append(image_row(item))
+        rows.append(image_row(item, metrics.empty))
         pxap.update(item["mask"], item["truth"])
         sweep.update(item["mask"], item["truth"])
         if len(records) < keep:
@@ -367,4 +398,4 @@ def evaluate(model: nn.Module, loader: Iterable[dict], device: torch.device,
     sweep.n_images = int(all_reduce_sum(torch.tensor(sweep.n_images)))
     summary = summarise(rows)
     summary["pxap"] = pxap.compute()
-    return Evaluation(summary, records, sweep, pxap.counts)
+    return Evaluation(summary, records, sweep, pxap)

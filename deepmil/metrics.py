@@ -4,8 +4,10 @@ threshold sweeps, errors, and CRF refinement of a stream of masks in worker proc
 All tensor functions are vectorised and run on the device of their inputs.
 Conventions:
 * F1+ is the Dice of the binary foreground sets, F1- the Dice of their complements.
-* A Dice (or IoU) of two empty sets is defined as 1 (otherwise 0/0), so an empty prediction on an
-  empty ground truth gives F1+ = 1 and a full prediction on a full ground truth gives F1- = 1.
+* A Dice (or IoU) of two empty sets is 0/0; it is defined as 1 by default, so an empty prediction
+  on an empty ground truth gives F1+ = 1 and a full prediction on a full ground truth F1- = 1.
+  ``empty = 0`` (the setting ``metrics.empty_dice: zero``) gives 0 instead, the rule of
+  scikit-learn's ``f1_score(zero_division=0)``.
 * Set-level F1 values are means of per-image values (not pooled pixels); PxAP pools pixels.
 * Per-image functions return fractions; meter summaries are percentages.
 """
@@ -14,6 +16,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
 from typing import TypeVar
 
 import numpy as np
@@ -21,6 +24,22 @@ import torch
 import torch.nn.functional as F
 
 Size = tuple[int, int]
+EMPTY_DICE = {"one": 1.0, "zero": 0.0}
+
+
+@dataclass(frozen=True)
+class MetricSettings:
+    """How the localisation metrics are computed: the value of a Dice or IoU of two empty sets
+    (``empty``) and the PxAP histogram's bin width (``pxap_interval``)."""
+
+    empty: float = 1.0
+    pxap_interval: float = 0.001
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, object]) -> MetricSettings:
+        """From the ``metrics`` section of a configuration (``empty_dice``,
+        ``cam_curve_interval``)."""
+        return cls(EMPTY_DICE[str(section["empty_dice"])], float(section["cam_curve_interval"]))
 
 
 def _crop_start(src: int, dst: int, exact: bool) -> int:
@@ -88,52 +107,53 @@ def _overlap(pred: torch.Tensor, target: torch.Tensor, name: str
     return (p * t).sum(dim=(-2, -1)), p.sum(dim=(-2, -1)), t.sum(dim=(-2, -1))
 
 
-def dice(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def dice(pred: torch.Tensor, target: torch.Tensor, empty: float = 1.0) -> torch.Tensor:
     """Per-image Dice ``2|P n G| / (|P| + |G|)`` over the last two dimensions.
 
     Inputs are binary (bool or {0, 1}; any non-zero value counts as foreground) and of equal
-    shape. Returns a float64 tensor of shape ``pred.shape[:-2]``; two empty sets give 1.
+    shape. Returns a float64 tensor of shape ``pred.shape[:-2]``; two empty sets give ``empty``.
     """
     inter, p_sum, t_sum = _overlap(pred, target, "dice")
     total = p_sum + t_sum
-    return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.ones_like(total))
+    return torch.where(total > 0, 2 * inter / total.clamp_min(1), torch.full_like(total, empty))
 
 
-def iou(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+def iou(pred: torch.Tensor, target: torch.Tensor, empty: float = 1.0) -> torch.Tensor:
     """Per-image IoU (Jaccard) ``|P n G| / |P u G|`` of binary masks over the last two dimensions.
 
     Same input rules as :func:`dice`; returns float64 of shape ``pred.shape[:-2]``; two empty
-    sets give 1.
+    sets give ``empty``.
     """
     inter, p_sum, t_sum = _overlap(pred, target, "iou")
     union = p_sum + t_sum - inter
-    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.full_like(union, empty))
 
 
 def f1_pos_neg(pred_mask_continuous: torch.Tensor, gt_mask: torch.Tensor,
-               threshold: float = 0.5) -> tuple[torch.Tensor, torch.Tensor]:
+               threshold: float = 0.5, empty: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image (F1+, F1-): prediction binarised ``>= threshold``, ground truth ``>= 0.5``.
 
-    F1+ is the Dice of the foregrounds, F1- the Dice of the backgrounds (complements).
+    F1+ is the Dice of the foregrounds, F1- the Dice of the backgrounds (complements); ``empty``
+    is the Dice of two empty sets.
     """
     pred = pred_mask_continuous >= threshold
     gt = gt_mask >= 0.5
-    return dice(pred, gt), dice(~pred, ~gt)
+    return dice(pred, gt, empty), dice(~pred, ~gt, empty)
 
 
-def all_ones_f1(gt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def all_ones_f1(gt_mask: torch.Tensor, empty: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image (F1+, F1-) of a prediction covering the whole image.
 
-    F1+ = ``2 fg / (fg + N)`` with ``N`` pixels, F1- = 0 (1 only for an all-foreground ground
+    F1+ = ``2 fg / (fg + N)`` with ``N`` pixels, F1- = 0 (``empty`` for an all-foreground ground
     truth, by the empty-set convention). A baseline to read F1+ values against.
     """
-    return f1_pos_neg(torch.ones_like(gt_mask, dtype=torch.float32), gt_mask)
+    return f1_pos_neg(torch.ones_like(gt_mask, dtype=torch.float32), gt_mask, empty=empty)
 
 
 def iou_at(pred_mask_continuous: torch.Tensor, gt_mask: torch.Tensor,
-           threshold: float = 0.5) -> torch.Tensor:
+           threshold: float = 0.5, empty: float = 1.0) -> torch.Tensor:
     """Per-image IoU of the prediction binarised ``>= threshold`` (ground truth ``>= 0.5``)."""
-    return iou(pred_mask_continuous >= threshold, gt_mask >= 0.5)
+    return iou(pred_mask_continuous >= threshold, gt_mask >= 0.5, empty)
 
 
 def top1_localization(correct: torch.Tensor | bool, iou_value: torch.Tensor | float,
@@ -243,43 +263,65 @@ def _check_scores(mask: torch.Tensor, gt: torch.Tensor, name: str) -> None:
                          f"[{mask.min().item()}, {mask.max().item()}]")
 
 
-class PxAPMeter:
-    """Pixel-wise average precision over a set (PxAP, as in wsolevaluation), image by image.
+def pxap_bin_edges(interval: float) -> torch.Tensor:
+    """Left bin edges of the PxAP score histogram: ``np.arange(0, 1, interval)`` in float64,
+    then 1.0, 2.0 and 3.0 (the score 1.0 has a bin of its own), as wsolevaluation's
+    ``MaskEvaluator`` with ``cam_curve_interval = interval``."""
+    if not 0 < interval < 1:
+        raise ValueError(f"PxAP interval must lie in (0, 1), got {interval}")
+    return torch.from_numpy(np.append(np.arange(0, 1, interval), [1.0, 2.0, 3.0]))
 
-    The continuous scores in [0, 1] of all pixels of all images are counted in ``bins`` equal
-    bins, separately for ground-truth foreground (``>= 0.5``) and background pixels. At the
-    threshold ``t_i = i / bins`` a pixel is predicted foreground when its bin is ``>= i``, which
-    gives cumulative TP/FP, precision ``P_i`` and recall ``R_i`` per threshold, and
-    ``AP = sum_i (R_i - R_{i+1}) P_i`` with ``R_bins = 0``. ``counts`` (2 x bins, int64:
-    background row, foreground row) is the whole state; meters of shards add up.
+
+class PxAPMeter:
+    """Pixel-wise average precision over a set (PxAP), equal to wsolevaluation's
+    ``MaskEvaluator`` at the same ``interval`` (its ``cam_curve_interval``).
+
+    The continuous scores in [0, 1] of all pixels of all images are counted in the bins of
+    :func:`pxap_bin_edges` (``[e_i, e_{i+1})``, as ``np.histogram``), separately for
+    ground-truth background (``< 0.5``) and foreground pixels. Going down the thresholds
+    ``e_i``, the cumulative counts give TP, FP, precision ``P_i`` and recall ``R_i``, and
+    ``AP = sum_i (R_i - R_{i-1}) P_i`` over the thresholds where ``P_i`` is defined.
+    ``counts`` (2 x bins, int64: background row, foreground row) is the whole state; meters
+    of shards add up.
     """
 
-    def __init__(self, bins: int = 1000) -> None:
-        self.bins = bins
-        self.counts = torch.zeros(2, bins, dtype=torch.int64)
+    def __init__(self, interval: float = 0.001) -> None:
+        self.edges = pxap_bin_edges(interval)
+        self.counts = torch.zeros(2, len(self.edges) - 1, dtype=torch.int64)
+
+    @property
+    def bins(self) -> int:
+        """The number of histogram bins (the regular ones, 1.0's and an always empty one)."""
+        return self.counts.shape[1]
 
     def update(self, mask: torch.Tensor, gt: torch.Tensor) -> None:
         """Count the pixels of a continuous mask and its ground truth (equal shapes)."""
         _check_scores(mask, gt, "PxAPMeter.update")
-        index = (mask.to(torch.float64) * self.bins).long().clamp_(max=self.bins - 1)
-        index = index + self.bins * (gt >= 0.5).long()
-        counts = torch.bincount(index.flatten(), minlength=2 * self.bins)
+        scores = mask.detach().to(torch.float64).flatten()
+        index = torch.searchsorted(self.edges.to(scores.device), scores, right=True) - 1
+        index = index + self.bins * (gt >= 0.5).flatten().long()
+        counts = torch.bincount(index, minlength=2 * self.bins)
         self.counts += counts.reshape(2, self.bins).cpu()
 
     def curve(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(precision, recall)`` at the thresholds ``t_i = i / bins`` in decreasing order
-        (``t_{bins-1}`` first), float64 fractions."""
+        """``(precision, recall)`` at the thresholds in decreasing order, float64 fractions;
+        precision is NaN where no pixel is predicted foreground."""
         negatives, positives = self.counts.flip(-1).cumsum(-1).double()
         if positives[-1] == 0:
             raise ValueError("PxAPMeter: no ground-truth foreground pixel was recorded")
-        precision = positives / (positives + negatives).clamp_min(1)
-        return precision, positives / positives[-1]
+        return positives / (positives + negatives), positives / positives[-1]
 
     def compute(self) -> float:
         """PxAP in percent."""
         precision, recall = self.curve()
-        steps = torch.diff(recall, prepend=recall.new_zeros(1))
-        return 100.0 * (steps * precision).sum().item()
+        terms = precision[1:] * torch.diff(recall)
+        return 100.0 * terms[~terms.isnan()].sum().item()
+
+    def coarse_counts(self, bins: int) -> torch.Tensor:
+        """The counts merged into ``bins`` equal bins of [0, 1] (2 x bins; 1.0 in the last)."""
+        left = torch.floor(self.edges[:-1] * bins + 1e-9).long().clamp_(max=bins - 1)
+        coarse = torch.zeros(2, bins, dtype=torch.int64)
+        return coarse.index_add_(1, left, self.counts)
 
 
 def _count_at_least(values: torch.Tensor, thresholds: torch.Tensor) -> torch.Tensor:
@@ -292,12 +334,13 @@ def _count_at_least(values: torch.Tensor, thresholds: torch.Tensor) -> torch.Ten
 class ThresholdSweepMeter:
     """Per-image F1+ (Dice), F1- and IoU at the thresholds 0.00, 0.01, ..., 1.00, summed over
     images (prediction ``mask >= t`` compared in the mask's dtype, ground truth ``>= 0.5``,
-    empty-set conventions of :func:`dice` and :func:`iou`). ``sums`` (3 x 101 float64: F1+,
-    F1-, IoU) and ``n_images`` are the whole state; meters of shards add up."""
+    empty-set value ``empty`` as in :func:`dice` and :func:`iou`). ``sums`` (3 x 101 float64:
+    F1+, F1-, IoU) and ``n_images`` are the whole state; meters of shards add up."""
 
     METRICS = ("f1_pos", "f1_neg", "iou")
 
-    def __init__(self, steps: int = 100) -> None:
+    def __init__(self, steps: int = 100, empty: float = 1.0) -> None:
+        self.empty = empty
         self.thresholds = torch.arange(steps + 1, dtype=torch.float64) / steps
         self.sums = torch.zeros(len(self.METRICS), steps + 1, dtype=torch.float64)
         self.n_images = 0
@@ -315,10 +358,11 @@ class ThresholdSweepMeter:
         true = truth.sum(dim=-1, keepdim=True).double()
         both = predicted + true
         neither = 2 * n_pixels - both
-        f1_pos = torch.where(both > 0, 2 * hits / both.clamp_min(1), 1.0)
-        f1_neg = torch.where(neither > 0, 2 * (n_pixels - both + hits) / neither.clamp_min(1), 1.0)
+        f1_pos = torch.where(both > 0, 2 * hits / both.clamp_min(1), self.empty)
+        f1_neg = torch.where(neither > 0, 2 * (n_pixels - both + hits) / neither.clamp_min(1),
+                             self.empty)
         union = both - hits
-        iou_value = torch.where(union > 0, hits / union.clamp_min(1), 1.0)
+        iou_value = torch.where(union > 0, hits / union.clamp_min(1), self.empty)
         per_image = torch.stack([f1_pos, f1_neg, iou_value])
         self.sums += per_image.sum(dim=1).cpu()
         self.n_images += len(scores)

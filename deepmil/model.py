@@ -260,12 +260,15 @@ class MinMaxEntropyNet(ResNetTrunk):
         resized = F.interpolate(x, size=size, mode="bilinear", align_corners=True)
         return self.cl32(self.trunk(resized))
 
-    def classify_regions(self, x: torch.Tensor, mask: torch.Tensor, fused: bool = False
+    def classify_regions(self, x: torch.Tensor, mask: torch.Tensor, fused: bool = False,
+                         seed: int | None = None
                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Classify ``x * mask`` then ``x * (1 - mask)``: ``(pos scores, pos maps, neg ...)``.
 
         ``fused`` sends both regions through the network as one batch: faster, and equal up to
         float rounding in eval mode; in training it would mix their BatchNorm statistics.
+        With ``seed``, torch is reseeded with it before each of the two passes, so both draw
+        the same WILDCAT dropout mask (the recursive-erasing step does so).
         """
         if fused:
             if self.training:
@@ -274,14 +277,19 @@ class MinMaxEntropyNet(ResNetTrunk):
             scores, maps = self.classify(torch.cat([x * mask, x * (1 - mask)]))
             count = x.shape[0]
             return scores[:count], maps[:count], scores[count:], maps[count:]
+        if seed is not None:
+            torch.manual_seed(seed)
         pos_scores, pos_maps = self.classify(x * mask)
+        if seed is not None:
+            torch.manual_seed(seed)
         neg_scores, neg_maps = self.classify(x * (1 - mask))
         return pos_scores, pos_maps, neg_scores, neg_maps
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, mode: str = "full",
-                mask_normalization: str | None = None, fused_regions: bool = False):
+                mask_normalization: str | None = None, fused_regions: bool = False,
+                seed: int | None = None):
         """``full`` -> :class:`ModelOutput`; ``segment`` -> :meth:`segment`;
-        ``regions`` -> :meth:`classify_regions` of ``x`` with ``mask``.
+        ``regions`` -> :meth:`classify_regions` of ``x`` with ``mask`` (and ``seed``).
 
         ``mask_normalization`` (``batch`` / ``sample``) overrides the model's in ``full`` mode;
         evaluation uses ``sample`` so that a batch of images gives each one its batch-1 mask.
@@ -290,7 +298,7 @@ class MinMaxEntropyNet(ResNetTrunk):
         if mode == "segment":
             return self.segment(x)
         if mode == "regions":
-            return self.classify_regions(x, mask)
+            return self.classify_regions(x, mask, seed=seed)
         if mode != "full":
             raise ValueError(f"unknown forward mode {mode!r}")
         continuous_map, seg_scores, seg_maps = self.segment(x)

@@ -485,6 +485,21 @@ def test_set_nested_keys():
     assert config["crop_size"] == [320, 256] and config["model"]["mask_normalization"] == "sample"
 
 
+def test_metrics_settings_default_and_override():
+    from deepmil.metrics import MetricSettings
+
+    config, _ = tools.get_yaml_args(["--yaml", "glas-no-erasing.yaml"])
+    assert config["metrics"] == {"empty_dice": "one", "cam_curve_interval": 0.001}
+    assert MetricSettings.from_config(config["metrics"]) == MetricSettings(1.0, 0.001)
+    config, _ = tools.get_yaml_args(["--yaml", "glas-no-erasing.yaml", "--set",
+                                     "metrics.empty_dice=zero", "--set",
+                                     "metrics.cam_curve_interval=0.01"])
+    assert MetricSettings.from_config(config["metrics"]) == MetricSettings(0.0, 0.01)
+    for assignment in ("metrics.empty_dice=nan", "metrics.cam_curve_interval=0"):
+        with pytest.raises(ConfigError, match=assignment.split("=")[0]):
+            tools.get_yaml_args(["--yaml", "glas-no-erasing.yaml", "--set", assignment])
+
+
 def test_set_keeps_int_kmax_distinct_from_float():
     config, _ = tools.get_yaml_args(["--yaml", "glas-no-erasing.yaml", "--set", "model.kmax=1"])
     assert config["model"]["kmax"] == 1 and isinstance(config["model"]["kmax"], int)

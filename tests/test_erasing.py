@@ -5,7 +5,9 @@ import pytest
 import torch
 from torch import nn
 
-from deepmil.engine import erasing_active, erasing_step, train_one_epoch
+import torch.nn.functional as F
+
+from deepmil.engine import erasing_active, erasing_step, plain_step, train_one_epoch
 from deepmil.model import MinMaxEntropyNet
 
 CONFIDENT = [50.0, -50.0]
@@ -26,7 +28,7 @@ class ScriptedLocalizer(nn.Module):
     def pseudo_binary_mask(self, continuous_map):
         return continuous_map
 
-    def forward(self, x, mask=None, mode="full"):
+    def forward(self, x, mask=None, mode="full", seed=None):
         if mode == "segment":
             t = len(self.segment_inputs)
             self.segment_inputs.append(x.clone())
@@ -97,6 +99,55 @@ def test_loop_stops_when_every_sample_failed_and_regions_use_original_images():
     assert len(model.segment_inputs) == 1
     assert int(stats["erasing_passes"]) == 1
     assert torch.equal(model.region_masks[0], torch.zeros(2, 1, 4, 4))
+    # One pass of L_seg = 100 ran: logged as the original does, sum / (u + 1), and as the mean.
+    assert stats["loss_seg"].item() == pytest.approx(100 / 5)
+    assert stats["loss_seg_pass_mean"].item() == pytest.approx(100)
+
+
+def test_logged_localizer_loss_sums_the_passes_over_u_plus_one():
+    scores = [[[3.0, 0.0]], [[1.0, 0.0]], [[4.0, 0.0]]]
+    stats = run(ScriptedLocalizer(scores, pixel_maps(1, 3)), u=3)
+    losses = [F.cross_entropy(torch.tensor([s[0]]), torch.tensor([0])).item() for s in scores]
+    assert stats["loss_seg"].item() == pytest.approx(sum(losses) / 4)
+    assert stats["loss_seg_pass_mean"].item() == pytest.approx(sum(losses) / 3)
+
+
+def dropout_rng_states(monkeypatch):
+    """Record the CPU generator state at every WILDCAT dropout call."""
+    states = []
+    dropout = F.dropout
+
+    def recording(*args, **kwargs):
+        states.append(torch.random.get_rng_state())
+        return dropout(*args, **kwargs)
+
+    monkeypatch.setattr(F, "dropout", recording)
+    return states
+
+
+def dropout_net():
+    torch.manual_seed(0)
+    return MinMaxEntropyNet("resnet18", 2, modalities=2, kmax=0.5, kmin=0.5, dropout=0.5)
+
+
+def test_every_pass_of_an_erasing_step_draws_the_same_dropout_mask(monkeypatch):
+    states = dropout_rng_states(monkeypatch)
+    images, labels = torch.randn(2, 3, 64, 64), torch.tensor([0, 1])
+    stats = erasing_step(dropout_net(), images, labels, seed=7, nbr_times_erase=3,
+                         sigma_erase=10.0)
+    torch.manual_seed(7)
+    seeded = torch.random.get_rng_state()
+    assert len(states) == int(stats["erasing_passes"]) + 2  # localizer passes, then 2 regions
+    assert all(torch.equal(state, seeded) for state in states)
+
+
+def test_a_plain_step_reseeds_once_before_its_forward_pass(monkeypatch):
+    states = dropout_rng_states(monkeypatch)
+    images, labels = torch.randn(2, 3, 64, 64), torch.tensor([0, 1])
+    plain_step(dropout_net(), images, labels, seed=7)
+    torch.manual_seed(7)
+    assert len(states) == 3 and torch.equal(states[0], torch.random.get_rng_state())
+    assert not torch.equal(states[1], states[0]) and not torch.equal(states[2], states[1])
 
 
 def test_erasing_schedule():
@@ -132,3 +183,4 @@ def test_real_model_one_optimizer_step_per_batch_and_at_most_u_passes():
     assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))
     assert math.isfinite(stats["loss"]) and 0 <= stats["cl_error"] <= 100
     assert stats["loss"] == pytest.approx(stats["loss_seg"] + stats["loss_pos"] + stats["loss_neg"])
+    assert stats["loss_seg_pass_mean"] >= stats["loss_seg"] * 4 / 3 - 1e-9  # at most 3 passes of 4

@@ -4,7 +4,7 @@ import torch
 
 import crf_params
 import loader
-from deepmil.engine import evaluate, predictions
+from deepmil.engine import evaluate, image_row, predictions, summarise
 from deepmil.metrics import PxAPMeter, f1_pos_neg, iou_at
 from deepmil.model import MinMaxEntropyNet
 from helpers import tiny_synthetic_config
@@ -71,3 +71,19 @@ def test_crf_scores_appear_and_do_not_depend_on_the_worker_count(test_loader, ne
     assert {k: v for k, v in in_process.summary.items() if not k.startswith("crf_")} == plain
     assert len(pooled.records) == 2 and "crf_mask" in pooled.records[0]
     assert pooled.records[0]["crf_mask"].shape == pooled.records[0]["truth"].shape
+
+
+def test_empty_set_convention_in_the_summary():
+    empty, full = torch.zeros(1, 4, 4), torch.ones(1, 4, 4)
+    half = torch.zeros(1, 4, 4)
+    half[0, :2] = 1
+    items = [{"index": 0, "mask": empty, "truth": empty},  # F1+ is 0/0
+             {"index": 1, "mask": full, "truth": full},  # F1- is 0/0
+             {"index": 2, "mask": half, "truth": half}]
+    for item in items:
+        item.update(predicted=0, label=0, losses={"loss": 0.0})
+    one, zero = (summarise(image_row(item, empty) for item in items) for empty in (1.0, 0.0))
+    assert one["n_empty_dice"] == zero["n_empty_dice"] == 2
+    assert one["f1_pos"] == pytest.approx(100.0) and one["f1_neg"] == pytest.approx(100.0)
+    assert zero["f1_pos"] == pytest.approx(100 * 2 / 3) and zero["f1_neg"] == pytest.approx(100 * 2 / 3)
+    assert zero["iou"] == pytest.approx(100 * 2 / 3)

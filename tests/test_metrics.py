@@ -128,6 +128,22 @@ def test_dice_conventions():
         dice(empty, torch.zeros(3, 4))
 
 
+def test_empty_set_convention_zero():
+    empty = torch.zeros(2, 3, 3)
+    full = torch.ones(2, 3, 3)
+    assert dice(empty, empty, empty=0.0).tolist() == [0.0, 0.0]
+    assert iou(empty, empty, empty=0.0).tolist() == [0.0, 0.0]
+    assert f1_pos_neg(empty, empty, empty=0.0)[0].tolist() == [0.0, 0.0]
+    assert f1_pos_neg(full, full, empty=0.0)[1].tolist() == [0.0, 0.0]
+    assert all_ones_f1(full, empty=0.0)[1].tolist() == [0.0, 0.0]
+    # Only the 0/0 case changes.
+    pred, gt = hand_masks()
+    assert dice(pred != 0, gt, empty=0.0).item() == dice(pred != 0, gt).item()
+    sweep = ThresholdSweepMeter(empty=0.0)
+    sweep.update(torch.zeros(4, 4), torch.zeros(4, 4))
+    assert sweep.at(0.01) == {"f1_pos": 0.0, "f1_neg": 100.0, "iou": 0.0}
+
+
 def test_all_ones_f1():
     _, gt = hand_masks()
     f1_pos, f1_neg = all_ones_f1(gt)
@@ -230,6 +246,33 @@ def test_localization_meter_iou_and_top1_loc():
         plain.summary()
 
 
+def reference_pxap(scores: np.ndarray, truth: np.ndarray, interval: float) -> float:
+    """PxAP as wsolevaluation's ``MaskEvaluator`` computes it (percent)."""
+    edges = np.append(np.arange(0, 1, interval), [1.0, 2.0, 3.0])
+    true_hist, _ = np.histogram(scores[truth == 1], bins=edges)
+    false_hist, _ = np.histogram(scores[truth == 0], bins=edges)
+    tp, fp = true_hist[::-1].cumsum(), false_hist[::-1].cumsum()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        precision, recall = tp / (tp + fp), tp / true_hist.sum()
+    auc = precision[1:] * np.diff(recall)
+    return 100 * auc[~np.isnan(auc)].sum()
+
+
+def meter_pxap(scores, truth, interval: float) -> float:
+    meter = PxAPMeter(interval)
+    meter.update(torch.as_tensor(scores), torch.as_tensor(truth))
+    return meter.compute()
+
+
+def binned_sklearn_pxap(scores: np.ndarray, truth: np.ndarray, interval: float) -> float:
+    """scikit-learn's average precision of the scores replaced by their bin index."""
+    from sklearn.metrics import average_precision_score
+
+    edges = np.append(np.arange(0, 1, interval), [1.0, 2.0, 3.0])
+    bins = np.searchsorted(edges, scores.ravel(), side="right") - 1
+    return 100 * average_precision_score(truth.ravel(), bins)
+
+
 def test_pxap_hand_computed_and_streamed():
     # Scores 0.9 (fg), 0.8 (bg), 0.3 (fg), 0.1 (bg). Going down the thresholds:
     # t=0.9: P=1 R=1/2; t=0.8: P=1/2 R=1/2; t=0.3: P=2/3 R=1; t=0.1: P=1/2 R=1.
@@ -240,7 +283,7 @@ def test_pxap_hand_computed_and_streamed():
     meter.update(mask, gt)
     assert meter.compute() == pytest.approx(100 * 5 / 6)
     precision, recall = meter.curve()
-    assert precision.shape == recall.shape == (1000,)
+    assert precision.shape == recall.shape == (1002,)  # 1000 bins, 1.0's bin, an empty one
     assert recall[-1] == 1.0 and precision[-1] == 0.5
     streamed = PxAPMeter()
     streamed.update(mask[:1], gt[:1])
@@ -249,22 +292,63 @@ def test_pxap_hand_computed_and_streamed():
     assert streamed.compute() == pytest.approx(100 * 5 / 6)
 
 
-def test_pxap_constant_perfect_and_bounds():
+def test_pxap_bins_of_the_reference_one_and_grid_ties():
+    # interval 0.1: the edges are np.arange(0, 1, 0.1), whose 7th edge is 0.7000000000000001,
+    # so a score of exactly 0.7 falls into [0.6, 0.7000000000000001) with 0.69 (a tie).
+    # fg 1.0 (its own bin, first), fg 0.7, bg 0.69, bg 0.0:
+    # P=1 R=1/2; then the tie: P=2/3 R=1; AP = 1/2 + 1/2 * 2/3 = 5/6 (floor(10 s) gives 1).
+    scores = np.array([[1.0, 0.7], [0.69, 0.0]])
+    truth = np.array([[1, 1], [0, 0]])
+    assert meter_pxap(scores, truth, 0.1) == pytest.approx(100 * 5 / 6, abs=1e-12)
+    # 1.0 ranks above every other score: fg 1.0, bg 0.97, fg 0.95 at interval 0.1 gives
+    # P=1 R=1/2, then P=2/3 R=1: AP = 5/6 (one top bin [0.9, 1] would give 2/3).
+    scores = np.array([[1.0, 0.97, 0.95]])
+    truth = np.array([[1, 0, 1]])
+    assert meter_pxap(scores, truth, 0.1) == pytest.approx(100 * 5 / 6, abs=1e-12)
+    perfect = PxAPMeter(0.1)
+    gt = torch.zeros(1, 4, 5)
+    gt[0, :2, :3] = 1
+    perfect.update(gt.clone(), gt)  # exact 0 in the first bin, exact 1 in its own bin
+    assert perfect.compute() == pytest.approx(100.0)
+    assert perfect.counts.tolist() == [[14] + [0] * 11, [0] * 10 + [6, 0]]
+
+
+@pytest.mark.parametrize("interval", [0.01, 0.001])
+def test_pxap_equals_the_reference_and_binned_sklearn(interval):
+    generator = np.random.default_rng(0)
+    truth = (generator.random((3, 40, 50)) < 0.3).astype(np.int64)
+    grid = np.round(generator.integers(0, 101, truth.shape) / 100, 2)  # exactly on the grid
+    cases = {
+        "continuous": generator.random(truth.shape).astype(np.float32),
+        "separable": np.clip(0.6 * truth + 0.5 * generator.random(truth.shape), 0, 1),
+        "on the decimal grid": grid,
+        "zeros and ones": generator.integers(0, 2, truth.shape).astype(np.float64),
+        "float32 grid": grid.astype(np.float32),
+    }
+    for name, scores in cases.items():
+        expected = reference_pxap(scores, truth, interval)
+        assert meter_pxap(scores, truth, interval) == pytest.approx(expected, abs=1e-9), name
+        assert binned_sklearn_pxap(scores, truth, interval) == pytest.approx(expected,
+                                                                             abs=1e-9), name
+
+
+def test_pxap_constant_and_bounds():
     gt = torch.zeros(1, 4, 5)
     gt[0, :2, :3] = 1  # 6 of 20 pixels
     constant = PxAPMeter()
-    constant.update(torch.full((1, 4, 5), 0.7), gt)
+    constant.update(torch.full((1, 4, 5), 0.75), gt)
     assert constant.compute() == pytest.approx(100 * 6 / 20)  # precision = prevalence
-    perfect = PxAPMeter(bins=10)
-    perfect.update(gt.clone(), gt)  # exact 0 and 1 fall in the first and last bins
-    assert perfect.compute() == pytest.approx(100.0)
-    assert perfect.counts.tolist() == [[14] + [0] * 9, [0] * 9 + [6]]
+    coarse = constant.coarse_counts(50)
+    assert coarse.shape == (2, 50) and coarse[:, 37].tolist() == [14, 6]
+    assert coarse.sum() == 20
     empty = PxAPMeter()
     empty.update(torch.rand(3, 3), torch.zeros(3, 3))
     with pytest.raises(ValueError, match="no ground-truth foreground"):
         empty.compute()
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         empty.update(torch.full((3, 3), 1.5), torch.zeros(3, 3))
+    with pytest.raises(ValueError, match="interval"):
+        PxAPMeter(0.0)
 
 
 def test_threshold_sweep_hand_computed():
