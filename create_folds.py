@@ -13,15 +13,17 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import csv
+import fcntl
 import hashlib
 import json
 import math
 import random
 import re
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -30,7 +32,7 @@ import yaml
 from PIL import Image
 from scipy import io as sio
 
-from deepmil.synthetic import SyntheticSpec, ensure_synthetic_dataset, read_metadata
+from deepmil.synthetic import SyntheticSpec, ensure_synthetic_dataset, is_complete, read_metadata
 
 SEED = 0
 N_SPLITS = 2
@@ -460,6 +462,20 @@ def fold_paths(fold_dir: Path) -> list[Path]:
     return [fold_dir / f"{name}_{suffix}.csv" for name in ("train", "valid", "test")]
 
 
+def synthetic_folds_ready(data_root: Path, fold_folder: Path, spec: SyntheticSpec,
+                          fold_name: str = FOLD_NAMES["synthetic"]) -> bool:
+    """Whether the synthetic dataset of ``spec`` and its folds are complete and up to date."""
+    root = Path(data_root) / DATASET_SUBFOLDERS["synthetic"]
+    if not is_complete(root, spec):
+        return False
+    digest = hashlib.sha256((root / "spec.json").read_bytes()).hexdigest()
+    top = Path(fold_folder) / fold_name
+    stamp = top / SPEC_STAMP
+    fold_dir = top / f"split_{WRITTEN_SPLIT}" / f"fold_{WRITTEN_FOLD}"
+    return (stamp.is_file() and stamp.read_text(encoding="utf-8").strip() == digest
+            and all(path.is_file() for path in fold_paths(fold_dir)))
+
+
 def ensure_synthetic_folds(
     data_root: Path,
     fold_folder: Path,
@@ -471,19 +487,48 @@ def ensure_synthetic_folds(
     The folds are rewritten only when the digest of ``spec.json`` differs from the one stored next
     to them (``<fold_folder>/<fold_name>/spec.sha256``) or a fold file is missing.
     """
+    top = Path(fold_folder) / fold_name
+    fold_dir = top / f"split_{WRITTEN_SPLIT}" / f"fold_{WRITTEN_FOLD}"
+    if synthetic_folds_ready(data_root, fold_folder, spec, fold_name):
+        return fold_dir
     root = Path(data_root) / DATASET_SUBFOLDERS["synthetic"]
     ensure_synthetic_dataset(root, spec)
     digest = hashlib.sha256((root / "spec.json").read_bytes()).hexdigest()
-    top = Path(fold_folder) / fold_name
-    fold_dir = top / f"split_{WRITTEN_SPLIT}" / f"fold_{WRITTEN_FOLD}"
-    stamp = top / SPEC_STAMP
-    up_to_date = stamp.is_file() and stamp.read_text(encoding="utf-8").strip() == digest
-    if up_to_date and all(path.is_file() for path in fold_paths(fold_dir)):
-        return fold_dir
     print(f"writing the synthetic folds into {top}", flush=True)
     write_folds(top, synthetic_folds(root))
-    stamp.write_text(digest + "\n", encoding="utf-8")
+    (top / SPEC_STAMP).write_text(digest + "\n", encoding="utf-8")
     return fold_dir
+
+
+@contextlib.contextmanager
+def synthetic_folds_held(
+    data_root: Path,
+    fold_folder: Path,
+    spec: SyntheticSpec,
+    fold_name: str = FOLD_NAMES["synthetic"],
+) -> Iterator[Path]:
+    """:func:`ensure_synthetic_folds`, then keep the data as they are while the block runs.
+
+    A shared ``flock`` on ``<data_root>/.synthetic.lock`` is held for the whole block, and
+    generating needs it exclusively: a run whose ``synthetic:`` parameters differ from those of
+    a run still using the same data root is refused instead of regenerating the data under it.
+    """
+    root = Path(data_root) / DATASET_SUBFOLDERS["synthetic"]
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.with_name(f".{root.name}.lock"), "a+", encoding="utf-8") as handle:
+        fcntl.flock(handle, fcntl.LOCK_SH)
+        if not synthetic_folds_ready(data_root, fold_folder, spec, fold_name):
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RuntimeError(
+                    f"the synthetic data in {root} are in use by another run with other "
+                    f"'synthetic:' parameters; wait for it to end, or give this run another "
+                    f"--data-root (and fold_folder)"
+                ) from None
+            ensure_synthetic_folds(data_root, fold_folder, spec, fold_name)
+            fcntl.flock(handle, fcntl.LOCK_SH)
+        yield Path(fold_folder) / fold_name / f"split_{WRITTEN_SPLIT}" / f"fold_{WRITTEN_FOLD}"
 
 
 # ----------------------------------------------------------------------------- writing and checking

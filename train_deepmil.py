@@ -8,6 +8,7 @@ validation, test and training sets. Everything is written to one experiment fold
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -23,7 +24,7 @@ from tqdm import tqdm
 import crf_params
 import loader
 import reproducibility
-from create_folds import ensure_synthetic_folds
+from create_folds import synthetic_folds_held
 from deepmil import checkpoint, distributed, experiment, plots
 from deepmil.baselines import build_network_for
 from deepmil.config import ConfigError, save_config
@@ -81,18 +82,21 @@ def select_device(cudaid: str | None) -> torch.device:
     return torch.device(f"cuda:{cudaid}")
 
 
-def build_data(config: dict, context: DistributedContext) -> dict[str, torch.utils.data.DataLoader]:
+def build_data(config: dict, context: DistributedContext, stack: contextlib.ExitStack
+               ) -> dict[str, torch.utils.data.DataLoader]:
     """Loaders of the training set (augmented) and of the three evaluation sets.
 
     With ``preload`` the training and validation images are decoded into RAM up front (a
     corrupt one stops the run before it starts); the test set and the training set seen with
     evaluation transforms are read lazily. With several processes, each one reads its shard.
+    Synthetic data are generated if needed and kept unchanged until ``stack`` closes.
     """
     if config["dataset"] == "synthetic":
         if context.is_main:
-            ensure_synthetic_folds(Path(config["data_root"]), Path(config["fold_folder"]),
-                                   SyntheticSpec.from_config(config["synthetic"]),
-                                   config["fold_name"] or config["dataset"])
+            stack.enter_context(synthetic_folds_held(
+                Path(config["data_root"]), Path(config["fold_folder"]),
+                SyntheticSpec.from_config(config["synthetic"]),
+                config["fold_name"] or config["dataset"]))
         distributed.barrier()
     seed, workers = config["MYSEED"], config["num_workers"]
     shard = {"rank": context.rank, "world_size": context.world_size}
@@ -277,11 +281,7 @@ def planned_folder(config: dict, options) -> Path:
     if options.exp_name or options.overwrite:
         raise ConfigError("--resume continues a run in its own folder; drop --exp-name and "
                           "--overwrite")
-    folder = Path(options.resume)
-    if not (folder / "checkpoint.pt").is_file():
-        raise FileNotFoundError(f"--resume {folder}: no checkpoint.pt in that folder (no epoch "
-                                f"of that run finished); start a new run instead")
-    return folder
+    return Path(options.resume)
 
 
 def open_folder(folder: Path, config: dict, options) -> None:
@@ -296,15 +296,19 @@ def open_folder(folder: Path, config: dict, options) -> None:
     experiment.write_json(record, folder / "environment.json")
 
 
-def resume_state(folder: Path) -> dict:
-    """The checkpoint of ``folder``, with the files written after it made consistent with it.
+def resume_state(folder: Path) -> dict | None:
+    """The checkpoint of ``folder``, with the files written after it made consistent with it;
+    None when no epoch of the run had finished (it starts again from epoch 0).
 
     A run killed after saving the checkpoint of epoch ``k`` may miss ``k``'s line of
     ``metrics.jsonl`` or, if ``k`` was the best epoch, its ``best_model.pt`` (the weights of the
     checkpoint itself); both are rewritten from the checkpoint, and stale temporary files go.
     """
-    state = checkpoint.read_checkpoint(folder / "checkpoint.pt")
     experiment.remove_temporary_files(folder)
+    if not (folder / "checkpoint.pt").is_file():
+        LOGGER.info("no epoch of the run in %s had finished; training starts at epoch 0", folder)
+        return None
+    state = checkpoint.read_training_state(folder / "checkpoint.pt")
     experiment.write_json_lines(state["history"], folder / "metrics.jsonl")
     if state["best"]["epoch"] == state["epoch"]:
         checkpoint.save_torch(state["model"], folder / "best_model.pt")
@@ -393,14 +397,27 @@ def run_experiment(config: dict, options, device: torch.device,
     folder = on_main(context, lambda: planned_folder(config, options))
     reproducibility.set_seed(config["MYSEED"])
     reproducibility.set_deterministic(warn_only=True)
-    loaders = build_data(config, context)
-    model = build_network(config, device)
+    with contextlib.ExitStack() as stack:
+        loaders = build_data(config, context, stack)
+        model = build_network(config, device)
+        if context.is_main:
+            if not options.resume:
+                experiment.create_experiment_dir(folder, options.overwrite)
+            stack.enter_context(experiment.folder_lock(folder))
+        return run_in_folder(config, options, model, loaders, device, folder, context)
+
+
+def run_in_folder(config: dict, options, model: torch.nn.Module, loaders: dict,
+                  device: torch.device, folder: Path, context: DistributedContext
+                  ) -> dict[str, dict]:
+    """The run, once its folder exists and is locked: resume or clear it, train, evaluate."""
     state = None
     if options.resume:
         state = on_main(context, lambda: resume_state(folder))
-        model.load_state_dict(state["model"])
-    elif context.is_main:
-        experiment.create_experiment_dir(folder, options.overwrite)
+        if state is not None:
+            model.load_state_dict(state["model"])
+    elif context.is_main and options.overwrite:
+        experiment.remove_run_files(folder)
     model = distributed.wrap_model(model, context, device)
     try:
         if context.is_main:

@@ -1,8 +1,12 @@
 """Atomic checkpoint files, resumable training state and loading of user checkpoints."""
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import tempfile
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Callable, IO
 
@@ -31,14 +35,47 @@ def _os_error(error: BaseException) -> OSError | None:
     return error if isinstance(error, OSError) else None
 
 
+DEFERRED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+@contextlib.contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGTERM back while the block runs (in the main thread; elsewhere no
+    handler can run anyway): the first one received is handled right after the block, by the
+    handler that was in place, and a second one meanwhile is not handled twice."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = {signum: signal.signal(signum, lambda number, _: received.append(number))
+                for signum in DEFERRED_SIGNALS}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        if received:
+            handler = previous[received[0]]
+            if callable(handler):
+                handler(received[0], None)
+            else:
+                signal.raise_signal(received[0])
+
+
 def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     """Call ``write(file_object)`` on a temporary file next to ``path``, fsync, then rename.
 
     A crash or a failing write leaves any previous ``path`` untouched and no partial file; a
     failing write (disk full...) is an ``OSError`` naming ``path``. The file gets the usual
-    permissions (``mkstemp`` would leave it readable by its owner only).
+    permissions (``mkstemp`` would leave it readable by its owner only). SIGINT and SIGTERM
+    wait until the file is in place, so an interruption never stops a write half-way.
     """
-    path = Path(path)
+    with signals_deferred():
+        _atomic_write(Path(path), write)
+
+
+def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
+    """:func:`atomic_write` without the signal deferral."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -80,6 +117,20 @@ def training_state(model: nn.Module, optimizer: torch.optim.Optimizer, epoch: in
              "best": best, "history": history}
     if scaler is not None:
         state["scaler"] = scaler.state_dict()
+    return state
+
+
+TRAINING_STATE_KEYS = ("epoch", "model", "optimizer", "best", "history")
+
+
+def read_training_state(path: Path) -> dict[str, Any]:
+    """The resumable state of :func:`training_state` stored in ``path``; a file of another kind
+    (e.g. bare weights) is an error naming it."""
+    state = read_checkpoint(path)
+    missing = [key for key in TRAINING_STATE_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ValueError(f"{path} is not a training checkpoint (no {', '.join(missing)}); it "
+                         f"may hold bare weights, which --path_pre_trained loads instead")
     return state
 
 

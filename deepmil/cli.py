@@ -148,8 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
 def resumed_config(args: argparse.Namespace) -> dict:
     """The configuration saved in the experiment folder ``args.resume``.
 
-    Only the run options (``--cudaid``, ``--data-root``, ``--quiet``) may change on resume; the
-    seed must stay the one the run started with.
+    Only the run options (``--cudaid``, ``--data-root``, ``--quiet``, ``--crf``) may change on
+    resume; the seed must stay the one the run started with.
     """
     path = Path(args.resume) / "config.yaml"
     if not path.is_file():
@@ -167,6 +167,8 @@ def resumed_config(args: argparse.Namespace) -> dict:
                           f"{SEED_ENV} = {config['MYSEED']}; unset it or set it to {saved_seed}")
     config["data_root"] = resolve_data_root(config, args.data_root)
     config["cudaid"] = args.cudaid
+    if args.crf:
+        config["crf"] = True
     return config
 
 

@@ -12,9 +12,7 @@ import copy
 import difflib
 import logging
 import math
-import os
 import re
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +21,7 @@ from typing import Any
 import yaml
 
 from deepmil.baselines import METHODS
+from deepmil.checkpoint import atomic_write
 from deepmil.pooling import feature_map_size
 
 logger = logging.getLogger(__name__)
@@ -635,20 +634,9 @@ def load_config(path: str | Path) -> dict:
 
 
 def save_config(config: Mapping[str, Any], path: str | Path) -> None:
-    """Write ``config`` as YAML atomically (temporary file in the same folder, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            yaml.safe_dump(dict(config), stream, sort_keys=False, default_flow_style=None)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
-
-
-# ----------------------------------------------------------------------------- overrides
+    """Write ``config`` as YAML atomically, with the permissions of every other result file."""
+    text_value = yaml.safe_dump(dict(config), sort_keys=False, default_flow_style=None)
+    atomic_write(Path(path), lambda stream: stream.write(text_value.encode("utf-8")))
 
 
 def _leaf_field(dotted: str, source: str) -> Field:

@@ -25,7 +25,8 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
-    """Raised when a training loss term is NaN or infinite."""
+    """Raised when training diverges: a loss term, a weight or an evaluated score or mask is NaN
+    or infinite."""
 
 
 def check_amp(amp: str | None, device: torch.device) -> None:
@@ -186,6 +187,25 @@ def check_finite(values: list[float], epoch: int, batch: int,
                                  f"{terms}")
 
 
+def check_finite_weights(model: nn.Module, epoch: int) -> None:
+    """Stop when a parameter of ``model`` holds a NaN/inf after ``epoch``, naming the first few."""
+    parameters = list(unwrap(model).named_parameters())
+    finite = torch.stack([parameter.detach().isfinite().all() for _, parameter in parameters])
+    if not bool(finite.all()):
+        names = [name for (name, _), ok in zip(parameters, finite.tolist()) if not ok]
+        raise NonFiniteLossError(f"non-finite weights after epoch {epoch} (training diverged): "
+                                 f"{', '.join(names[:5])}" + (" ..." if len(names) > 5 else ""))
+
+
+def check_finite_outputs(scores: torch.Tensor, masks: torch.Tensor, source: object,
+                         batch: int) -> None:
+    """Stop when an evaluated batch (of the images listed in ``source``) has NaN/inf class
+    scores or mask values."""
+    if not bool(scores.isfinite().all() & masks.isfinite().all()):
+        raise NonFiniteLossError(f"non-finite class scores or mask values when evaluating "
+                                 f"{source}, batch {batch} (training diverged)")
+
+
 def train_one_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.optim.Optimizer,
                     epoch: int, seed: int, device: torch.device, nbr_times_erase: int,
                     sigma_erase: float, erase: bool,
@@ -230,6 +250,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.o
                              errors.view(1), torch.ones(1, device=device) * labels.numel()])
         if on_batch is not None:
             on_batch({"loss": sum(values)})
+    check_finite_weights(model, epoch)
     loss, *logged_sums, errors, samples = all_reduce_sum(totals).tolist()
     return {"loss": loss / samples,
             **{name: total / samples for name, total in zip(names + extras, logged_sums)},
@@ -282,7 +303,7 @@ def predictions(network: nn.Module, loader: Iterable[dict], device: torch.device
     """
     geometry = loader.dataset.geometry
     batched = (loader.batch_size or 1) > 1
-    for batch in loader:
+    for batch_index, batch in enumerate(loader):
         images = to_device(batch["image"], device, channels_last)
         labels = batch["label"].to(device, non_blocking=True)
         with autocast(device, None if method == "gradcam" else amp):
@@ -291,6 +312,7 @@ def predictions(network: nn.Module, loader: Iterable[dict], device: torch.device
             else:
                 scores, masks, losses = baseline_outputs(network, images, labels, method)
         masks = masks.float()
+        check_finite_outputs(scores, masks, loader.dataset.csv_path, batch_index)
         losses["loss"] = sum(losses.values())
         confidence, predicted = torch.softmax(scores, dim=1).max(dim=1)
         per_image = {name: value.tolist() for name, value in losses.items()}

@@ -1,12 +1,16 @@
 """The experiment folder: its name, logs, records of the run and result files."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
+import os
 import platform
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -23,6 +27,7 @@ REPOSITORY = Path(__file__).resolve().parents[1]
 RUN_FILES = ("config.yaml", "environment.json", "training.log", "metrics.jsonl", "checkpoint.pt",
              "best_model.pt", "final_metrics.json", "results.md", "learning_curves.png",
              "test_predictions.png", "test_predictions.npz", "test_mask_histograms.png")
+LOCK_FILE = ".lock"
 
 
 def experiment_name(config: Mapping[str, Any]) -> str:
@@ -48,9 +53,31 @@ def experiment_folder(root: Path, name: str, overwrite: bool) -> Path:
 
 
 def create_experiment_dir(folder: Path, overwrite: bool) -> None:
-    """Create ``folder``; with ``overwrite`` an existing one is kept but emptied of run files."""
+    """Create ``folder`` (with ``overwrite`` an existing one is kept)."""
     folder.mkdir(parents=True, exist_ok=overwrite)
-    remove_run_files(folder)
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path) -> Iterator[None]:
+    """Hold an exclusive lock on the experiment ``folder`` while the block runs.
+
+    The lock (``flock`` on ``folder/.lock``, which records the holder's process id) ends with
+    the process, however it ends; a folder locked by another process is a ``RuntimeError``.
+    """
+    with open(folder / LOCK_FILE, "a+", encoding="utf-8") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            owner = handle.read().strip() or "unknown"
+            raise RuntimeError(f"experiment folder {folder} is in use by another run (process "
+                               f"{owner}); wait for it to end, or choose another "
+                               f"--exp-name") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        yield
 
 
 def remove_run_files(folder: Path) -> None:
@@ -67,8 +94,10 @@ def remove_temporary_files(folder: Path) -> None:
 
 
 def discard_run(folder: Path) -> None:
-    """Remove what a run wrote in ``folder``, and the folder itself if nothing else is in it."""
+    """Remove what a run wrote in ``folder`` (its lock too), and the folder itself if nothing
+    else is in it."""
     remove_run_files(folder)
+    (folder / LOCK_FILE).unlink(missing_ok=True)
     if folder.is_dir() and not any(folder.iterdir()):
         folder.rmdir()
 

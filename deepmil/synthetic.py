@@ -372,11 +372,38 @@ def ensure_synthetic_dataset(root: Path, spec: SyntheticSpec) -> bool:
             f"{root} exists and is not a synthetic dataset (no spec.json); move it away first"
         )
     root.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(root)
     staging = root.with_name(f".{root.name}.tmp-{os.getpid()}")
     if staging.exists():
         shutil.rmtree(staging)
     total = spec.n_train + spec.n_test
     print(f"generating {total} synthetic images of {spec.image_size}px in {root}", flush=True)
-    _write_dataset(staging, spec)
+    try:
+        _write_dataset(staging, spec)
+    except BaseException as error:
+        shutil.rmtree(staging, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise OSError(error.errno, f"cannot write the synthetic dataset into {root}: "
+                                       f"{error.strerror or error}") from error
+        raise
     _replace_folder(root, staging)
     return True
+
+
+def process_alive(pid: int) -> bool:
+    """Whether a process with id ``pid`` exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_staging(root: Path) -> None:
+    """Delete the staging folders of ``root`` left by generating processes that are gone."""
+    for staging in root.parent.glob(f".{root.name}.tmp-*"):
+        pid = staging.name.rpartition("-")[2]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(staging, ignore_errors=True)

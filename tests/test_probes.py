@@ -1,0 +1,195 @@
+"""Probes of faults found by trying to break a run: concurrent runs, signals during writes,
+divergence, resuming odd folders, generation failures. Each test names the symptom it keeps
+away. Fixtures (the tiny dataset, the reference run, the in-process command line) come from
+tests/conftest.py."""
+import errno
+import os
+import shutil
+import signal
+import stat
+
+import pytest
+import torch
+
+import create_folds
+import deepmil.engine
+import deepmil.synthetic
+from deepmil import checkpoint, experiment
+from deepmil.synthetic import SyntheticSpec
+from test_reliability import (BATCH, TRAIN_CSV, epoch_metrics, final_metrics, temporary_files,
+                              tiny_args)
+
+SPEC_A = SyntheticSpec(image_size=32, n_train=4, n_test=2)
+SPEC_B = SyntheticSpec(image_size=32, n_train=4, n_test=2, seed=1)
+
+
+# ----------------------------------------------------------------------------- concurrent runs
+
+
+def test_synthetic_data_in_use_are_not_regenerated_for_another_spec(tmp_path):
+    """Symptom: a second run with other ``synthetic:`` values regenerated the data that a first
+    run was still reading (it then scored another dataset's images and exited 0)."""
+    data, folds = tmp_path / "data", tmp_path / "folds"
+    with create_folds.synthetic_folds_held(data, folds, SPEC_A):
+        spec_json = (data / "synthetic" / "spec.json").read_text()
+        images = {path.name: path.read_bytes() for path in (data / "synthetic").rglob("*.png")}
+        with create_folds.synthetic_folds_held(data, folds, SPEC_A):  # same spec: shared
+            pass
+        with pytest.raises(RuntimeError, match="in use by another run with other 'synthetic:'"):
+            with create_folds.synthetic_folds_held(data, folds, SPEC_B):
+                pass
+        assert (data / "synthetic" / "spec.json").read_text() == spec_json
+        assert images == {path.name: path.read_bytes()
+                          for path in (data / "synthetic").rglob("*.png")}
+    with create_folds.synthetic_folds_held(data, folds, SPEC_B):  # free again: regenerates
+        assert deepmil.synthetic.is_complete(data / "synthetic", SPEC_B)
+
+
+def test_a_locked_experiment_folder_is_refused_and_left_alone(cli, dataset, reference,
+                                                              tmp_path):
+    """Symptom: a second run with the same --exp-name and --overwrite wrote its config beside
+    the first run's metrics, and its clean-up deleted the first run's config.yaml."""
+    folder = shutil.copytree(reference, tmp_path / "exps" / "busy")
+    before = {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()
+              and path.name != experiment.LOCK_FILE}
+    args = tiny_args(dataset, "--exp-name", "busy", "--overwrite", exp_root=str(tmp_path / "exps"))
+    with experiment.folder_lock(folder):
+        code, err = cli(args)
+        assert code == 1 and f"experiment folder {folder} is in use by another run" in err
+        code, err = cli(["--resume", str(folder), "--cudaid", "cpu", "--quiet"])
+        assert code == 1 and "is in use by another run" in err
+    assert before == {path.name: path.read_bytes() for path in folder.iterdir()
+                      if path.is_file() and path.name != experiment.LOCK_FILE}
+
+
+# ----------------------------------------------------------------------------- signals
+
+
+def test_signals_are_deferred_until_a_write_is_done():
+    handled = []
+    previous = signal.signal(signal.SIGTERM, lambda number, _: handled.append(number))
+    try:
+        with checkpoint.signals_deferred():
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+            assert handled == []
+        assert handled == [signal.SIGTERM]
+        assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_sigterm_during_the_checkpoint_write_exits_143_with_a_whole_checkpoint(
+        cli, dataset, monkeypatch):
+    """Symptom: SIGTERM while ``checkpoint.pt`` was written exited 1 with a torch ``enforce
+    fail ... unexpected pos`` message."""
+    real_save, count = torch.save, iter(range(10**6))
+
+    def save(obj, stream):
+        if next(count) == 2:  # the checkpoint of epoch 1
+            os.kill(os.getpid(), signal.SIGTERM)
+            os.kill(os.getpid(), signal.SIGTERM)
+        real_save(obj, stream)
+
+    monkeypatch.setattr(torch, "save", save)
+    code, err = cli(tiny_args(dataset, "--exp-name", "term-in-write"))
+    folder = dataset / "exps" / "term-in-write"
+    assert code == 128 + signal.SIGTERM and "interrupted by SIGTERM" in err
+    assert checkpoint.read_training_state(folder / "checkpoint.pt")["epoch"] == 1
+    assert not temporary_files(folder)
+
+
+# ----------------------------------------------------------------------------- divergence
+
+
+def test_weights_that_turn_nan_stop_with_a_divergence_error(cli, dataset, monkeypatch):
+    """Symptom: NaN weights with a finite loss stopped inside the PxAP meter ("mask values must
+    lie in [0, 1], got [nan, nan]") without a word of divergence."""
+    batches = -(-len((dataset / TRAIN_CSV).read_text().splitlines()) // BATCH)
+    real, count = deepmil.engine.plain_step, iter(range(10**6))
+
+    def step(model, *args, **kwargs):
+        stats = real(model, *args, **kwargs)
+        if next(count) == batches - 1:  # the loss of the last batch of epoch 0 is finite
+            with torch.no_grad():
+                next(model.parameters()).fill_(float("nan"))
+        return stats
+
+    monkeypatch.setattr(deepmil.engine, "plain_step", step)
+    code, err = cli(tiny_args(dataset, "--exp-name", "nan-weights"))
+    assert code == 1 and "non-finite weights after epoch 0 (training diverged): conv1.weight" in err
+
+
+def test_non_finite_evaluation_outputs_are_a_divergence_error():
+    with pytest.raises(deepmil.engine.NonFiniteLossError, match="evaluating test.csv, batch 3"):
+        deepmil.engine.check_finite_outputs(torch.tensor([[0.0, float("nan")]]),
+                                            torch.zeros(1, 2, 2), "test.csv", 3)
+    deepmil.engine.check_finite_outputs(torch.zeros(1, 2), torch.zeros(1, 2, 2), "test.csv", 3)
+
+
+# ----------------------------------------------------------------------------- resuming
+
+
+def test_resume_of_a_run_killed_before_its_first_checkpoint(cli, reference, tmp_path):
+    """Symptom: --resume said "start a new run", and the same command then said the folder
+    already exists."""
+    folder = shutil.copytree(reference, tmp_path / "early")
+    for name in experiment.RUN_FILES:
+        if name not in ("config.yaml", "environment.json", "training.log"):
+            (folder / name).unlink(missing_ok=True)
+    code, err = cli(["--resume", str(folder), "--cudaid", "cpu", "--quiet"])
+    assert code == 0, err
+    assert epoch_metrics(folder) == epoch_metrics(reference)
+    assert final_metrics(folder) == final_metrics(reference)
+
+
+def test_resume_with_crf_scores_the_crf_masks(cli, reference, tmp_path):
+    """Symptom: ``--resume EXP --crf`` dropped ``--crf`` silently."""
+    folder = shutil.copytree(reference, tmp_path / "crf")
+    code, err = cli(["--resume", str(folder), "--cudaid", "cpu", "--quiet", "--crf"])
+    assert code == 0, err
+    assert "crf_f1_pos" in final_metrics(folder)["test"]
+    assert "crf_f1_pos" not in final_metrics(reference)["test"]
+
+
+def test_bare_weights_in_place_of_the_checkpoint(cli, reference, tmp_path):
+    """Symptom: an uncaught ``KeyError: 'history'``."""
+    folder = shutil.copytree(reference, tmp_path / "weights")
+    shutil.copy(folder / "best_model.pt", folder / "checkpoint.pt")
+    code, err = cli(["--resume", str(folder), "--cudaid", "cpu", "--quiet"])
+    assert code == 1
+    assert f"{folder / 'checkpoint.pt'} is not a training checkpoint (no epoch, model" in err
+
+
+def test_config_has_the_mode_of_every_other_result_file(reference):
+    """Symptom: ``config.yaml`` was written with mode 0600."""
+    mode = stat.S_IMODE((reference / "final_metrics.json").stat().st_mode)
+    assert stat.S_IMODE((reference / "config.yaml").stat().st_mode) == mode == checkpoint.FILE_MODE
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def test_synthetic_generation_on_a_full_disk(tmp_path, monkeypatch):
+    """Symptom: ``[Errno 28]`` without a path, and a ``.synthetic.tmp-<pid>`` folder left."""
+    def full(folder, spec):
+        (folder / "images").mkdir(parents=True)
+        (folder / "images" / "part.png").write_bytes(b"x" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(deepmil.synthetic, "_write_dataset", full)
+    root = tmp_path / "synthetic"
+    with pytest.raises(OSError, match=f"cannot write the synthetic dataset into {root}: No space"):
+        deepmil.synthetic.ensure_synthetic_dataset(root, SPEC_A)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_staging_folders_of_dead_processes_are_removed(tmp_path):
+    root = tmp_path / "synthetic"
+    stale = tmp_path / ".synthetic.tmp-999999999"
+    live = tmp_path / f".synthetic.tmp-{os.getppid()}"
+    for folder in (stale, live):
+        (folder / "images").mkdir(parents=True)
+    deepmil.synthetic.ensure_synthetic_dataset(root, SPEC_A)
+    assert not stale.exists() and live.exists()
+    assert deepmil.synthetic.is_complete(root, SPEC_A)
