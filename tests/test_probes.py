@@ -7,6 +7,7 @@ import os
 import shutil
 import signal
 import stat
+import time
 
 import pytest
 import torch
@@ -16,8 +17,8 @@ import deepmil.engine
 import deepmil.synthetic
 from deepmil import checkpoint, experiment
 from deepmil.synthetic import SyntheticSpec
-from test_reliability import (BATCH, TRAIN_CSV, epoch_metrics, final_metrics, temporary_files,
-                              tiny_args)
+from test_reliability import (BATCH, TRAIN_CSV, epoch_metrics, final_metrics, run_cli, start_cli,
+                              temporary_files, tiny_args, wait_for_epochs)
 
 SPEC_A = SyntheticSpec(image_size=32, n_train=4, n_test=2)
 SPEC_B = SyntheticSpec(image_size=32, n_train=4, n_test=2, seed=1)
@@ -193,3 +194,19 @@ def test_stale_staging_folders_of_dead_processes_are_removed(tmp_path):
     deepmil.synthetic.ensure_synthetic_dataset(root, SPEC_A)
     assert not stale.exists() and live.exists()
     assert deepmil.synthetic.is_complete(root, SPEC_A)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.0, 0.15, 0.4])
+def test_a_kill_during_an_erasing_epoch_resumes_to_the_same_result(reference, dataset, delay):
+    """SIGKILL at several moments of epoch 2 (recursive erasing), then --resume."""
+    folder = dataset / "exps" / f"killed-erasing-{delay}"
+    process = start_cli(tiny_args(dataset, "--exp-name", folder.name))
+    wait_for_epochs(process, folder / "metrics.jsonl", 2)
+    time.sleep(delay)
+    process.send_signal(signal.SIGKILL)
+    process.communicate()
+    result = run_cli(["--resume", str(folder), "--cudaid", "cpu", "--quiet"])
+    assert result.returncode == 0, result.stderr
+    assert epoch_metrics(folder) == epoch_metrics(reference)
+    assert final_metrics(folder) == final_metrics(reference)
