@@ -302,6 +302,7 @@ def predictions(network: nn.Module, loader: Iterable[dict], device: torch.device
     regions go through the network together, which equals image by image up to float rounding.
     """
     geometry = loader.dataset.geometry
+    source = getattr(loader.dataset, "csv_path", "the evaluation set")
     batched = (loader.batch_size or 1) > 1
     for batch_index, batch in enumerate(loader):
         images = to_device(batch["image"], device, channels_last)
@@ -312,7 +313,7 @@ def predictions(network: nn.Module, loader: Iterable[dict], device: torch.device
             else:
                 scores, masks, losses = baseline_outputs(network, images, labels, method)
         masks = masks.float()
-        check_finite_outputs(scores, masks, loader.dataset.csv_path, batch_index)
+        check_finite_outputs(scores, masks, source, batch_index)
         losses["loss"] = sum(losses.values())
         confidence, predicted = torch.softmax(scores, dim=1).max(dim=1)
         per_image = {name: value.tolist() for name, value in losses.items()}
