@@ -35,6 +35,7 @@ main() {
     require_tools curl tar gzip
     local dest
     dest=$(absolute_dir "$1")
+    remove_stale_staging "$dest" "$FOLDER"
     if already_installed "$dest" "$FOLDER"; then
         info "$dest/$FOLDER is already installed; nothing to do."
         return 0

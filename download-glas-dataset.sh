@@ -39,6 +39,7 @@ main() {
     require_tools curl unzip
     local dest
     dest=$(absolute_dir "$1")
+    remove_stale_staging "$dest" "$FOLDER"
     if already_installed "$dest" "$FOLDER"; then
         info "$dest/$FOLDER is already installed; nothing to do."
         return 0

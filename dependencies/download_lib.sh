@@ -2,10 +2,13 @@
 # Functions shared by the dataset download scripts (sourced, not executed).
 #
 # A dataset is installed in three stages, each safe to interrupt:
-#   1. every file is downloaded into DEST/.downloads/<name>.part (resumable) and renamed to
-#      DEST/.downloads/<name> once complete and checked against its md5 (when one is known);
-#   2. the archives are extracted into a fresh staging data root DEST/.staging-<folder>.XXXXXX/,
-#      the expected layout is checked and the folds step runs on that staging data root;
+#   1. every file is downloaded into DEST/.downloads/<name>.part (resumable; a .part that already
+#      holds the whole file is not fetched again) and renamed to DEST/.downloads/<name> once
+#      complete and checked against its md5 (when one is known);
+#   2. the archives are extracted into a fresh staging data root
+#      DEST/.staging-<folder>.<host>.<pid>.XXXXXX/ (named after the machine and process that own it,
+#      so that a later run can remove it once that process is gone), the expected layout is checked
+#      and the folds step runs on that staging data root;
 #   3. the marker <folder>/.complete is written inside the staging area and the folder is moved
 #      into DEST in one rename, so a folder in DEST is either complete or absent.
 # A later run finds DEST/<folder>/.complete and does nothing.
@@ -105,28 +108,89 @@ verify_md5() {
     fi
 }
 
-# Download the URL held in the variable named URL_VAR into DIR/NAME (resuming DIR/NAME.part)
-# and verify it against the md5 held in MD5_VAR. A file already in DIR is only re-verified.
+# Print the size in bytes that the server announces for URL (nothing when it announces none or
+# answers the request for the headers with an error).
+remote_size() {
+    local headers
+    headers=$(curl -sfLI -- "$1" 2>/dev/null) || return 0
+    printf '%s\n' "$headers" | tr -d '\r' |
+        awk '/^HTTP\// { size = "" } tolower($1) == "content-length:" { size = $2 }
+             END { if (size ~ /^[0-9]+$/) print size }'
+}
+
+# Print what the partial download PART of URL holds: "complete" when its size is the size the
+# server announces or, when the server announces none, when its md5 is EXPECTED (empty: unknown);
+# "oversized" when it is larger than the remote file; "partial" otherwise (also when absent).
+part_state() {
+    local part=$1 url=$2 expected=$3
+    local size remote
+    if [[ ! -s $part ]]; then
+        echo partial
+        return 0
+    fi
+    size=$(($(wc -c <"$part")))
+    remote=$(remote_size "$url")
+    if [[ -n $remote ]]; then
+        if ((size == remote)); then
+            echo complete
+        elif ((size > remote)); then
+            echo oversized
+        else
+            echo partial
+        fi
+    elif [[ -n $expected && $(md5_of "$part") == "$expected" ]]; then
+        echo complete
+    else
+        echo partial
+    fi
+}
+
+# Download URL into PART, resuming it. An HTTP 416 answer (no bytes left after the end of PART)
+# means PART is already complete. On any other failure exit with advice naming NAME and URL_VAR.
+download() {
+    local url=$1 part=$2 name=$3 url_var=$4
+    local code
+    if code=$(curl -fL --retry 3 -C - --progress-bar -w '%{http_code}' -o "$part" -- "$url"); then
+        return 0
+    fi
+    if [[ $code == 416 ]]; then
+        info "The server has no bytes after the end of $part (HTTP 416): taking it as complete."
+        return 0
+    fi
+    local advice=("Check your connection and rerun this script (the download resumes where it stopped)."
+        "If the file moved, set $url_var to a working URL (file:///path for a local copy).")
+    if [[ -s $part ]]; then
+        advice+=("If resuming keeps failing, delete the partial file '$part' and rerun.")
+    else
+        rm -f -- "$part"
+    fi
+    die "could not download $name" "URL: $url" "${advice[@]}"
+}
+
+# Download the URL held in the variable named URL_VAR into DIR/NAME (resuming DIR/NAME.part unless
+# it is already complete) and verify it against the md5 held in MD5_VAR. A file already in DIR is
+# only re-verified.
 fetch() {
     local dir=$1 name=$2 url_var=$3 md5_var=$4
     local url=${!url_var}
     local file=$dir/$name
+    local state
     [[ -n $url ]] || die "no URL for $name: $url_var is empty." "Set $url_var to a working URL."
     if [[ -f $file ]]; then
         info "Found $file; not downloading it again."
         verify_md5 "$file" "$name" "$url_var" "$md5_var"
         return 0
     fi
-    info "Downloading $name from $url"
-    if ! curl -fL --retry 3 -C - --progress-bar -o "$file.part" -- "$url"; then
-        local advice=("Check your connection and rerun this script (the download resumes where it stopped)."
-            "If the file moved, set $url_var to a working URL (file:///path for a local copy).")
-        if [[ -s $file.part ]]; then
-            advice+=("If resuming keeps failing, delete the partial file '$file.part' and rerun.")
-        else
-            rm -f -- "$file.part"
-        fi
-        die "could not download $name" "URL: $url" "${advice[@]}"
+    state=$(part_state "$file.part" "$url" "${!md5_var}")
+    if [[ $state == oversized ]]; then
+        info "$file.part is larger than the file at $url (did it change?); downloading it again."
+        rm -f -- "$file.part"
+    fi
+    if [[ $state == complete ]]; then
+        info "Found the complete download $file.part; not downloading it again."
+    else
+        info "Downloading $name from $url"
+        download "$url" "$file.part" "$name" "$url_var"
     fi
     verify_md5 "$file.part" "$name" "$url_var" "$md5_var"
     mv -- "$file.part" "$file"
@@ -139,10 +203,42 @@ remove_staging() {
     fi
 }
 
-# Create a fresh staging data root inside DEST for FOLDER and print its path.
+# Create a fresh staging data root inside DEST for FOLDER and print its path. Its name records
+# its owner, this machine and this script's process id, for remove_stale_staging.
 make_staging() {
     local dest=$1 folder=$2
-    mktemp -d "$dest/.staging-$folder.XXXXXX" || die "could not create a staging folder in '$dest'."
+    mktemp -d "$dest/.staging-$folder.$(uname -n).$$.XXXXXX" ||
+        die "could not create a staging folder in '$dest'."
+}
+
+# Succeed when process PID is running on this machine, whoever owns it.
+process_running() {
+    kill -0 "$1" 2>/dev/null || ps -p "$1" >/dev/null 2>&1
+}
+
+# Remove the staging folders of FOLDER in DEST whose owner process is gone from this machine (a
+# run killed during extraction or the folds step), and those without an owner in their name (made
+# before owners were recorded). Leave those owned by a running process or by another machine.
+remove_stale_staging() {
+    local dest=$1 folder=$2
+    local dir rest owner host pid
+    for dir in "$dest/.staging-$folder."*/; do
+        [[ -d $dir ]] || continue
+        dir=${dir%/}
+        rest=${dir##*/.staging-"$folder".}
+        if [[ $rest == *.* ]]; then
+            owner=${rest%.*}
+            host=${owner%.*}
+            pid=${owner##*.}
+            if [[ $host != "$(uname -n)" ]] || process_running "$pid"; then
+                info "Leaving $dir: it belongs to process $pid on $host, which may still be running." \
+                    "If no download script is running there, delete it."
+                continue
+            fi
+        fi
+        info "Removing $dir, left by an interrupted run."
+        rm -rf -- "$dir"
+    done
 }
 
 # Extract ARCHIVE (.zip, .tgz or .tar.gz) into DIR.
@@ -235,7 +331,8 @@ COMMON_HELP="Common environment variables:
   PYTHON          Python interpreter used for create_folds.py (default: python3).
 
 Downloads go to DEST/.downloads/ and resume when the script is rerun. Archives are extracted
-into a staging folder DEST/.staging-*; the dataset folder appears in DEST only once complete
-(it then holds a .complete marker) and a later run does nothing. When create_folds.py sits
-next to this script it is run on the new data (skipped with SKIP_FOLDS=1; then run
-'python3 create_folds.py --dataset NAME --data-root DEST' yourself later)."
+into a staging folder DEST/.staging-* (one left by a killed run is removed by the next run); the
+dataset folder appears in DEST only once complete (it then holds a .complete marker) and a later
+run does nothing. When create_folds.py sits next to this script it is run on the new data
+(skipped with SKIP_FOLDS=1; then run 'python3 create_folds.py --dataset NAME --data-root DEST'
+yourself later)."

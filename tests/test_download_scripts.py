@@ -4,10 +4,13 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import tarfile
 import threading
+import time
 import zipfile
 from dataclasses import dataclass
 from functools import partial
@@ -415,3 +418,267 @@ def test_failed_folds_step_installs_nothing_and_keeps_downloads(tmp_path, dest):
     assert retry.returncode == 0, retry.stderr
     for relative, data in expected_files(dataset).items():
         assert (dest / relative).read_bytes() == data, relative
+
+
+class RangeHandler(QuietHandler):
+    """Static file handler that honours `Range: bytes=START-[END]` requests and records every request.
+
+    A range starting at or after the end of the file gets 416 (Range Not Satisfiable), as real
+    servers answer; HEAD gets 405 when the server's `refuse_head` is set (a server announcing no
+    size). Each request is appended to the server's `requests` as (method, path, Range header).
+    """
+
+    timeout = 10
+
+    def do_HEAD(self):
+        self.server.requests.append(("HEAD", self.path, None))
+        if self.server.refuse_head:
+            self.send_error(405)
+            return
+        super().do_HEAD()
+
+    def do_GET(self):
+        asked = self.headers.get("Range")
+        self.server.requests.append(("GET", self.path, asked))
+        match = re.fullmatch(r"bytes=(\d+)-(\d*)", asked or "")
+        path = Path(self.translate_path(self.path))
+        if match is None or not path.is_file():
+            super().do_GET()
+            return
+        data = path.read_bytes()
+        start = int(match[1])
+        end = min(int(match[2]), len(data) - 1) if match[2] else len(data) - 1
+        if start >= len(data):
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(data)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(206)
+        self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
+        self.send_header("Content-Length", str(end + 1 - start))
+        self.end_headers()
+        self.wfile.write(data[start:end + 1])
+
+
+@dataclass
+class RangeServer:
+    """A running RangeHandler server: its folder, base URL and server object."""
+
+    root: Path
+    base_url: str
+    server: ThreadingHTTPServer
+
+    def requests_for(self, name: str) -> list[tuple]:
+        """Return the requests made so far for the file `name`."""
+        return [request for request in self.server.requests if request[1] == f"/{name}"]
+
+
+@pytest.fixture
+def range_http(tmp_path):
+    """Serve a fresh folder with RangeHandler on 127.0.0.1 (answering HEAD until told otherwise)."""
+    root = tmp_path / "www"
+    root.mkdir()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(RangeHandler, directory=str(root)))
+    server.daemon_threads = True
+    server.requests = []
+    server.refuse_head = False
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield RangeServer(root, f"http://127.0.0.1:{server.server_address[1]}", server)
+    server.shutdown()
+    server.server_close()
+    thread.join(timeout=10)
+
+
+def setid_over_http(served: RangeServer, dest: Path, part: bytes) -> tuple[dict[str, str], bytes]:
+    """Serve the Oxford files and leave `part` as DEST/.downloads/setid.mat.part.
+
+    Return the URL and MD5 overrides and the bytes of the served setid.mat.
+    """
+    env = source_env(write_sources(DATASETS["oxf"], served.root), served.base_url)
+    (dest / ".downloads").mkdir(parents=True)
+    (dest / ".downloads" / "setid.mat.part").write_bytes(part)
+    return env, (served.root / "setid.mat").read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("refuse_head", "with_md5", "reply"),
+    [(False, True, "size"), (True, True, "md5"), (True, False, "416")],
+    ids=["size-matches", "md5-matches", "server-answers-416"],
+)
+def test_complete_part_is_not_downloaded_again_over_http(range_http, dest, refuse_head, with_md5, reply):
+    range_http.server.refuse_head = refuse_head
+    env, setid = setid_over_http(range_http, dest, DATASETS["oxf"].sources[3].content)
+    if not with_md5:
+        env["OXF_SETID_MD5"] = ""
+    result = run_script(REPO / DATASETS["oxf"].script, dest, env)
+    assert result.returncode == 0, result.stderr
+    assert (dest / "Oxford-flowers-102" / "setid.mat").read_bytes() == setid
+    gets = [request for request in range_http.requests_for("setid.mat") if request[0] == "GET"]
+    if reply == "416":
+        assert gets == [("GET", "/setid.mat", f"bytes={len(setid)}-")]
+        assert "(HTTP 416): taking it as complete" in result.stderr
+    else:
+        assert gets == []
+        assert f"Found the complete download {dest}/.downloads/setid.mat.part" in result.stderr
+
+
+@pytest.mark.parametrize("refuse_head", [False, True], ids=["size-known", "size-unknown"])
+def test_partial_part_resumes_over_http(range_http, dest, refuse_head):
+    range_http.server.refuse_head = refuse_head
+    setid = DATASETS["oxf"].sources[3].content
+    env, _ = setid_over_http(range_http, dest, setid[:40])
+    result = run_script(REPO / DATASETS["oxf"].script, dest, env)
+    assert result.returncode == 0, result.stderr
+    assert (dest / "Oxford-flowers-102" / "setid.mat").read_bytes() == setid
+    gets = [request for request in range_http.requests_for("setid.mat") if request[0] == "GET"]
+    assert gets == [("GET", "/setid.mat", "bytes=40-")]
+
+
+def test_part_larger_than_the_remote_file_is_downloaded_again(range_http, dest):
+    setid = DATASETS["oxf"].sources[3].content
+    env, _ = setid_over_http(range_http, dest, setid + b"from an older, longer version")
+    env["OXF_SETID_MD5"] = ""
+    result = run_script(REPO / DATASETS["oxf"].script, dest, env)
+    assert result.returncode == 0, result.stderr
+    assert "setid.mat.part is larger than the file at" in result.stderr
+    assert (dest / "Oxford-flowers-102" / "setid.mat").read_bytes() == setid
+    gets = [request for request in range_http.requests_for("setid.mat") if request[0] == "GET"]
+    assert gets == [("GET", "/setid.mat", None)]
+
+
+@pytest.mark.parametrize("refuse_head", [False, True], ids=["size-known", "size-unknown"])
+def test_corrupt_complete_part_fails_then_rerun_downloads_it_again(range_http, dest, refuse_head):
+    range_http.server.refuse_head = refuse_head
+    setid = DATASETS["oxf"].sources[3].content
+    env, _ = setid_over_http(range_http, dest, b"X" * len(setid))
+    result = run_script(REPO / DATASETS["oxf"].script, dest, env)
+    assert result.returncode != 0
+    assert "checksum mismatch for setid.mat\n" in result.stderr
+    assert f"actual md5:   {hashlib.md5(b'X' * len(setid)).hexdigest()}" in result.stderr
+    assert "The corrupt file was deleted. Rerun this script" in result.stderr
+    assert_not_installed(DATASETS["oxf"], dest)
+    assert not (dest / ".downloads" / "setid.mat").exists()
+
+    retry = run_script(REPO / DATASETS["oxf"].script, dest, env)
+    assert retry.returncode == 0, retry.stderr
+    for relative, data in expected_files(DATASETS["oxf"]).items():
+        assert (dest / relative).read_bytes() == data, relative
+    assert [request for request in range_http.requests_for("setid.mat") if request[0] == "GET"][-1] == (
+        "GET", "/setid.mat", None
+    )
+
+
+BLOCKING_CREATE_FOLDS = """
+import os, pathlib, time
+pathlib.Path(os.environ["FOLDS_STARTED"]).touch()
+time.sleep(60)
+"""
+
+
+@pytest.fixture
+def blocked_glas_run(tmp_path, dest):
+    """Start download-glas-dataset.sh on DEST, stopped in its folds step; yield (process, staging, env).
+
+    `env` holds the URL and MD5 overrides of the files the run fetched, for further runs on DEST.
+
+    The run is a process group of its own, killed with SIGKILL at teardown if still running.
+    """
+    dataset = DATASETS["glas"]
+    scripts = copy_scripts(tmp_path / "repo", BLOCKING_CREATE_FOLDS)
+    started = tmp_path / "folds-started"
+    sources = source_env(write_sources(dataset, tmp_path / "src"))
+    env = {key: value for key, value in os.environ.items() if key not in OWN_VARIABLES}
+    env |= sources | {"PYTHON": shutil.which("python3") or "python", "FOLDS_STARTED": str(started)}
+    process = subprocess.Popen(
+        ["bash", str(scripts / dataset.script), str(dest)], env=env, start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while not started.exists():
+            assert process.poll() is None, "the download script ended before its folds step"
+            assert time.monotonic() < deadline, "the download script did not reach its folds step"
+            time.sleep(0.05)
+        (staging,) = dest.glob(f".staging-{dataset.folder}.*")
+        assert (staging / dataset.folder / GLAS_INNER / "Grade.csv").is_file()
+        yield process, staging, sources
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+def kill_run(process: subprocess.Popen) -> None:
+    """SIGKILL a run started by blocked_glas_run (its whole process group) and wait for it."""
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=10)
+
+
+def test_staging_folder_of_a_killed_run_is_removed_by_the_next_run(blocked_glas_run, dest):
+    process, staging, env = blocked_glas_run
+    kill_run(process)
+    assert staging.is_dir()
+    dataset = DATASETS["glas"]
+    result = run_script(REPO / dataset.script, dest, env)
+    assert result.returncode == 0, result.stderr
+    assert f"Removing {staging}, left by an interrupted run." in result.stderr
+    assert not list(dest.glob(".staging-*"))
+    for relative, data in expected_files(dataset).items():
+        assert (dest / relative).read_bytes() == data, relative
+
+
+def test_staging_folder_of_a_running_script_is_left_alone(blocked_glas_run, dest):
+    process, staging, env = blocked_glas_run
+    dataset = DATASETS["glas"]
+    result = run_script(REPO / dataset.script, dest, env)
+    assert result.returncode == 0, result.stderr
+    owner = f"it belongs to process {process.pid} on {os.uname().nodename}"
+    assert f"Leaving {staging}: {owner}" in result.stderr
+    for relative, data in expected_files(dataset).items():
+        assert (dest / relative).read_bytes() == data, relative
+        assert (staging / relative).read_bytes() == data, relative
+    assert list(dest.glob(".staging-*")) == [staging]
+
+    kill_run(process)
+    again = run_script(REPO / dataset.script, dest, env)
+    assert again.returncode == 0, again.stderr
+    assert "nothing to do" in again.stderr
+    assert f"Removing {staging}, left by an interrupted run." in again.stderr
+    assert not list(dest.glob(".staging-*"))
+
+
+def dead_pid() -> int:
+    """Return the process id of a process that has ended."""
+    process = subprocess.Popen(["true"])
+    process.wait()
+    return process.pid
+
+
+@pytest.mark.parametrize(
+    ("owner", "removed"),
+    [
+        (lambda: "", True),
+        (lambda: f"{os.uname().nodename}.{dead_pid()}.", True),
+        (lambda: f"{os.uname().nodename}.1.", False),
+        (lambda: f"elsewhere.example.{dead_pid()}.", False),
+    ],
+    ids=["no-owner", "dead-process", "running-process", "other-machine"],
+)
+def test_leftover_staging_folders_are_removed_only_when_stale(owner, removed, tmp_path, dest):
+    dataset = DATASETS["glas"]
+    leftover = dest / f".staging-{dataset.folder}.{owner()}Ab12Cd"
+    (leftover / dataset.folder).mkdir(parents=True)
+    (leftover / dataset.folder / "half.bmp").write_bytes(b"half extracted")
+    env = source_env(write_sources(dataset, tmp_path / "src"))
+    result = run_script(REPO / dataset.script, dest, env)
+    assert result.returncode == 0, result.stderr
+    for relative, data in expected_files(dataset).items():
+        assert (dest / relative).read_bytes() == data, relative
+    if removed:
+        assert f"Removing {leftover}, left by an interrupted run." in result.stderr
+        assert not leftover.exists()
+    else:
+        assert f"Leaving {leftover}: it belongs to process" in result.stderr
+        assert (leftover / dataset.folder / "half.bmp").read_bytes() == b"half extracted"
