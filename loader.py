@@ -107,7 +107,7 @@ def read_fold_csv(path: str | Path) -> list[FoldRow]:
     if not path.is_file():
         raise FileNotFoundError(f"fold CSV not found: {path}")
     rows = []
-    with path.open(newline="", encoding="utf-8") as handle:
+    with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.reader(handle, delimiter=",", quotechar="|")
         for fields in reader:
             line = reader.line_num

@@ -63,17 +63,32 @@ class Field:
 # ----------------------------------------------------------------------------- value checks
 
 
-def _show(value: Any) -> str:
+SHOWN_CHARACTERS = 200
+
+
+def clip(text_value: str, limit: int = SHOWN_CHARACTERS) -> str:
+    """``text_value``, cut to ``limit`` characters (saying how long it was) for a message."""
+    if len(text_value) <= limit:
+        return text_value
+    return f"{text_value[:limit]}... ({len(text_value)} characters)"
+
+
+def _render(value: Any) -> str:
     """A value as written in YAML (``true``, ``null``, ``[480, 480]``, ``'abc'``)."""
     if value is None:
         return "null"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (list, tuple)):
-        return "[" + ", ".join(_show(v) for v in value) + "]"
+        return "[" + ", ".join(_render(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{k}: {_render(v)}" for k, v in value.items()) + "}"
     return repr(value) if isinstance(value, str) else str(value)
+
+
+def _show(value: Any) -> str:
+    """A value as written in YAML, at most :data:`SHOWN_CHARACTERS` long (for messages)."""
+    return clip(_render(value))
 
 
 def _is_int(value: Any) -> bool:
@@ -349,7 +364,15 @@ SCHEMA: dict[str, Any] = {
 
 
 class _Loader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` that also reads exponent floats without a dot (``1e-5``) as floats."""
+    """``yaml.SafeLoader`` that also reads exponent floats without a dot (``1e-5``) as floats,
+    and refuses anchors and aliases (a few bytes of aliases can expand to gigabytes)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
+            raise yaml.YAMLError(f"anchors and aliases (&name, *name) are not allowed in a "
+                                 f"configuration (line {event.start_mark.line + 1})")
+        return super().compose_node(parent, index)
 
 
 _Loader.add_implicit_resolver(
@@ -605,6 +628,9 @@ def read_raw_config(path: Path, chain: tuple[Path, ...] = ()) -> tuple[Any, list
         raw = parse_yaml(path.read_text(encoding="utf-8"))
     except OSError as error:
         raise ConfigError(f"{source}: cannot read the configuration ({error})") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{source}: the configuration is not UTF-8 text (byte "
+                          f"{error.start}: {error.reason})") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{source}: invalid YAML ({error})") from None
     if not isinstance(raw, dict) or "base" not in raw:
@@ -702,4 +728,5 @@ def parse_value(dotted: str, raw: str, source: str) -> Any:
     try:
         return parse_yaml(raw)
     except yaml.YAMLError as error:
-        raise ConfigError(f"{source}: {dotted} = {raw!r} is not valid YAML ({error})") from None
+        raise ConfigError(f"{source}: {dotted} = {clip(repr(raw))} is not valid YAML "
+                          f"({error})") from None

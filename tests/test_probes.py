@@ -16,6 +16,9 @@ import create_folds
 import deepmil.engine
 import deepmil.synthetic
 from deepmil import checkpoint, experiment
+from deepmil.config import ConfigError, load_config
+from loader import read_fold_csv
+from tools import get_yaml_args
 from deepmil.synthetic import SyntheticSpec
 from test_reliability import (BATCH, TRAIN_CSV, epoch_metrics, final_metrics, run_cli, start_cli,
                               temporary_files, tiny_args, wait_for_epochs)
@@ -210,3 +213,49 @@ def test_a_kill_during_an_erasing_epoch_resumes_to_the_same_result(reference, da
     assert result.returncode == 0, result.stderr
     assert epoch_metrics(folder) == epoch_metrics(reference)
     assert final_metrics(folder) == final_metrics(reference)
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+def alias_bomb(levels: int = 9) -> str:
+    """A "billion laughs" YAML document under the known key ``model.name``."""
+    lines = ['a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, levels)]
+    return "\n".join(lines) + f"\nmodel:\n  name: *a{levels - 1}\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_quickly_and_briefly(tmp_path):
+    """Symptom: a 336-byte file gave a 351 MB error message (20 s, 1.4 GB of memory)."""
+    path = tmp_path / "bomb.yaml"
+    path.write_text(alias_bomb())
+    began = time.perf_counter()
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert time.perf_counter() - began < 1.0 and len(str(error.value)) < 1000
+    assert "anchors and aliases (&name, *name) are not allowed" in str(error.value)
+    assert "bomb.yaml" in str(error.value)
+    with pytest.raises(ConfigError, match="anchors and aliases") as error:
+        get_yaml_args(["--yaml", "synthetic-no-erasing.yaml", "--set", "model.name=&x [1, *x]"])
+
+
+def test_long_values_are_cut_in_messages(tmp_path):
+    path = tmp_path / "long.yaml"
+    path.write_text("base: synthetic-no-erasing.yaml\nmodel:\n  name: " + "x" * 100_000 + "\n")
+    with pytest.raises(ConfigError) as error:
+        load_config(path)
+    assert len(str(error.value)) < 1000 and "(100002 characters)" in str(error.value)
+
+
+def test_a_config_that_is_not_utf8_is_named(tmp_path):
+    path = tmp_path / "latin1.yaml"
+    path.write_bytes("dataset: synthetic  # caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.yaml: the configuration is not UTF-8 text"):
+        load_config(path)
+
+
+def test_a_fold_csv_with_a_byte_order_mark(tmp_path):
+    """Symptom: "file not found" for a path starting with an invisible U+FEFF."""
+    path = tmp_path / "train.csv"
+    path.write_bytes("\ufeffimages/a.png,masks/a.png,class0\n".encode("utf-8"))
+    assert read_fold_csv(path)[0].image == "images/a.png"
