@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import logging
 import operator
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -15,8 +17,13 @@ from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.data.distributed import DistributedSampler
 from torchvision.transforms.v2 import functional as TF
+from tqdm import tqdm
 
 import reproducibility
+
+logger = logging.getLogger(__name__)
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+SHOWN_PATHS = 10
 
 DATASET_SUBFOLDERS = {
     "glas": "GlaS-2015/Warwick QU Dataset (Released 2016_07_08)",
@@ -122,7 +129,31 @@ def read_fold_csv(path: str | Path) -> list[FoldRow]:
             rows.append(FoldRow(*fields))
     if not rows:
         raise ValueError(f"fold CSV is empty: {path}")
+    warn_duplicates(rows, path)
     return rows
+
+
+def warn_duplicates(rows: Sequence[FoldRow], path: Path) -> None:
+    """Warn when an image is listed more than once in a fold CSV."""
+    seen: set[str] = set()
+    repeated = sorted({row.image for row in rows if row.image in seen or seen.add(row.image)})
+    if repeated:
+        logger.warning("%s lists %d image(s) more than once: %s", path, len(repeated),
+                       ", ".join(repeated[:SHOWN_PATHS]) + (" ..." if len(repeated) > SHOWN_PATHS
+                                                           else ""))
+
+
+def check_disjoint_splits(rows: Mapping[Path, Sequence[FoldRow]]) -> None:
+    """Refuse an image that two fold CSVs (e.g. train and test) both list, naming both."""
+    paths = list(rows)
+    for index, first in enumerate(paths):
+        images = {row.image for row in rows[first]}
+        for second in paths[index + 1:]:
+            shared = sorted(images & {row.image for row in rows[second]})
+            if shared:
+                raise ValueError(f"{len(shared)} image(s) are listed in both {first} and "
+                                 f"{second}, e.g. {', '.join(shared[:3])}: the splits must not "
+                                 f"overlap")
 
 
 def _check_encoding(mapping: Any, source: str) -> dict[str, int]:
@@ -167,24 +198,52 @@ def encode_labels(rows: Sequence[FoldRow], encoding: Mapping[str, int], csv_path
 # ----------------------------------------------------------------------------- images and masks
 
 
+def too_large_error(path: Path, error: Exception) -> ValueError:
+    """The error for an image over Pillow's decompression-bomb limit."""
+    return ValueError(f"cannot read image {path}: it is larger than Pillow's limit of "
+                      f"{Image.MAX_IMAGE_PIXELS} pixels, which guards against decompression "
+                      f"bombs ({error}); shrink it, or raise PIL.Image.MAX_IMAGE_PIXELS if the "
+                      f"file is trusted")
+
+
 def read_size(path: Path) -> tuple[int, int]:
     """(height, width) of an image read from its header only."""
     try:
         with Image.open(path) as image:
             width, height = image.size
+    except Image.DecompressionBombError as error:
+        raise too_large_error(path, error) from error
     except (OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"cannot read image {path}: {error}") from error
     return height, width
 
 
-def _decode(path: Path, mode: str) -> Image.Image:
-    """Fully decode ``path`` into a PIL image of ``mode``; a corrupt file names the path."""
+def _open_decoded(path: Path) -> Image.Image:
+    """Fully decode ``path`` in its own mode; a corrupt or oversized file names the path, and
+    32-bit integer or float images (whose range is unknown) are refused."""
     try:
         with Image.open(path) as image:
             image.load()
-            return image.convert(mode)
+            decoded = image.copy()
+    except Image.DecompressionBombError as error:
+        raise too_large_error(path, error) from error
     except (OSError, SyntaxError, ValueError) as error:
         raise ValueError(f"cannot decode image {path}: {error}") from error
+    if decoded.mode in ("I", "F"):
+        raise ValueError(f"cannot decode image {path}: {decoded.mode!r} images (32-bit integer "
+                         f"or float pixels) are not supported; save it with 8 or 16 bits per "
+                         f"channel")
+    return decoded
+
+
+def _decode(path: Path, mode: str) -> Image.Image:
+    """Fully decode ``path`` into a PIL image of ``mode``; 16-bit grey levels are brought to 8
+    bits by ``round(v / 257)`` (Pillow's own conversion would clip them at 255)."""
+    image = _open_decoded(path)
+    if image.mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image).astype(np.float64)
+        image = Image.fromarray(np.rint(values / 257).astype(np.uint8), mode="L")
+    return image.convert(mode)
 
 
 def load_rgb(path: Path) -> Image.Image:
@@ -192,18 +251,47 @@ def load_rgb(path: Path) -> Image.Image:
     return _decode(path, "RGB")
 
 
-def binarize_mask(mask: np.ndarray, family: str) -> np.ndarray:
-    """Foreground of an 8-bit grey mask: ``> 127.5`` for CUB, ``!= 0`` otherwise."""
+def binarize_mask(mask: np.ndarray, family: str, full_scale: int = 255) -> np.ndarray:
+    """Foreground of a grey mask whose values run to ``full_scale``: ``> 127.5 / 255`` of it for
+    CUB, ``!= 0`` otherwise."""
     if family not in FAMILIES:
         raise ValueError(f"unknown dataset family {family!r}; expected one of {FAMILIES}")
     if family == "cub":
-        return mask > CUB_MASK_THRESHOLD
+        return mask > CUB_MASK_THRESHOLD * full_scale / 255
     return mask != 0
 
 
 def load_mask(path: Path, family: str) -> np.ndarray:
-    """Decode a mask as 8-bit grey and binarise it (boolean h x w array)."""
-    return binarize_mask(np.asarray(_decode(path, "L")), family)
+    """Decode a mask as grey levels (8 or 16 bits, kept exact) and binarise it (boolean h x w)."""
+    image = _open_decoded(path)
+    if image.mode in SIXTEEN_BIT_MODES:
+        return binarize_mask(np.asarray(image), family, full_scale=65535)
+    return binarize_mask(np.asarray(image.convert("L")), family)
+
+
+def decoding_error(path: Path) -> str | None:
+    """Why ``path`` cannot be fully decoded as an image, or None when it can."""
+    try:
+        _open_decoded(path)
+    except ValueError as error:
+        return str(error)
+    return None
+
+
+def verify_images(paths: Iterable[Path], workers: int = 2, quiet: bool = False) -> None:
+    """Fully decode every file of ``paths`` (threads; a progress bar unless ``quiet``) and raise
+    one error listing every file that fails."""
+    paths = list(dict.fromkeys(paths))
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        errors = [error for error in tqdm(pool.map(decoding_error, paths), total=len(paths),
+                                          desc="checking images", leave=False,
+                                          disable=True if quiet else None)
+                  if error is not None]
+    if errors:
+        shown = "\n  ".join(errors[:SHOWN_PATHS])
+        more = f"\n  ... and {len(errors) - SHOWN_PATHS} more" if len(errors) > SHOWN_PATHS else ""
+        raise ValueError(f"{len(errors)} of {len(paths)} image files cannot be decoded:\n  "
+                         f"{shown}{more}")
 
 
 def mask_tensor(mask: np.ndarray) -> torch.Tensor:

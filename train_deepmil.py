@@ -86,9 +86,11 @@ def build_data(config: dict, context: DistributedContext, stack: contextlib.Exit
                ) -> dict[str, torch.utils.data.DataLoader]:
     """Loaders of the training set (augmented) and of the three evaluation sets.
 
-    With ``preload`` the training and validation images are decoded into RAM up front (a
-    corrupt one stops the run before it starts); the test set and the training set seen with
-    evaluation transforms are read lazily. With several processes, each one reads its shard.
+    With ``preload`` the training and validation images are decoded into RAM up front; the test
+    set and the training set seen with evaluation transforms are read lazily, but every file is
+    decoded once before training so that a corrupt one stops the run before it starts (all of
+    them named at once). Splits that share an image are refused. With several processes, each
+    one reads its shard.
     Synthetic data are generated if needed and kept unchanged until ``stack`` closes.
     """
     if config["dataset"] == "synthetic":
@@ -110,7 +112,21 @@ def build_data(config: dict, context: DistributedContext, stack: contextlib.Exit
         check_batchable(dataset, batch, split)
         loaders[name] = loader.make_loader(dataset, batch, workers, shuffle=False, seed=seed,
                                            **shard)
+    datasets = [loaders[name].dataset for name in ("train", "valid", "test", "train_eval")]
+    loader.check_disjoint_splits({dataset.csv_path: dataset.rows for dataset in datasets[:3]})
+    on_main(context, lambda: loader.verify_images(lazy_files(datasets), max(1, workers)))
     return loaders
+
+
+def lazy_files(datasets: list[loader.PhotoDataset]) -> list[Path]:
+    """The image and mask files that the datasets read only when a sample is asked for."""
+    files = []
+    for dataset in datasets:
+        if dataset.images is None:
+            files += dataset.image_paths
+        if not dataset.train and dataset.masks is None:
+            files += dataset.mask_paths
+    return files
 
 
 def check_batchable(dataset: loader.PhotoDataset, batch: int, split: str) -> None:

@@ -9,15 +9,17 @@ import signal
 import stat
 import time
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import create_folds
 import deepmil.engine
 import deepmil.synthetic
 from deepmil import checkpoint, experiment
 from deepmil.config import ConfigError, load_config
-from loader import read_fold_csv
+from loader import load_mask, load_rgb, read_fold_csv, read_size
 from tools import get_yaml_args
 from deepmil.synthetic import SyntheticSpec
 from test_reliability import (BATCH, TRAIN_CSV, epoch_metrics, final_metrics, run_cli, start_cli,
@@ -259,3 +261,61 @@ def test_a_fold_csv_with_a_byte_order_mark(tmp_path):
     path = tmp_path / "train.csv"
     path.write_bytes("\ufeffimages/a.png,masks/a.png,class0\n".encode("utf-8"))
     assert read_fold_csv(path)[0].image == "images/a.png"
+
+
+def test_16_bit_images_are_scaled_and_16_bit_masks_kept_exact(tmp_path):
+    """Symptom: 99.6 % of a 0..65535 ramp became 255 and training went on."""
+    ramp = np.arange(65536, dtype=np.uint16).reshape(256, 256)
+    Image.fromarray(ramp).save(tmp_path / "ramp.png")
+    grey = np.asarray(load_rgb(tmp_path / "ramp.png"))[..., 0]
+    assert np.array_equal(grey, np.rint(ramp / 257).astype(np.uint8))
+    assert (grey == 255).mean() < 0.01
+    labels = np.zeros((4, 4), np.uint16)
+    labels[0, :2], labels[1, :3] = 1, 40000  # instance ids, and a CUB-like soft mask
+    Image.fromarray(labels).save(tmp_path / "mask.png")
+    assert load_mask(tmp_path / "mask.png", "glas").sum() == 5
+    assert load_mask(tmp_path / "mask.png", "cub").sum() == 3  # 40000 > 32767.5, 1 is not
+
+
+def test_32_bit_and_float_images_are_refused_by_name(tmp_path):
+    path = tmp_path / "float.tiff"
+    Image.fromarray(np.ones((4, 4), np.float32)).save(path)
+    with pytest.raises(ValueError, match=f"cannot decode image {path}: 'F' images"):
+        load_rgb(path)
+
+
+def test_an_image_over_the_pixel_limit_is_named(tmp_path, monkeypatch):
+    """Symptom: an uncaught ``DecompressionBombError`` naming no file."""
+    path = tmp_path / "huge.png"
+    Image.new("RGB", (64, 64)).save(path)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 > 2 x 1000
+    for read in (read_size, load_rgb):
+        with pytest.raises(ValueError, match=f"cannot read image {path}: it is larger than "
+                                             f"Pillow's limit of 1000 pixels"):
+            read(path)
+
+
+def test_every_corrupt_file_is_listed_before_training(cli, own_data):
+    """Symptom: a truncated test image stopped the run only at the final evaluation."""
+    test_csv = own_data / "folds" / "synthetic" / "split_0" / "fold_0" / "test_s_0_f_0.csv"
+    rows = [line.split(",") for line in test_csv.read_text().splitlines()]
+    broken = [own_data / "data" / "synthetic" / rows[0][0], own_data / "data" / "synthetic" / rows[1][1]]
+    for path in broken:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    code, err = cli(tiny_args(own_data))
+    assert code == 1 and "2 of " in err and "image files cannot be decoded" in err
+    assert all(f"cannot decode image {path}" in err for path in broken)
+    assert not (own_data / "exps").exists()
+
+
+def test_duplicated_rows_warn_and_overlapping_splits_are_refused(cli, own_data, caplog):
+    """Symptom: duplicated rows, and the same image in train and test, were accepted."""
+    fold = own_data / "folds" / "synthetic" / "split_0" / "fold_0"
+    train, test = fold / "train_s_0_f_0.csv", fold / "test_s_0_f_0.csv"
+    first = train.read_text().splitlines()[0]
+    train.write_text(train.read_text() + first + "\n")
+    rows = read_fold_csv(train)
+    assert f"{train} lists 1 image(s) more than once: {first.split(',')[0]}" in caplog.text
+    test.write_text(test.read_text() + first + "\n")
+    code, err = cli(tiny_args(own_data))
+    assert code == 1 and f"listed in both {train} and {test}, e.g. {rows[0].image}" in err
