@@ -659,9 +659,18 @@ def load_config(path: str | Path) -> dict:
     return validate_config({} if raw is None else raw, source)
 
 
+class _NoAliasDumper(yaml.SafeDumper):
+    """``yaml.SafeDumper`` that writes a value shared by several keys in full each time (the
+    loader refuses aliases)."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def save_config(config: Mapping[str, Any], path: str | Path) -> None:
     """Write ``config`` as YAML atomically, with the permissions of every other result file."""
-    text_value = yaml.safe_dump(dict(config), sort_keys=False, default_flow_style=None)
+    text_value = yaml.dump(dict(config), Dumper=_NoAliasDumper, sort_keys=False,
+                           default_flow_style=None)
     atomic_write(Path(path), lambda stream: stream.write(text_value.encode("utf-8")))
 
 

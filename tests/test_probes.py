@@ -18,7 +18,7 @@ import create_folds
 import deepmil.engine
 import deepmil.synthetic
 from deepmil import checkpoint, experiment
-from deepmil.config import ConfigError, load_config
+from deepmil.config import CONFIG_DIR, ConfigError, load_config, save_config
 from loader import load_mask, load_rgb, read_fold_csv, read_size
 from tools import get_yaml_args
 from deepmil.synthetic import SyntheticSpec
@@ -319,3 +319,12 @@ def test_duplicated_rows_warn_and_overlapping_splits_are_refused(cli, own_data, 
     test.write_text(test.read_text() + first + "\n")
     code, err = cli(tiny_args(own_data))
     assert code == 1 and f"listed in both {train} and {test}, e.g. {rows[0].image}" in err
+
+
+def test_a_saved_config_with_a_shared_value_loads_again(tmp_path):
+    """A list shared by two keys must not be saved as an anchor the loader refuses."""
+    config = load_config(CONFIG_DIR / "synthetic-no-erasing.yaml")
+    config["padding_size"] = config["model"]["scale"]
+    save_config(config, tmp_path / "config.yaml")
+    assert "&" not in (tmp_path / "config.yaml").read_text()
+    assert load_config(tmp_path / "config.yaml")["padding_size"] == config["model"]["scale"]
