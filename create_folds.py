@@ -33,6 +33,8 @@ from PIL import Image
 from scipy import io as sio
 
 from deepmil.synthetic import SyntheticSpec, ensure_synthetic_dataset, is_complete, read_metadata
+from deepmil.errors import DataError, DeepMILError
+from deepmil.registry import FOLD_BUILDERS
 
 SEED = 0
 N_SPLITS = 2
@@ -54,21 +56,9 @@ OXF_SET_KEYS = ("trnid", "valid", "tstid")
 CUB_METADATA_FILES = ("classes", "images", "image_class_labels", "train_test_split")
 SEED_FILE_TEXT = f"MYSEED: {SEED}"
 SPEC_STAMP = "spec.sha256"
-DATASETS = ("glas", "cub", "cub5", "oxf", "synthetic")
-DATASET_SUBFOLDERS = {
-    "glas": "GlaS-2015/Warwick QU Dataset (Released 2016_07_08)",
-    "cub": "Caltech-UCSD-Birds-200-2011",
-    "cub5": "Caltech-UCSD-Birds-200-2011",
-    "oxf": "Oxford-flowers-102",
-    "synthetic": "synthetic",
-}
-FOLD_NAMES = {
-    "glas": "glas",
-    "cub": "Caltech-UCSD-Birds-200-2011",
-    "cub5": "Caltech-UCSD-Birds-200-2011-CUB5",
-    "oxf": "Oxford-flowers-102",
-    "synthetic": "synthetic",
-}
+DATASETS = tuple(FOLD_BUILDERS)
+DATASET_SUBFOLDERS = {builder: spec.folder for builder, spec in FOLD_BUILDERS.items()}
+FOLD_NAMES = {builder: spec.folds[builder] for builder, spec in FOLD_BUILDERS.items()}
 PUBLISHED_SHA256 = {
     "glas/split_0/fold_0/train_s_0_f_0.csv": (
         "32d9fa8becd17dd3c7c80bfb14101d3d19f915deeee403b5f6b84e5714411420"
@@ -150,7 +140,7 @@ def valid_chunk_size(n_items: int) -> int:
 def class_fold(items: Sequence[Row], fold: int) -> tuple[list[Row], list[Row]]:
     """(train, valid) of one class: fold ``i`` takes the ``i``-th chunk as validation."""
     if not 0 <= fold < N_FOLDS:
-        raise ValueError(f"fold must be in [0, {N_FOLDS}), got {fold}")
+        raise DataError(f"fold must be in [0, {N_FOLDS}), got {fold}")
     size = valid_chunk_size(len(items))
     start, stop = fold * size, (fold + 1) * size
     return list(items[:start]) + list(items[stop:]), list(items[start:stop])
@@ -217,14 +207,14 @@ def read_grade_csv(path: Path) -> list[tuple[str, str]]:
             if not any(cells):
                 continue
             if len(cells) < 3:
-                raise ValueError(f"{path}:{line_number}: expected at least 3 columns, got {row}")
+                raise DataError(f"{path}:{line_number}: expected at least 3 columns, got {row}")
             name, grade = cells[0], cells[2]
             if grade not in GLAS_CLASSES:
-                raise ValueError(
+                raise DataError(
                     f"{path}:{line_number}: grade must be one of {GLAS_CLASSES}, got {grade!r}"
                 )
             if not name.startswith(("train", "test")):
-                raise ValueError(
+                raise DataError(
                     f"{path}:{line_number}: name must start with 'train' or 'test', got {name!r}"
                 )
             samples.append((name, grade))
@@ -268,7 +258,7 @@ def _read_id_table(path: Path) -> dict[int, str]:
             continue
         parts = line.split(maxsplit=1)
         if len(parts) != 2 or not parts[0].isdigit():
-            raise ValueError(f"{path}:{line_number}: expected '<integer id> <value>', got {line!r}")
+            raise DataError(f"{path}:{line_number}: expected '<integer id> <value>', got {line!r}")
         table[int(parts[0])] = parts[1].strip()
     return table
 
@@ -276,7 +266,7 @@ def _read_id_table(path: Path) -> dict[int, str]:
 def _lookup(table: Mapping[int, str], key: int, path: Path) -> str:
     """``table[key]`` or a ValueError naming the file that lacks ``key``."""
     if key not in table:
-        raise ValueError(f"{path}: no entry for id {key}")
+        raise DataError(f"{path}: no entry for id {key}")
     return table[key]
 
 
@@ -291,12 +281,12 @@ def read_cub_metadata(root: Path) -> tuple[list[str], list[CubImage]]:
         class_id = _lookup(tables["image_class_labels"], image_id, paths["image_class_labels"])
         flag = _lookup(tables["train_test_split"], image_id, paths["train_test_split"])
         if not class_id.isdigit() or flag not in ("0", "1"):
-            raise ValueError(
+            raise DataError(
                 f"{folder}: bad class id {class_id!r} or train flag {flag!r} for image {image_id}"
             )
         class_name = _lookup(classes, int(class_id), paths["classes"])
         if PurePosixPath(relative_path).parts[0] != class_name:
-            raise ValueError(
+            raise DataError(
                 f"{paths['images']}: image {image_id} ({relative_path}) "
                 f"is not in the folder of its class {class_name}"
             )
@@ -327,7 +317,7 @@ def cub_folds(root: Path, subset: bool = False) -> FoldSet:
             per_class[image.class_name].append(cub_row(image))
     empty = [name for name, items in per_class.items() if not items]
     if empty:
-        raise ValueError(f"CUB classes without training images in {root}: {empty}")
+        raise DataError(f"CUB classes without training images in {root}: {empty}")
     test = [cub_row(im) for im in images if not im.is_train and im.class_name in per_class]
     rng = random.Random(SEED)
     split = draw_class_splits(rng, per_class)[WRITTEN_SPLIT]
@@ -347,7 +337,7 @@ def read_mat_vector(path: Path, key: str) -> np.ndarray:
     content = sio.loadmat(str(path))
     if key not in content:
         present = sorted(name for name in content if not name.startswith("__"))
-        raise ValueError(f"{path}: variable {key!r} not found (has {present})")
+        raise DataError(f"{path}: variable {key!r} not found (has {present})")
     return np.asarray(content[key]).ravel().astype(np.int64)
 
 
@@ -359,7 +349,7 @@ def read_oxf_split(root: Path) -> tuple[np.ndarray, dict[str, np.ndarray]]:
     for key, values in ids.items():
         outside = values[(values < 1) | (values > len(labels))]
         if outside.size:
-            raise ValueError(
+            raise DataError(
                 f"{root / 'setid.mat'}: {key} holds image ids outside 1..{len(labels)} "
                 f"(imagelabels.mat): {outside[:5].tolist()}"
             )
@@ -521,7 +511,7 @@ def synthetic_folds_held(
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise RuntimeError(
+                raise DataError(
                     f"the synthetic data in {root} are in use by another run with other "
                     f"'synthetic:' parameters; wait for it to end, or give this run another "
                     f"--data-root (and fold_folder)"
@@ -617,7 +607,7 @@ def build_folds(dataset: str, root: Path) -> FoldSet:
         else:
             print("  every mask already exists")
         return oxf_folds(root)
-    raise ValueError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
+    raise DataError(f"unknown dataset {dataset!r}; expected one of {DATASETS}")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -662,7 +652,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         run(args)
-    except (FileNotFoundError, ValueError) as error:
+    except (DeepMILError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

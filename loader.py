@@ -20,29 +20,16 @@ from torchvision.transforms.v2 import functional as TF
 from tqdm import tqdm
 
 import reproducibility
+from deepmil.errors import DataError
+from deepmil.registry import FOLD_BUILDERS, DatasetSpec, dataset_spec
 
 logger = logging.getLogger(__name__)
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
 SHOWN_PATHS = 10
 
-DATASET_SUBFOLDERS = {
-    "glas": "GlaS-2015/Warwick QU Dataset (Released 2016_07_08)",
-    "Caltech-UCSD-Birds-200-2011": "Caltech-UCSD-Birds-200-2011",
-    "Oxford-flowers-102": "Oxford-flowers-102",
-    "synthetic": "synthetic",
-}
-DATASET_FAMILIES = {
-    "glas": "glas",
-    "Caltech-UCSD-Birds-200-2011": "cub",
-    "Oxford-flowers-102": "oxf",
-    "synthetic": "synthetic",
-}
-FAMILIES = ("glas", "cub", "oxf", "synthetic")
-JITTER_FAMILIES = ("glas", "synthetic")
 SPLITS = ("train", "valid", "test")
 PADDING_MODES = ("constant", "edge", "reflect", "symmetric")
 EVAL_MULTIPLE = 32
-CUB_MASK_THRESHOLD = 127.5
 JITTER_RANGES = ((0.5, 1.5), (0.5, 1.5), (0.5, 1.5), (-0.05, 0.05))
 JITTER_OPS: tuple[Callable[[Image.Image, float], Image.Image], ...] = (
     TF.adjust_brightness,
@@ -51,14 +38,6 @@ JITTER_OPS: tuple[Callable[[Image.Image, float], Image.Image], ...] = (
     TF.adjust_hue,
 )
 DATA_ROOT_HINT = "set it with --data-root or the DEEPMIL_DATA_ROOT environment variable"
-# Fold folder name -> ``create_folds.py --dataset`` value that writes it.
-CREATE_FOLDS_DATASETS = {
-    "glas": "glas",
-    "Caltech-UCSD-Birds-200-2011": "cub",
-    "Caltech-UCSD-Birds-200-2011-CUB5": "cub5",
-    "Oxford-flowers-102": "oxf",
-    "synthetic": "synthetic",
-}
 
 
 class FoldRow(NamedTuple):
@@ -81,19 +60,11 @@ class Geometry(NamedTuple):
 # ----------------------------------------------------------------------------- paths
 
 
-def dataset_family(name: str) -> str:
-    """Pipeline family ("glas", "cub", "oxf", "synthetic") of a dataset name."""
-    if name not in DATASET_FAMILIES:
-        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(DATASET_FAMILIES)}")
-    return DATASET_FAMILIES[name]
-
-
 def dataset_root(config: Mapping[str, Any]) -> Path:
     """Folder holding the files of ``config['dataset']`` (fold CSV paths are relative to it)."""
-    dataset_family(config["dataset"])
     if config.get("data_root") is None:
-        raise ValueError(f"config key 'data_root' is not set; {DATA_ROOT_HINT}")
-    root = Path(config["data_root"]) / DATASET_SUBFOLDERS[config["dataset"]]
+        raise DataError(f"config key 'data_root' is not set; {DATA_ROOT_HINT}")
+    root = Path(config["data_root"]) / dataset_spec(config["dataset"]).folder
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {root}; {DATA_ROOT_HINT}")
     return root
@@ -119,16 +90,16 @@ def read_fold_csv(path: str | Path) -> list[FoldRow]:
         for fields in reader:
             line = reader.line_num
             if line != len(rows) + 1:
-                raise ValueError(f"{path}, line {len(rows) + 1}: a row spans several lines")
+                raise DataError(f"{path}, line {len(rows) + 1}: a row spans several lines")
             if len(fields) != 3:
-                raise ValueError(
+                raise DataError(
                     f"{path}, line {line}: expected 3 columns (image, mask, class), got {len(fields)}"
                 )
             if not all(fields):
-                raise ValueError(f"{path}, line {line}: empty field in {fields}")
+                raise DataError(f"{path}, line {line}: empty field in {fields}")
             rows.append(FoldRow(*fields))
     if not rows:
-        raise ValueError(f"fold CSV is empty: {path}")
+        raise DataError(f"fold CSV is empty: {path}")
     warn_duplicates(rows, path)
     return rows
 
@@ -151,7 +122,7 @@ def check_disjoint_splits(rows: Mapping[Path, Sequence[FoldRow]]) -> None:
         for second in paths[index + 1:]:
             shared = sorted(images & {row.image for row in rows[second]})
             if shared:
-                raise ValueError(f"{len(shared)} image(s) are listed in both {first} and "
+                raise DataError(f"{len(shared)} image(s) are listed in both {first} and "
                                  f"{second}, e.g. {', '.join(shared[:3])}: the splits must not "
                                  f"overlap")
 
@@ -159,24 +130,23 @@ def check_disjoint_splits(rows: Mapping[Path, Sequence[FoldRow]]) -> None:
 def _check_encoding(mapping: Any, source: str) -> dict[str, int]:
     """Validate a class-name -> id mapping whose ids must be exactly 0 .. n-1."""
     if not isinstance(mapping, Mapping) or not mapping:
-        raise ValueError(f"class encoding in {source} must be a non-empty mapping, got {mapping!r}")
+        raise DataError(f"class encoding in {source} must be a non-empty mapping, got {mapping!r}")
     encoding = {str(name): value for name, value in mapping.items()}
     if len(encoding) != len(mapping):
-        raise ValueError(f"class encoding in {source} has duplicate class names")
+        raise DataError(f"class encoding in {source} has duplicate class names")
     for name, value in encoding.items():
         if not isinstance(value, int) or isinstance(value, bool):
-            raise ValueError(f"class encoding in {source}: id of {name!r} is not an integer: {value!r}")
+            raise DataError(f"class encoding in {source}: id of {name!r} is not an integer: {value!r}")
     if sorted(encoding.values()) != list(range(len(encoding))):
-        raise ValueError(f"class encoding in {source}: ids must be 0 .. {len(encoding) - 1} without gaps")
+        raise DataError(f"class encoding in {source}: ids must be 0 .. {len(encoding) - 1} without gaps")
     return encoding
 
 
 def load_encoding(name_classes: Mapping[str, int] | str, fold_directory: str | Path) -> dict[str, int]:
-    """Class encoding from an inline mapping or a YAML file name inside ``fold_directory``."""
+    """Class encoding from an inline mapping (checked by the configuration schema) or a YAML file
+    name inside ``fold_directory`` (checked here)."""
     if isinstance(name_classes, Mapping):
-        return _check_encoding(name_classes, "config key 'name_classes'")
-    if not isinstance(name_classes, str):
-        raise ValueError(f"config key 'name_classes' must be a mapping or a file name, got {name_classes!r}")
+        return dict(name_classes)
     path = Path(fold_directory) / name_classes
     if not path.is_file():
         raise FileNotFoundError(f"class encoding file not found: {path} (config key 'name_classes')")
@@ -190,7 +160,7 @@ def encode_labels(rows: Sequence[FoldRow], encoding: Mapping[str, int], csv_path
     labels = []
     for line, row in enumerate(rows, start=1):
         if row.label not in encoding:
-            raise ValueError(f"{csv_path}, line {line}: unknown class {row.label!r}")
+            raise DataError(f"{csv_path}, line {line}: unknown class {row.label!r}")
         labels.append(encoding[row.label])
     return labels
 
@@ -198,9 +168,9 @@ def encode_labels(rows: Sequence[FoldRow], encoding: Mapping[str, int], csv_path
 # ----------------------------------------------------------------------------- images and masks
 
 
-def too_large_error(path: Path, error: Exception) -> ValueError:
+def too_large_error(path: Path, error: Exception) -> DataError:
     """The error for an image over Pillow's decompression-bomb limit."""
-    return ValueError(f"cannot read image {path}: it is larger than Pillow's limit of "
+    return DataError(f"cannot read image {path}: it is larger than Pillow's limit of "
                       f"{Image.MAX_IMAGE_PIXELS} pixels, which guards against decompression "
                       f"bombs ({error}); shrink it, or raise PIL.Image.MAX_IMAGE_PIXELS if the "
                       f"file is trusted")
@@ -214,7 +184,7 @@ def read_size(path: Path) -> tuple[int, int]:
     except Image.DecompressionBombError as error:
         raise too_large_error(path, error) from error
     except (OSError, SyntaxError, ValueError) as error:
-        raise ValueError(f"cannot read image {path}: {error}") from error
+        raise DataError(f"cannot read image {path}: {error}") from error
     return height, width
 
 
@@ -228,9 +198,9 @@ def _open_decoded(path: Path) -> Image.Image:
     except Image.DecompressionBombError as error:
         raise too_large_error(path, error) from error
     except (OSError, SyntaxError, ValueError) as error:
-        raise ValueError(f"cannot decode image {path}: {error}") from error
+        raise DataError(f"cannot decode image {path}: {error}") from error
     if decoded.mode in ("I", "F"):
-        raise ValueError(f"cannot decode image {path}: {decoded.mode!r} images (32-bit integer "
+        raise DataError(f"cannot decode image {path}: {decoded.mode!r} images (32-bit integer "
                          f"or float pixels) are not supported; save it with 8 or 16 bits per "
                          f"channel")
     return decoded
@@ -251,22 +221,21 @@ def load_rgb(path: Path) -> Image.Image:
     return _decode(path, "RGB")
 
 
-def binarize_mask(mask: np.ndarray, family: str, full_scale: int = 255) -> np.ndarray:
-    """Foreground of a grey mask whose values run to ``full_scale``: ``> 127.5 / 255`` of it for
-    CUB, ``!= 0`` otherwise."""
-    if family not in FAMILIES:
-        raise ValueError(f"unknown dataset family {family!r}; expected one of {FAMILIES}")
-    if family == "cub":
-        return mask > CUB_MASK_THRESHOLD * full_scale / 255
+def binarize_mask(mask: np.ndarray, threshold: float | None, full_scale: int = 255) -> np.ndarray:
+    """Foreground of a grey mask whose values run to ``full_scale``: ``> threshold / 255`` of it
+    (CUB: 127.5), or ``!= 0`` when ``threshold`` is None (``DatasetSpec.mask_threshold``)."""
+    if threshold is not None:
+        return mask > threshold * full_scale / 255
     return mask != 0
 
 
-def load_mask(path: Path, family: str) -> np.ndarray:
-    """Decode a mask as grey levels (8 or 16 bits, kept exact) and binarise it (boolean h x w)."""
+def load_mask(path: Path, threshold: float | None) -> np.ndarray:
+    """Decode a mask as grey levels (8 or 16 bits, kept exact) and binarise it (boolean h x w)
+    with :func:`binarize_mask`."""
     image = _open_decoded(path)
     if image.mode in SIXTEEN_BIT_MODES:
-        return binarize_mask(np.asarray(image), family, full_scale=65535)
-    return binarize_mask(np.asarray(image.convert("L")), family)
+        return binarize_mask(np.asarray(image), threshold, full_scale=65535)
+    return binarize_mask(np.asarray(image.convert("L")), threshold)
 
 
 def decoding_error(path: Path) -> str | None:
@@ -290,7 +259,7 @@ def verify_images(paths: Iterable[Path], workers: int = 2, quiet: bool = False) 
     if errors:
         shown = "\n  ".join(errors[:SHOWN_PATHS])
         more = f"\n  ... and {len(errors) - SHOWN_PATHS} more" if len(errors) > SHOWN_PATHS else ""
-        raise ValueError(f"{len(errors)} of {len(paths)} image files cannot be decoded:\n  "
+        raise DataError(f"{len(errors)} of {len(paths)} image files cannot be decoded:\n  "
                          f"{shown}{more}")
 
 
@@ -423,7 +392,7 @@ def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
     if isinstance(value, int):
         return value, value
     if len(value) != 2:
-        raise ValueError(f"{name} must be an int or a (height, width) pair, got {value!r}")
+        raise DataError(f"{name} must be an int or a (height, width) pair, got {value!r}")
     return int(value[0]), int(value[1])
 
 
@@ -442,7 +411,7 @@ class PhotoDataset(Dataset):
         rows: Sequence[FoldRow],
         root: str | Path,
         encoding: Mapping[str, int],
-        family: str,
+        spec: DatasetSpec,
         *,
         train: bool,
         crop_size: int | Sequence[int],
@@ -454,13 +423,11 @@ class PhotoDataset(Dataset):
         csv_path: str | Path = "<rows>",
         stain_augmentation: bool = False,
     ) -> None:
-        if family not in FAMILIES:
-            raise ValueError(f"unknown dataset family {family!r}; expected one of {FAMILIES}")
         if padding_mode not in PADDING_MODES:
-            raise ValueError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
+            raise DataError(f"padding_mode must be one of {PADDING_MODES}, got {padding_mode!r}")
         root = Path(root)
         self.rows = list(rows)
-        self.family = family
+        self.spec = spec
         self.train = train
         self.crop_size = _pair(crop_size, "crop_size")
         self.padding_size = None if padding_size is None else (float(padding_size[0]), float(padding_size[1]))
@@ -478,7 +445,9 @@ class PhotoDataset(Dataset):
         if train:
             self._check_crop_fits()
         self.images = [load_rgb(path) for path in self.image_paths] if preload else None
-        self.masks = [load_mask(path, family) for path in self.mask_paths] if preload and not train else None
+        self.masks = (
+            [load_mask(path, spec.mask_threshold) for path in self.mask_paths] if preload and not train else None
+        )
 
     def _check_files_exist(self) -> None:
         for line, paths in enumerate(zip(self.image_paths, self.mask_paths), start=1):
@@ -492,7 +461,7 @@ class PhotoDataset(Dataset):
         image_path, mask_path = self.image_paths[index], self.mask_paths[index]
         image_size, mask_size = read_size(image_path), read_size(mask_path)
         if image_size != mask_size:
-            raise ValueError(
+            raise DataError(
                 f"mask size {mask_size} of {mask_path} differs from image size {image_size} of {image_path} "
                 f"(sizes are (height, width); listed in {self.csv_path}, line {index + 1})"
             )
@@ -508,7 +477,7 @@ class PhotoDataset(Dataset):
         for index in range(len(self.rows)):
             height, width = self._train_size(index)
             if height < crop_h or width < crop_w:
-                raise ValueError(
+                raise DataError(
                     f"image {self.image_paths[index]} is {height}x{width} (h x w) after up-scaling and "
                     f"padding, smaller than crop_size {self.crop_size}"
                 )
@@ -528,7 +497,7 @@ class PhotoDataset(Dataset):
     def _mask(self, index: int) -> np.ndarray:
         if self.masks is not None:
             return self.masks[index]
-        return load_mask(self.mask_paths[index], self.family)
+        return load_mask(self.mask_paths[index], self.spec.mask_threshold)
 
     def _train_image(self, index: int) -> torch.Tensor:
         generator = reproducibility.sample_generator(self.seed, self.epoch, index)
@@ -537,7 +506,7 @@ class PhotoDataset(Dataset):
             image, train_padding(image.height, image.width, self.padding_size), self.padding_mode
         )
         image = random_crop(image, self.crop_size, generator)
-        if self.family in JITTER_FAMILIES:
+        if self.spec.jitter:
             if self.stain_augmentation:
                 image = stain_augment(image, generator)
             image = color_jitter(image, generator)
@@ -579,7 +548,7 @@ def collate(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 def fold_hint(config: Mapping[str, Any]) -> str:
     """How to generate the folds of ``config`` (``create_folds.py`` writes split 0 / fold 0)."""
     name = config.get("fold_name") or config["dataset"]
-    dataset = CREATE_FOLDS_DATASETS.get(name)
+    dataset = next((builder for builder, spec in FOLD_BUILDERS.items() if spec.folds[builder] == name), None)
     if dataset is None:
         return f"fold folder {name!r} is not one that create_folds.py writes"
     return (
@@ -596,11 +565,7 @@ def build_dataset(
     ``preload=None`` preloads the train and valid sets and loads the test set lazily.
     """
     if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if config["resize"] is not None:
-        raise ValueError(f"config key 'resize' = {config['resize']!r} is not supported; set it to null")
-    if config["pad_eval"]:
-        raise ValueError("config key 'pad_eval' = true is not supported; set it to false")
+        raise DataError(f"split must be one of {SPLITS}, got {split!r}")
     root = dataset_root(config)
     folder = fold_dir(config)
     csv_path = folder / f"{split}_s_{config['split']}_f_{config['fold']}.csv"
@@ -610,7 +575,7 @@ def build_dataset(
     encoding = load_encoding(config["name_classes"], folder)
     num_classes = config["model"]["num_classes"]
     if len(encoding) != num_classes:
-        raise ValueError(
+        raise DataError(
             f"the class encoding (config key 'name_classes' = {config['name_classes']!r}) has "
             f"{len(encoding)} classes but model.num_classes is {num_classes}"
         )
@@ -618,7 +583,7 @@ def build_dataset(
         rows,
         root,
         encoding,
-        dataset_family(config["dataset"]),
+        dataset_spec(config["dataset"]),
         train=train,
         crop_size=config["crop_size"],
         padding_size=config["padding_size"],

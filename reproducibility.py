@@ -8,6 +8,7 @@ import random
 
 import numpy as np
 import torch
+from deepmil.errors import ConfigError
 
 SEED_LIMIT = 2**32
 SAMPLE_SEED_BITS = 63
@@ -17,7 +18,7 @@ def _check_seed_part(name: str, value: int) -> int:
     """Return ``value`` as a plain int after checking it lies in ``[0, 2**32)``."""
     value = operator.index(value)
     if not 0 <= value < SEED_LIMIT:
-        raise ValueError(f"{name} must be an integer in [0, 2**32), got {value}")
+        raise ConfigError(f"{name} must be an integer in [0, 2**32), got {value}")
     return value
 
 

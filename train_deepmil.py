@@ -25,14 +25,15 @@ import crf_params
 import loader
 import reproducibility
 from create_folds import synthetic_folds_held
-from deepmil import checkpoint, distributed, experiment, plots
-from deepmil.baselines import build_network_for
-from deepmil.config import ConfigError, save_config
+from deepmil import checkpoint, distributed, experiment, files, plots
+from deepmil.config import save_config
 from deepmil.distributed import DistributedContext
-from deepmil.engine import check_amp, erasing_active, evaluate, train_one_epoch, unwrap
-from deepmil.metrics import MetricSettings, best_threshold_report
-from deepmil.model import DEEP_STEM_LAYERS, load_pretrained_trunk
+from deepmil.engine import evaluate, train_one_epoch, unwrap
+from deepmil.errors import ConfigError, DeepMILError
+from deepmil.methods import build_network
+from deepmil.metrics import best_threshold_report
 from deepmil.optim import build_optimizer, learning_rate, set_learning_rate
+from deepmil.settings import RunSettings
 from deepmil.synthetic import SyntheticSpec
 from tools import CRF, get_yaml_args
 
@@ -138,23 +139,6 @@ def check_batchable(dataset: loader.PhotoDataset, batch: int, split: str) -> Non
                           f"images of one size, use eval_batch_size: 1")
 
 
-def build_network(config: dict, device: torch.device) -> torch.nn.Module:
-    """The model with ImageNet or user weights as the configuration asks."""
-    reproducibility.set_seed(config["MYSEED"])
-    model = build_network_for(config["method"], config["model"])
-    if config["model"]["pretrained"] and config["model"]["name"] in DEEP_STEM_LAYERS:
-        load_pretrained_trunk(model, config["model"]["pretrained_cache"])
-    if config["path_pre_trained"]:
-        checkpoint.load_model_weights(model, Path(config["path_pre_trained"]), config["strict"])
-        LOGGER.info("loaded weights from %s", config["path_pre_trained"])
-    if config["channels_last"]:
-        model = model.to(memory_format=torch.channels_last)
-    model = model.to(device)
-    if config["compile"]:
-        model.compile(backend=config["compile"])
-    return model
-
-
 def epoch_record(epoch: int, lr: float, train: dict, valid: dict, seconds: float) -> dict:
     """One line of ``metrics.jsonl``."""
     record = {"epoch": epoch, "lr": lr, "seconds": round(seconds, 3)}
@@ -164,7 +148,7 @@ def epoch_record(epoch: int, lr: float, train: dict, valid: dict, seconds: float
     return record
 
 
-def train(config: dict, options, model: torch.nn.Module, loaders: dict, device: torch.device,
+def train(config: dict, options, model: torch.nn.Module, loaders: dict, settings: RunSettings,
           folder: Path, state: dict | None, context: DistributedContext) -> dict:
     """The epoch loop; returns the best-model record.
 
@@ -179,9 +163,7 @@ def train(config: dict, options, model: torch.nn.Module, loaders: dict, device: 
         optimizer.load_state_dict(state["optimizer"])
         best, history, start = state["best"], state["history"], state["epoch"] + 1
         LOGGER.info("resuming after epoch %d", state["epoch"])
-    seed, amp, channels_last = config["MYSEED"], config["amp"], config["channels_last"]
-    method = config["method"]
-    scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
+    scaler = settings.precision.scaler
     if scaler is not None and state is not None:
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
@@ -193,16 +175,13 @@ def train(config: dict, options, model: torch.nn.Module, loaders: dict, device: 
         lr = learning_rate(epoch, config["optimizer"]["lr"], config["optimizer"]["lr_scheduler"])
         set_learning_rate(optimizer, lr)
         loader.set_loader_epoch(loaders["train"], epoch)
-        erase = erasing_active(epoch, config["nbr_times_erase"], config["epoch_start_erasing"])
+        erase = settings.erasing.active(epoch)
         bar = tqdm(loaders["train"], desc=f"epoch {epoch}", leave=False,
                    disable=True if options.quiet or not context.is_main else None)
         train_stats = train_one_epoch(
-            model, bar, optimizer, epoch, seed, device, config["nbr_times_erase"],
-            config["sigma_erase"], erase, amp=amp, scaler=scaler, channels_last=channels_last,
-            on_batch=lambda s: bar.set_postfix(loss=f"{s['loss']:.3f}"), method=method)
-        valid_stats = evaluate(model, loaders["valid"], device, config["exact_eval_crop"], amp=amp,
-                               channels_last=channels_last, method=method,
-                               metrics=MetricSettings.from_config(config["metrics"])).summary
+            model, bar, optimizer, epoch, settings,
+            on_batch=lambda s: bar.set_postfix(loss=f"{s['loss']:.3f}"))
+        valid_stats = evaluate(model, loaders["valid"], settings).summary
         record = epoch_record(epoch, lr, train_stats, valid_stats, time.perf_counter() - began)
         history.append(record)
         if valid_stats["cl_error"] <= best["valid_cl_error"]:
@@ -229,7 +208,7 @@ def save_epoch(network: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch
     checkpoint.save_torch(state, folder / "checkpoint.pt")
     if best["epoch"] == epoch:
         checkpoint.save_torch(network.state_dict(), folder / "best_model.pt")
-    experiment.write_json_lines(history, folder / "metrics.jsonl")
+    files.write_json_lines(history, folder / "metrics.jsonl")
 
 
 def crf_worker_count(config: dict, device: torch.device) -> int:
@@ -240,8 +219,9 @@ def crf_worker_count(config: dict, device: torch.device) -> int:
     return 0 if device.type == "cpu" else max(1, (os.cpu_count() or 2) - 1)
 
 
-def final_evaluation(config: dict, model: torch.nn.Module, loaders: dict, device: torch.device,
-                     folder: Path, context: DistributedContext) -> dict[str, dict]:
+def final_evaluation(config: dict, model: torch.nn.Module, loaders: dict,
+                     settings: RunSettings, folder: Path, context: DistributedContext
+                     ) -> dict[str, dict]:
     """Evaluate the selected model on the validation, test and training sets.
 
     With ``crf`` the CRF-refined masks are scored beside the raw ones. The threshold that
@@ -251,10 +231,8 @@ def final_evaluation(config: dict, model: torch.nn.Module, loaders: dict, device
     results, sweeps = {}, {}
     for name in ("valid", "test", "train_eval"):
         keep = PANEL_IMAGES if name == "test" and context.is_main else 0
-        evaluation = evaluate(model, loaders[name], device, config["exact_eval_crop"], keep=keep,
-                              crf=crf, crf_workers=crf_worker_count(config, device), amp=config["amp"],
-                              channels_last=config["channels_last"], method=config["method"],
-                              metrics=MetricSettings.from_config(config["metrics"]))
+        evaluation = evaluate(model, loaders[name], settings, keep=keep, crf=crf,
+                              crf_workers=crf_worker_count(config, settings.device))
         results[name], sweeps[name] = evaluation.summary, evaluation.sweep
         if evaluation.records:
             class_names = loader.load_encoding(config["name_classes"], loader.fold_dir(config))
@@ -309,7 +287,7 @@ def open_folder(folder: Path, config: dict, options) -> None:
         experiment.add_resume_record(record, folder / "environment.json")
         return
     save_config(config, folder / "config.yaml")
-    experiment.write_json(record, folder / "environment.json")
+    files.write_json(record, folder / "environment.json")
 
 
 def resume_state(folder: Path) -> dict | None:
@@ -325,28 +303,28 @@ def resume_state(folder: Path) -> dict | None:
         LOGGER.info("no epoch of the run in %s had finished; training starts at epoch 0", folder)
         return None
     state = checkpoint.read_training_state(folder / "checkpoint.pt")
-    experiment.write_json_lines(state["history"], folder / "metrics.jsonl")
+    files.write_json_lines(state["history"], folder / "metrics.jsonl")
     if state["best"]["epoch"] == state["epoch"]:
         checkpoint.save_torch(state["model"], folder / "best_model.pt")
     return state
 
 
 def train_and_evaluate(config: dict, options, model: torch.nn.Module, loaders: dict,
-                       device: torch.device, folder: Path, state: dict | None,
+                       settings: RunSettings, folder: Path, state: dict | None,
                        context: DistributedContext) -> dict[str, dict]:
     """Train (or continue), reload the selected epoch, evaluate it and write the results."""
-    best = train(config, options, model, loaders, device, folder, state, context)
+    best = train(config, options, model, loaders, settings, folder, state, context)
     if best["epoch"] >= 0:
-        unwrap(model).load_state_dict(torch.load(folder / "best_model.pt", map_location=device,
-                                                 weights_only=True))
-    results = final_evaluation(config, model, loaders, device, folder, context)
+        unwrap(model).load_state_dict(torch.load(folder / "best_model.pt",
+                                                 map_location=settings.device, weights_only=True))
+    results = final_evaluation(config, model, loaders, settings, folder, context)
     final = {"best_epoch": best["epoch"], **results}
     if not context.is_main:
         return final
-    experiment.write_json(final, folder / "final_metrics.json")
+    files.write_json(final, folder / "final_metrics.json")
     table = experiment.results_table({name: results[name]
                                       for name in ("valid", "test", "train_eval")})
-    experiment.write_text(f"# {Path(config['yaml']).stem}\n\nbest epoch: {best['epoch']}\n\n"
+    files.write_text(f"# {Path(config['yaml']).stem}\n\nbest epoch: {best['epoch']}\n\n"
                           f"{table}", folder / "results.md")
     test = results["test"]
     print(f"\nselected epoch {best['epoch']}; results in {folder}\n{table}")
@@ -395,19 +373,16 @@ def run(argv: list[str]) -> dict[str, dict]:
     """
     experiment.setup_logging(quiet="--quiet" in argv or not distributed.is_main_process())
     config, options = get_yaml_args(argv)
-    if config["max_epochs"] == -1 and not config["path_pre_trained"]:
-        raise ConfigError("max_epochs = -1 evaluates a trained model: give its weights with "
-                          "--path_pre_trained FILE")
     device = select_device(config["cudaid"])
-    check_amp(config["amp"], device)
+    settings = RunSettings.from_config(config, device)
     context = distributed.init_distributed(use_cuda=device.type == "cuda")
     try:
-        return run_experiment(config, options, device, context)
+        return run_experiment(config, options, settings, context)
     finally:
         distributed.shutdown_distributed(context)
 
 
-def run_experiment(config: dict, options, device: torch.device,
+def run_experiment(config: dict, options, settings: RunSettings,
                    context: DistributedContext) -> dict[str, dict]:
     """Everything after the configuration and the device are known."""
     folder = on_main(context, lambda: planned_folder(config, options))
@@ -415,16 +390,16 @@ def run_experiment(config: dict, options, device: torch.device,
     reproducibility.set_deterministic(warn_only=True)
     with contextlib.ExitStack() as stack:
         loaders = build_data(config, context, stack)
-        model = build_network(config, device)
+        model = build_network(config, settings.device)
         if context.is_main:
             if not options.resume:
                 experiment.create_experiment_dir(folder, options.overwrite)
             stack.enter_context(experiment.folder_lock(folder))
-        return run_in_folder(config, options, model, loaders, device, folder, context)
+        return run_in_folder(config, options, model, loaders, settings, folder, context)
 
 
 def run_in_folder(config: dict, options, model: torch.nn.Module, loaders: dict,
-                  device: torch.device, folder: Path, context: DistributedContext
+                  settings: RunSettings, folder: Path, context: DistributedContext
                   ) -> dict[str, dict]:
     """The run, once its folder exists and is locked: resume or clear it, train, evaluate."""
     state = None
@@ -434,13 +409,13 @@ def run_in_folder(config: dict, options, model: torch.nn.Module, loaders: dict,
             model.load_state_dict(state["model"])
     elif context.is_main and options.overwrite:
         experiment.remove_run_files(folder)
-    model = distributed.wrap_model(model, context, device)
+    model = distributed.wrap_model(model, context, settings.device)
     try:
         if context.is_main:
             open_folder(folder, config, options)
-        LOGGER.info("experiment folder: %s (device %s, seed %d, %d process(es))", folder, device,
-                    config["MYSEED"], context.world_size)
-        return train_and_evaluate(config, options, model, loaders, device, folder, state,
+        LOGGER.info("experiment folder: %s (device %s, seed %d, %d process(es))", folder,
+                    settings.device, settings.seed, context.world_size)
+        return train_and_evaluate(config, options, model, loaders, settings, folder, state,
                                   context)
     except BaseException as error:
         if context.is_main:
@@ -464,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     except Interrupted as stop:
         report(f"\ninterrupted by {stop}", stop)
         return 128 + stop.signum
-    except (ValueError, RuntimeError, OSError) as error:
+    except (DeepMILError, OSError) as error:
         report(f"error: {error}", error)
         return 1
     return 0

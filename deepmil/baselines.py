@@ -9,7 +9,7 @@
 - ``allones``: the ``cam`` classifier with a mask of ones (the lower bound of the tables).
 
 Every map is brought to the input size and min-max normalised per image, so 0.5 thresholds it
-like the min-max entropy model's ``R+``.
+like the min-max entropy model's ``R+``. ``deepmil.methods`` trains and evaluates them.
 """
 from __future__ import annotations
 
@@ -19,11 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepmil.model import (ResNetTrunk, WildcatHead, build_model, minmax_normalise,
-                           torchvision_weights)
-
-METHODS = ("minmax", "cam", "wildcat", "gradcam", "allones")
-
+from deepmil.model import ResNetTrunk, WildcatHead, minmax_normalise
 
 class ClassifierOutput(NamedTuple):
     """Class scores ``B x C`` and class maps ``B x C x h x w`` of a baseline network."""
@@ -65,22 +61,6 @@ class WildcatNet(ResNetTrunk):
     def forward(self, x: torch.Tensor) -> ClassifierOutput:
         """WILDCAT-pooled scores and the class maps they are pooled from."""
         return ClassifierOutput(*self.headseg(self.trunk(x)))
-
-
-def build_network_for(method: str, model_config: dict) -> nn.Module:
-    """The network that ``method`` trains, from the ``model`` section (weights not loaded)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {METHODS}")
-    if method == "minmax":
-        return build_model(model_config)
-    name = model_config["name"]
-    weights = torchvision_weights(model_config)
-    if method == "wildcat":
-        return WildcatNet(name, model_config["num_classes"], model_config["modalities"],
-                          model_config["kmax"], model_config["kmin"], model_config["alpha"],
-                          model_config["dropout"], model_config.get("apply_min_term", False),
-                          torchvision_weights=weights)
-    return CAMNet(name, model_config["num_classes"], torchvision_weights=weights)
 
 
 def class_map_mask(maps: torch.Tensor, classes: torch.Tensor,
@@ -129,17 +109,3 @@ def grad_cam(network: CAMNet, images: torch.Tensor, classes: torch.Tensor | None
         cam.activations_and_grads.release()
         network.zero_grad(set_to_none=True)
     return scores, torch.from_numpy(maps).to(images.device).unsqueeze(1)
-
-
-def scores_and_localization(method: str, network: nn.Module, images: torch.Tensor
-                            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A baseline's class scores and its map in [0, 1] at the input size for the predicted
-    classes (one forward pass of ``network``)."""
-    if method == "gradcam":
-        return grad_cam(network, images)
-    output = network(images)
-    size = tuple(images.shape[-2:])
-    if method == "allones":
-        return output.scores, torch.ones(images.shape[0], 1, *size, device=images.device)
-    classes = output.scores.argmax(dim=1)
-    return output.scores, class_map_mask(output.maps.float(), classes, size)

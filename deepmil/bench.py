@@ -26,7 +26,6 @@ section's ``torch.cuda.max_memory_allocated`` on CUDA.
 from __future__ import annotations
 
 import argparse
-import json
 import resource
 import statistics
 import sys
@@ -42,10 +41,13 @@ import crf_params
 import loader
 from create_folds import ensure_synthetic_folds
 from deepmil.config import ConfigError, load_config, resolve_yaml_path
-from deepmil.engine import autocast, erasing_step, plain_step
+from deepmil import files
+from deepmil.engine import erasing_step, plain_step
 from deepmil.losses import localizer_loss, negative_loss, positive_loss
 from deepmil.metrics import refine_with_crf
-from deepmil.model import MinMaxEntropyNet, build_model
+from deepmil.methods import build_network
+from deepmil.model import MinMaxEntropyNet
+from deepmil.precision import Precision
 from deepmil.optim import build_optimizer
 from deepmil.synthetic import SyntheticSpec, render_sample
 from tools import CRF
@@ -103,21 +105,16 @@ def apply_config(args: argparse.Namespace) -> argparse.Namespace:
     config["model"] = {**model, "name": args.model, "num_classes": args.classes,
                        "kmax": args.kmax, "kmin": kmin, "dropout": args.dropout,
                        "pretrained": False}
+    config.update(MYSEED=0, path_pre_trained=None, batch_size=args.batch, amp=args.amp,
+                  channels_last=args.channels_last, compile=args.compile)
     args.config, args.sigma_erase = config, float(config["sigma_erase"])
     return args
 
 
 def build_net(args: argparse.Namespace, device: torch.device) -> MinMaxEntropyNet:
-    """The benchmarked model on ``device`` (random weights), channels-last and compiled if
-    asked."""
-    torch.manual_seed(0)
-    model = build_model(args.config["model"])
-    if args.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    model = model.to(device)
-    if args.compile:
-        model.compile(backend=args.compile)
-    return model
+    """The benchmarked model on ``device`` (random weights, seed 0), built as a training run
+    builds it (channels-last and compiled if asked)."""
+    return build_network(args.config, device)
 
 
 def random_images(args: argparse.Namespace, batch: int, size: tuple[int, int],
@@ -134,6 +131,7 @@ def bench_step(args: argparse.Namespace, device: torch.device) -> dict[str, floa
     and erasing runs as many of its passes as it can (``erasing_passes_run``).
     """
     model = build_net(args, device).train()
+    precision = Precision.build(args.amp, device, args.channels_last)
     optimizer = build_optimizer(model, args.config["optimizer"])
     images = random_images(args, args.batch, (args.size, args.size), device)
     with torch.no_grad():
@@ -142,25 +140,25 @@ def bench_step(args: argparse.Namespace, device: torch.device) -> dict[str, floa
 
     def trunk() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with autocast(device, args.amp):
+        with precision.autocast():
             features = model.trunk(images)
         features.float().sum().backward()
 
     def localizer() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with autocast(device, args.amp):
+        with precision.autocast():
             scores = model(images, mode="segment")[1]
         localizer_loss(scores.float(), labels).backward()
 
     def regions() -> None:
         optimizer.zero_grad(set_to_none=True)
-        with autocast(device, args.amp):
+        with precision.autocast():
             pos_scores, _, neg_scores, _ = model(images, mask=mask, mode="regions")
         (positive_loss(pos_scores.float(), labels) + negative_loss(neg_scores.float())).backward()
 
     def plain() -> None:
         optimizer.zero_grad(set_to_none=True)
-        plain_step(model, images, labels, seed=0, amp=args.amp)
+        plain_step(model, images, labels, seed=0, precision=precision)
         optimizer.step()
 
     passes = []
@@ -168,7 +166,7 @@ def bench_step(args: argparse.Namespace, device: torch.device) -> dict[str, floa
     def erasing() -> None:
         optimizer.zero_grad(set_to_none=True)
         stats = erasing_step(model, images, labels, seed=0, nbr_times_erase=args.erase,
-                             sigma_erase=args.sigma_erase, amp=args.amp)
+                             sigma_erase=args.sigma_erase, precision=precision)
         optimizer.step()
         passes.append(int(stats["erasing_passes"]))
 
@@ -194,6 +192,7 @@ def bench_step(args: argparse.Namespace, device: torch.device) -> dict[str, floa
 def bench_eval(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     """Default forward (eval mode, no grad, batch 1) against one trunk forward."""
     model = build_net(args, device).eval()
+    precision = Precision.build(args.amp, device, args.channels_last)
     padded = loader.compute_geometry(args.size, args.size,
                                      args.config["up_scale_small_dim_to"]).padded
     image = random_images(args, 1, padded, device)
@@ -202,17 +201,17 @@ def bench_eval(args: argparse.Namespace, device: torch.device) -> dict[str, floa
 
     @torch.no_grad()
     def forward() -> None:
-        with autocast(device, args.amp):
+        with precision.autocast():
             model(image, mask_normalization="sample")
 
     @torch.no_grad()
     def batched() -> None:
-        with autocast(device, args.amp):
+        with precision.autocast():
             model(batch, mask_normalization="sample", fused_regions=True)
 
     @torch.no_grad()
     def trunk() -> None:
-        with autocast(device, args.amp):
+        with precision.autocast():
             model.trunk(image)
 
     results = {"padded_height": padded[0], "padded_width": padded[1],
@@ -233,7 +232,7 @@ def synthetic_config(root: Path, size: int) -> dict:
             "fold_folder": str(root / "folds"), "fold_name": None, "split": 0, "fold": 0,
             "name_classes": "encoding.yaml", "model": {"num_classes": 2},
             "crop_size": [size, size], "padding_size": [0.5, 0.5], "padding_mode": "reflect",
-            "up_scale_small_dim_to": None, "resize": None, "pad_eval": False, "MYSEED": 0}
+            "up_scale_small_dim_to": None, "MYSEED": 0}
 
 
 def loader_rate(dataset: loader.PhotoDataset, batch: int, workers: int, device: torch.device,
@@ -428,7 +427,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"  {name:<38} {value:12.4f}")
     report = {"setting": setting, **results}
     args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(report, indent=2))
+    files.write_json(report, args.json)
     return report
 
 

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from deepmil.experiment import REPOSITORY
+from deepmil.errors import RunError
 
 TRAINED = (("cam", "synthetic-cam.yaml"), ("wildcat", "synthetic-wildcat.yaml"),
            ("minmax-no-erasing", "synthetic-no-erasing.yaml"),
@@ -57,7 +58,7 @@ def run_training(arguments: list[str], seed: int, log: Path) -> None:
         result = subprocess.run([sys.executable, "train_deepmil.py", *arguments], cwd=REPOSITORY,
                                 env=env, stdout=stream, stderr=subprocess.STDOUT, check=False)
     if result.returncode != 0:
-        raise RuntimeError(f"train_deepmil.py {' '.join(arguments)} failed with exit code "
+        raise RunError(f"train_deepmil.py {' '.join(arguments)} failed with exit code "
                            f"{result.returncode}; see {log}")
 
 

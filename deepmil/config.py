@@ -5,6 +5,11 @@ A configuration is a plain nested dict whose keys are those of the shipped YAML 
 Every key has a type, a default and an allowed range; :func:`validate_config` fills the
 defaults and rejects anything else with a :class:`ConfigError` naming the file, the dotted key,
 the value and what is allowed.
+
+Keys of the upstream configuration files that nothing here reads are accepted (and type
+checked) so that those files load unchanged, then ignored: :data:`IGNORED_KEYS` lists them.
+Run-specific keys (seed, paths, workers, speed options: ``Field.run_option``) do not change
+what a run computes; ``deepmil.report`` groups runs that differ only in them.
 """
 from __future__ import annotations
 
@@ -20,9 +25,10 @@ from typing import Any
 
 import yaml
 
-from deepmil.baselines import METHODS
-from deepmil.checkpoint import atomic_write
-from deepmil.pooling import feature_map_size
+from deepmil.errors import ConfigError
+from deepmil.files import atomic_write
+from deepmil.registry import (DATASET_NAMES, MASK_NORMALIZATIONS, METHOD_NAMES, METHODS,
+                              MODEL_NAMES, dataset_spec, feature_map_size)
 
 logger = logging.getLogger(__name__)
 
@@ -30,14 +36,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "config_yaml"
 CONFIG_ALIASES = {"glas-no-erase.yaml": "glas-no-erasing.yaml"}
 SEED_LIMIT = 2**32
-DATASETS = ("glas", "Caltech-UCSD-Birds-200-2011", "Oxford-flowers-102", "synthetic")
-MODEL_NAMES = ("resnet18", "resnet50", "resnet101", "tv_resnet18", "tv_resnet50", "tv_resnet101")
-FORCED_VALUES = {"show_hists": False, "floating": 2}
 REQUIRED = object()
-
-
-class ConfigError(ValueError):
-    """A configuration file, override or environment value is invalid."""
 
 
 class _Reject(Exception):
@@ -54,10 +53,13 @@ class Check:
 
 @dataclass(frozen=True)
 class Field:
-    """One leaf key of the schema."""
+    """One leaf key of the schema: its default and check, whether it only says how a run is
+    carried out (``run_option``), and whether nothing reads it (``ignored``)."""
 
     default: Any
     check: Check
+    run_option: bool = False
+    ignored: bool = False
 
 
 # ----------------------------------------------------------------------------- value checks
@@ -254,7 +256,7 @@ MODEL_SCHEMA: dict[str, Any] = {
     "name": Field("resnet101", choice(*MODEL_NAMES)),
     "pretrained": Field(True, boolean()),
     "num_classes": Field(REQUIRED, integer(2)),
-    "num_masks": Field(1, choice(1)),
+    "num_masks": Field(1, choice(1), ignored=True),
     "scale": Field([0.5, 0.5], pair(number(0, 1, low_open=True), "h, w")),
     "modalities": Field(5, integer(1)),
     "kmax": Field(0.09, POSITIVE),
@@ -263,10 +265,10 @@ MODEL_SCHEMA: dict[str, Any] = {
     "dropout": Field(0.0, PROBABILITY),
     "sigma": Field(0.5, number(0, 1)),
     "w": Field(8.0, POSITIVE),
-    "smooth_out": Field(False, boolean()),
-    "mask_normalization": Field("batch", choice("batch", "sample")),
+    "smooth_out": Field(False, boolean(), ignored=True),
+    "mask_normalization": Field("batch", choice(*MASK_NORMALIZATIONS)),
     "apply_min_term": Field(False, boolean()),
-    "pretrained_cache": Field(None, text(nullable=True)),
+    "pretrained_cache": Field(None, text(nullable=True), run_option=True),
 }
 
 LR_SCHEDULER_SCHEMA: dict[str, Any] = {
@@ -274,7 +276,7 @@ LR_SCHEDULER_SCHEMA: dict[str, Any] = {
     "step_size": Field(40, integer(1)),
     "gamma": Field(0.1, POSITIVE),
     "min_lr": Field(1e-7, NON_NEGATIVE),
-    "last_epoch": Field(-1, integer(-1)),
+    "last_epoch": Field(-1, integer(-1), ignored=True),
     "milestones": Field(None, int_list()),
 }
 
@@ -307,58 +309,75 @@ METRICS_SCHEMA: dict[str, Any] = {
 }
 
 SCHEMA: dict[str, Any] = {
-    "MYSEED": Field(0, integer(0, SEED_LIMIT - 1)),
-    "method": Field("minmax", choice(*METHODS)),
-    "dataset": Field(REQUIRED, choice(*DATASETS)),
+    "MYSEED": Field(0, integer(0, SEED_LIMIT - 1), run_option=True),
+    "method": Field("minmax", choice(*METHOD_NAMES)),
+    "dataset": Field(REQUIRED, choice(*DATASET_NAMES)),
     "fold_name": Field(None, text(nullable=True)),
-    "data_root": Field(None, text(nullable=True)),
-    "img_extension": Field(None, text(nullable=True)),
+    "data_root": Field(None, text(nullable=True), run_option=True),
+    "img_extension": Field(None, text(nullable=True), ignored=True),
     "name_classes": Field(REQUIRED, class_names()),
     "nbr_classes": Field(REQUIRED, integer(2)),
     "split": Field(0, integer(0)),
     "fold": Field(0, integer(0)),
-    "fold_folder": Field("./folds", text()),
-    "resize": Field(None, integer(1, nullable=True)),
+    "fold_folder": Field("./folds", text(), run_option=True),
+    "resize": Field(None, choice(None)),
     "crop_size": Field([480, 480], pair(integer(1), "h, w")),
     "up_scale_small_dim_to": Field(None, integer(1, nullable=True)),
     "padding_size": Field(None, pair(PROBABILITY, "h, w", nullable=True)),
-    "pad_eval": Field(False, boolean()),
+    "pad_eval": Field(False, choice(False)),
     "padding_mode": Field("reflect", choice("reflect", "constant", "edge", "symmetric")),
-    "preload": Field(True, boolean()),
+    "preload": Field(True, boolean(), run_option=True),
     "batch_size": Field(8, integer(1)),
-    "num_workers": Field(8, integer(0)),
+    "num_workers": Field(8, integer(0), run_option=True),
     "amp": Field(None, choice(None, "bf16", "fp16")),
-    "channels_last": Field(False, boolean()),
-    "compile": Field(None, choice(None, "inductor", "cudagraphs", "aot_eager", "eager")),
-    "eval_batch_size": Field(1, integer(1)),
+    "channels_last": Field(False, boolean(), run_option=True),
+    "compile": Field(None, choice(None, "inductor", "cudagraphs", "aot_eager", "eager"),
+                     run_option=True),
+    "eval_batch_size": Field(1, integer(1), run_option=True),
     "max_epochs": Field(400, integer(-1)),
     "nbr_times_erase": Field(0, integer(0)),
     "epoch_start_erasing": Field(1, integer(0)),
     "sigma_erase": Field(10.0, POSITIVE),
-    "erase_in_inference": Field(False, boolean()),
-    "path_pre_trained": Field(None, text(nullable=True)),
-    "strict": Field(True, boolean()),
+    "erase_in_inference": Field(False, boolean(), ignored=True),
+    "path_pre_trained": Field(None, text(nullable=True), run_option=True),
+    "strict": Field(True, boolean(), run_option=True),
     "exact_eval_crop": Field(False, boolean()),
     "crf": Field(False, boolean()),
     "stain_augmentation": Field(False, boolean()),
-    "crf_workers": Field(None, integer(0, nullable=True)),
-    "normalize": Field(True, boolean()),
-    "alpha": Field(128, integer(0, 255)),
-    "floating": Field(2, integer(0)),
-    "height_tag": Field(50, integer(0)),
-    "use_tags": Field(True, boolean()),
-    "show_hists": Field(False, boolean()),
-    "bins": Field(100, integer(1)),
-    "rangeh": Field([0, 1], pair(number(), "low, high")),
-    "extension": Field(["jpeg", "JPEG"], pair(text(), "file extension, PIL format")),
-    "exp_root": Field("exps", text()),
-    "cudaid": Field(None, device_id()),
-    "yaml": Field(None, text(nullable=True)),
+    "crf_workers": Field(None, integer(0, nullable=True), run_option=True),
+    "normalize": Field(True, boolean(), ignored=True),
+    "alpha": Field(128, integer(0, 255), ignored=True),
+    "floating": Field(2, integer(0), ignored=True),
+    "height_tag": Field(50, integer(0), ignored=True),
+    "use_tags": Field(True, boolean(), ignored=True),
+    "show_hists": Field(False, boolean(), ignored=True),
+    "bins": Field(100, integer(1), ignored=True),
+    "rangeh": Field([0, 1], pair(number(), "low, high"), ignored=True),
+    "extension": Field(["jpeg", "JPEG"], pair(text(), "file extension, PIL format"),
+                       ignored=True),
+    "exp_root": Field("exps", text(), run_option=True),
+    "cudaid": Field(None, device_id(), run_option=True),
+    "yaml": Field(None, text(nullable=True), run_option=True),
     "synthetic": SYNTHETIC_SCHEMA,
     "model": MODEL_SCHEMA,
     "optimizer": OPTIMIZER_SCHEMA,
     "metrics": METRICS_SCHEMA,
 }
+
+
+def _flagged_keys(flag: str, schema: Mapping[str, Any] = SCHEMA, prefix: str = "") -> tuple[str, ...]:
+    """Dotted keys of the schema whose field has ``flag`` set."""
+    keys: list[str] = []
+    for key, entry in schema.items():
+        if isinstance(entry, Field):
+            keys += [prefix + key] if getattr(entry, flag) else []
+        else:
+            keys += _flagged_keys(flag, entry, f"{prefix}{key}.")
+    return tuple(keys)
+
+
+IGNORED_KEYS = _flagged_keys("ignored")
+RUN_OPTIONS = _flagged_keys("run_option")
 
 # ----------------------------------------------------------------------------- YAML
 
@@ -435,8 +454,7 @@ def _check_class_counts(config: dict, source: str) -> None:
         raise ConfigError(f"{source}: nbr_classes = {nbr} and model.num_classes = {model_classes} "
                           f"differ (expected the same number)")
     dataset = config["dataset"]
-    allowed = {"glas": (2,), "Caltech-UCSD-Birds-200-2011": (200, 5), "Oxford-flowers-102": (102,),
-               "synthetic": (config["synthetic"]["num_classes"],)}[dataset]
+    allowed = dataset_spec(dataset).class_counts or (config["synthetic"]["num_classes"],)
     if nbr not in allowed:
         expected = " or ".join(str(a) for a in allowed)
         if dataset == "synthetic":
@@ -500,18 +518,22 @@ def _check_optimizer(config: dict, source: str) -> None:
                           f"list of epochs when optimizer.lr_scheduler.name = 'multistep')")
 
 
-def _check_ranges(config: dict, source: str) -> None:
-    low, high = config["rangeh"]
-    if low >= high:
-        raise ConfigError(f"{source}: rangeh = {_show(config['rangeh'])} is out of range "
-                          f"(expected [low, high] with low < high)")
-    if config["stain_augmentation"] and config["dataset"] != "glas":
+def _check_method_rules(config: dict, source: str) -> None:
+    """Stain augmentation is for histology; recursive erasing for the methods that erase;
+    ``max_epochs = -1`` (evaluate only) needs the weights to evaluate."""
+    if config["stain_augmentation"] and not dataset_spec(config["dataset"]).histology:
         raise ConfigError(f"{source}: stain_augmentation = true is for the GlaS histology images "
                           f"only, not dataset {config['dataset']!r}")
-    if config["method"] != "minmax" and config["nbr_times_erase"] > 0:
+    if not METHODS[config["method"]].erases and config["nbr_times_erase"] > 0:
         raise ConfigError(f"{source}: nbr_times_erase = {config['nbr_times_erase']} is out of "
                           f"range for method {config['method']!r} (expected 0: recursive erasing "
                           f"belongs to the min-max entropy model)")
+    if config["max_epochs"] == -1 and not config["path_pre_trained"]:
+        raise ConfigError(f"{source}: max_epochs = -1 evaluates a trained model: give its "
+                          f"weights with --path_pre_trained FILE")
+
+
+def _check_synthetic_objects(config: dict, source: str) -> None:
     synthetic = config["synthetic"]
     if synthetic["min_objects"] > synthetic["max_objects"]:
         raise ConfigError(f"{source}: synthetic.min_objects = {synthetic['min_objects']} is out "
@@ -531,27 +553,18 @@ def _check_synthetic_crop(config: dict, source: str) -> None:
                           f"(expected at most the padded synthetic image size {_show(padded)})")
 
 
-def _force_upstream_values(config: dict, source: str) -> None:
-    for key, value in FORCED_VALUES.items():
-        if config[key] != value:
-            logger.warning("%s: %s = %s is forced to %s", source, key, _show(config[key]),
-                           _show(value))
-            config[key] = value
-
-
 def validate_config(raw: Any, source: str) -> dict:
     """Fill the defaults of ``raw``, check every key and the cross-key rules; return a new dict.
 
     ``source`` (a file name, ``command line``...) starts every error message.
-    ``show_hists`` and ``floating`` are forced to ``false`` and ``2`` (with a warning).
     """
     config = _normalise_section(raw, SCHEMA, "", source)
     _check_class_counts(config, source)
     _check_wildcat_k(config, source)
     _check_optimizer(config, source)
-    _check_ranges(config, source)
+    _check_method_rules(config, source)
+    _check_synthetic_objects(config, source)
     _check_synthetic_crop(config, source)
-    _force_upstream_values(config, source)
     return config
 
 

@@ -20,7 +20,9 @@ import torch
 import torchvision
 import yaml
 
-from deepmil.checkpoint import atomic_write
+from deepmil.files import atomic_write, write_json
+from deepmil.config import SCHEMA
+from deepmil.errors import ConfigError, RunError
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -35,7 +37,8 @@ def experiment_name(config: Mapping[str, Any]) -> str:
     config_name = Path(config["yaml"]).stem
     stamp = time.strftime("%Y%m%d-%H%M%S")
     method = config["method"]
-    method = "" if method == "minmax" or method in config_name.split("-") else f"-{method}"
+    default = method == SCHEMA["method"].default
+    method = "" if default or method in config_name.split("-") else f"-{method}"
     return (f"{config_name}{method}-{config['model']['name']}-s{config['split']}f{config['fold']}"
             f"-erase{config['nbr_times_erase']}-seed{config['MYSEED']}-{stamp}")
 
@@ -44,7 +47,7 @@ def experiment_folder(root: Path, name: str, overwrite: bool) -> Path:
     """``root/name``, checked before anything is written: ``name`` must be a plain folder name
     and an existing folder is an error unless ``overwrite`` is set."""
     if name in ("", ".", "..") or Path(name).name != name:
-        raise ValueError(f"experiment name {name!r} is not a plain folder name")
+        raise ConfigError(f"experiment name {name!r} is not a plain folder name")
     folder = Path(root) / name
     if folder.exists() and not overwrite:
         raise FileExistsError(f"experiment folder {folder} already exists; use --overwrite to "
@@ -70,7 +73,7 @@ def folder_lock(folder: Path) -> Iterator[None]:
         except BlockingIOError:
             handle.seek(0)
             owner = handle.read().strip() or "unknown"
-            raise RuntimeError(f"experiment folder {folder} is in use by another run (process "
+            raise RunError(f"experiment folder {folder} is in use by another run (process "
                                f"{owner}); wait for it to end, or choose another "
                                f"--exp-name") from None
         handle.seek(0)
@@ -142,21 +145,6 @@ def environment_record(config: Mapping[str, Any], argv: list[str]) -> dict[str, 
             "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
             "torch_threads": torch.get_num_threads(),
             "git_commit": git_commit(), "git_dirty": git_dirty()}
-
-
-def write_text(text: str, path: Path) -> None:
-    """Write ``text`` (UTF-8), atomically."""
-    atomic_write(path, lambda stream: stream.write(text.encode("utf-8")))
-
-
-def write_json(data: Any, path: Path) -> None:
-    """Write ``data`` as indented JSON, atomically."""
-    write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", path)
-
-
-def write_json_lines(records: list[Mapping[str, Any]], path: Path) -> None:
-    """Write one JSON record per line, atomically (the whole file is rewritten)."""
-    write_text("".join(json.dumps(record) + "\n" for record in records), path)
 
 
 def add_resume_record(record: Mapping[str, Any], path: Path) -> None:

@@ -12,6 +12,8 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from deepmil.errors import WeightsError
+from deepmil.registry import MASK_NORMALIZATIONS, MODEL_NAMES
 from deepmil.pooling import ClassWisePool, WildcatPool2d
 
 CSAIL_URL = "http://sceneparsing.csail.mit.edu/model/pretrained_resnet/{name}-imagenet.pth"
@@ -21,8 +23,6 @@ DEEP_STEM_LAYERS = {"resnet18": ("basic", [2, 2, 2, 2]),
 TORCHVISION_MODELS = {"tv_resnet18": ("resnet18", "ResNet18_Weights"),
                       "tv_resnet50": ("resnet50", "ResNet50_Weights"),
                       "tv_resnet101": ("resnet101", "ResNet101_Weights")}
-MODEL_NAMES = tuple(DEEP_STEM_LAYERS) + tuple(TORCHVISION_MODELS)
-MASK_NORMALIZATIONS = ("batch", "sample")
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -315,7 +315,8 @@ def torchvision_weights(model_config: dict) -> str | None:
 
 
 def build_model(model_config: dict) -> MinMaxEntropyNet:
-    """Build the network from the ``model`` section of a configuration (weights not loaded)."""
+    """Build the network from the validated ``model`` section of a configuration (weights not
+    loaded)."""
     name = model_config["name"]
     return MinMaxEntropyNet(
         name=name, num_classes=model_config["num_classes"],
@@ -323,8 +324,8 @@ def build_model(model_config: dict) -> MinMaxEntropyNet:
         kmin=model_config["kmin"], alpha=model_config["alpha"],
         dropout=model_config["dropout"], sigma=model_config["sigma"], w=model_config["w"],
         scale=tuple(model_config["scale"]),
-        mask_normalization=model_config.get("mask_normalization", "batch"),
-        apply_min_term=model_config.get("apply_min_term", False),
+        mask_normalization=model_config["mask_normalization"],
+        apply_min_term=model_config["apply_min_term"],
         torchvision_weights=torchvision_weights(model_config))
 
 
@@ -343,7 +344,7 @@ def download_pretrained(name: str, cache_dir: str | Path | None = None) -> dict:
                                                   map_location="cpu", file_name=path.name,
                                                   weights_only=True)
     except (URLError, OSError) as error:
-        raise RuntimeError(
+        raise WeightsError(
             f"could not download the ImageNet weights of {name} from {url} ({error}). "
             f"Download that file by hand and place it at {path}, or set "
             f"model.pretrained: false.") from error
@@ -362,7 +363,7 @@ def load_trunk_weights(model: ResNetTrunk, state_dict: dict) -> None:
                if not key.startswith(model.head_prefixes)
                and key not in ("sigma", "w") and not key.endswith("num_batches_tracked")]
     if unexpected or missing:
-        raise RuntimeError(f"pretrained weights do not match the {model.name} trunk: "
+        raise WeightsError(f"pretrained weights do not match the {model.name} trunk: "
                            f"missing trunk keys {missing}, unexpected keys {unexpected}")
 
 

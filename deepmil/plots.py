@@ -14,6 +14,8 @@ import torch
 from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 
+from deepmil.files import atomic_write
+
 OVERLAY_ALPHA = 128 / 255
 REGION_COLORMAP = "Reds"
 REGION_ALPHA = 0.55
@@ -268,6 +270,5 @@ def plot_score_histograms(counts: np.ndarray | torch.Tensor, path: str | Path,
 
 def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=100)
+    atomic_write(path, lambda stream: fig.savefig(stream, format="png", dpi=100))
     return path

@@ -22,13 +22,6 @@ def get_k(k: float | int, n: int) -> int:
     return min(int(k), n)
 
 
-def feature_map_size(size: int, num_downsamplings: int = 5) -> int:
-    """Spatial size after ``num_downsamplings`` 3x3 / stride-2 / pad-1 reductions."""
-    for _ in range(num_downsamplings):
-        size = (size - 1) // 2 + 1
-    return size
-
-
 class ClassWisePool(nn.Module):
     """Average ``M`` consecutive channels per class: ``B x (C*M) x h x w -> B x C x h x w``."""
 

@@ -22,20 +22,16 @@ from typing import Any
 
 import yaml
 
-from deepmil import plots
-from deepmil.config import default_values, merge_sections
+from deepmil import files, plots
+from deepmil.config import IGNORED_KEYS, RUN_OPTIONS, default_values, merge_sections
 from deepmil.experiment import load_prediction_samples
+from deepmil.registry import METHOD_NAMES, METHODS
 
-METHOD_LABELS = {"allones": "All-ones", "cam": "CAM", "gradcam": "Grad-CAM",
-                 "wildcat": "WILDCAT"}
-ROW_ORDER = ("allones", "cam", "gradcam", "wildcat", "minmax")
 COLUMNS = (("cl_error", "cl. error (%)", r"cl. error (\%)"), ("f1_pos", "F1+ (%)", r"F1$^+$ (\%)"),
            ("f1_neg", "F1- (%)", r"F1$^-$ (\%)"), ("pxap", "PxAP (%)", r"PxAP (\%)"),
            ("crf_f1_pos", "CRF F1+ (%)", r"CRF F1$^+$ (\%)"),
            ("crf_f1_neg", "CRF F1- (%)", r"CRF F1$^-$ (\%)"))
-RUN_KEYS = ("MYSEED", "yaml", "exp_root", "data_root", "fold_folder", "cudaid",
-            "path_pre_trained", "strict", "num_workers", "crf_workers", "preload",
-            "eval_batch_size", "compile", "channels_last")
+NOT_COMPARED = frozenset(RUN_OPTIONS + IGNORED_KEYS)
 FIGURE_IMAGES = 4
 STORED_IMAGES = 6
 LATEX_SPECIALS = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#",
@@ -86,10 +82,11 @@ def read_run(folder: Path, split: str) -> Run:
 
 def method_label(config: dict) -> str:
     """Row label: the baseline's name, or the min-max entropy model and its erasing passes."""
-    if config["method"] != "minmax":
-        return METHOD_LABELS[config["method"]]
+    info = METHODS[config["method"]]
+    if not info.erases:
+        return info.label
     passes = config["nbr_times_erase"]
-    return f"Min-max entropy, {passes} erasing passes" if passes else "Min-max entropy, no erasing"
+    return f"{info.label}, {passes} erasing passes" if passes else f"{info.label}, no erasing"
 
 
 def setting_key(config: dict) -> str:
@@ -100,15 +97,15 @@ def setting_key(config: dict) -> str:
 def row_rank(setting: Setting) -> tuple:
     """Sort key: dataset, then the paper's row order, then the number of erasing passes."""
     config = setting.runs[0].config
-    return (setting.dataset, ROW_ORDER.index(config["method"]), config["nbr_times_erase"],
+    return (setting.dataset, METHOD_NAMES.index(config["method"]), config["nbr_times_erase"],
             setting.label)
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``, run-specific keys left out."""
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``, run-specific and ignored keys left out."""
     flat: dict[str, Any] = {}
     for key, value in config.items():
-        if not prefix and key in RUN_KEYS:
+        if f"{prefix}{key}" in NOT_COMPARED:
             continue
         if isinstance(value, dict):
             flat.update(flatten(value, f"{prefix}{key}."))
@@ -274,10 +271,10 @@ def main(argv: list[str] | None = None) -> int:
         print(markdown, end="")
         if args.markdown:
             args.markdown.parent.mkdir(parents=True, exist_ok=True)
-            args.markdown.write_text(markdown, encoding="utf-8")
+            files.write_text(markdown, args.markdown)
         if args.latex:
             args.latex.parent.mkdir(parents=True, exist_ok=True)
-            args.latex.write_text(latex_tables(settings, args.split), encoding="utf-8")
+            files.write_text(latex_tables(settings, args.split), args.latex)
         if args.figure:
             for path in comparison_figure(settings, args.figure, args.images):
                 print(f"figure: {path}")

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from scipy import ndimage
+from deepmil.errors import DataError
 
 GENERATOR_VERSION = 1
 CLASS_PATTERNS = ("hstripes", "vstripes", "crosshatch", "zigzag", "rings")
@@ -72,29 +73,29 @@ class SyntheticSpec:
         for field in fields(self):
             value = getattr(self, field.name)
             if isinstance(value, bool) or not isinstance(value, int):
-                raise ValueError(f"synthetic.{field.name} must be an integer, got {value!r}")
+                raise DataError(f"synthetic.{field.name} must be an integer, got {value!r}")
         if not 2 <= self.num_classes <= len(CLASS_PATTERNS):
-            raise ValueError(
+            raise DataError(
                 f"synthetic.num_classes must be in [2, {len(CLASS_PATTERNS)}], "
                 f"got {self.num_classes}"
             )
         if self.image_size < MIN_IMAGE_SIZE:
-            raise ValueError(
+            raise DataError(
                 f"synthetic.image_size must be >= {MIN_IMAGE_SIZE}, got {self.image_size}"
             )
         if self.n_train < 2 * self.num_classes:
-            raise ValueError(
+            raise DataError(
                 f"synthetic.n_train must be >= 2 * num_classes = {2 * self.num_classes} "
                 f"(each class needs a training and a validation image), got {self.n_train}"
             )
         if self.n_test < self.num_classes:
-            raise ValueError(
+            raise DataError(
                 f"synthetic.n_test must be >= num_classes = {self.num_classes}, got {self.n_test}"
             )
         if self.seed < 0:
-            raise ValueError(f"synthetic.seed must be >= 0, got {self.seed}")
+            raise DataError(f"synthetic.seed must be >= 0, got {self.seed}")
         if not 1 <= self.min_objects <= self.max_objects <= MAX_OBJECTS:
-            raise ValueError(
+            raise DataError(
                 f"synthetic.min_objects/max_objects must satisfy 1 <= min <= max <= {MAX_OBJECTS}, "
                 f"got {self.min_objects}/{self.max_objects}"
             )
@@ -106,7 +107,7 @@ class SyntheticSpec:
         known = {field.name for field in fields(cls)}
         unknown = sorted(set(mapping) - known)
         if unknown:
-            raise ValueError(
+            raise DataError(
                 f"unknown key(s) in config 'synthetic': {unknown}; expected some of {sorted(known)}"
             )
         return cls(**mapping)
@@ -193,7 +194,7 @@ def _layout(
         fraction = np.logical_or.reduce(masks).mean()
         if MIN_FOREGROUND <= fraction <= MAX_FOREGROUND and all(mask.any() for mask in masks):
             return masks, [centre for _, centre in blobs]
-    raise RuntimeError(f"no object layout met the foreground range in {LAYOUT_ATTEMPTS} attempts")
+    raise DataError(f"no object layout met the foreground range in {LAYOUT_ATTEMPTS} attempts")
 
 
 def _sharpen(wave: np.ndarray) -> np.ndarray:
@@ -329,7 +330,7 @@ def read_metadata(root: Path) -> list[dict[str, str]]:
         reader = csv.DictReader(handle)
         if tuple(reader.fieldnames or ()) != METADATA_HEADER:
             expected = ",".join(METADATA_HEADER)
-            raise ValueError(f"{path}: header must be {expected}, got {reader.fieldnames}")
+            raise DataError(f"{path}: header must be {expected}, got {reader.fieldnames}")
         return list(reader)
 
 
@@ -368,7 +369,7 @@ def ensure_synthetic_dataset(root: Path, spec: SyntheticSpec) -> bool:
     if is_complete(root, spec):
         return False
     if root.is_dir() and not (root / "spec.json").is_file() and any(root.iterdir()):
-        raise ValueError(
+        raise DataError(
             f"{root} exists and is not a synthetic dataset (no spec.json); move it away first"
         )
     root.parent.mkdir(parents=True, exist_ok=True)

@@ -14,4 +14,4 @@ def tiny_synthetic_config(root: Path, n_train: int = 8, n_test: int = 5) -> dict
             "fold_folder": str(root / "folds"), "fold_name": None, "split": 0, "fold": 0,
             "name_classes": "encoding.yaml", "model": {"num_classes": 2}, "crop_size": [64, 64],
             "padding_size": [0.5, 0.5], "padding_mode": "reflect", "up_scale_small_dim_to": None,
-            "resize": None, "pad_eval": False, "MYSEED": 0}
+            "MYSEED": 0}

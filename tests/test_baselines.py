@@ -5,15 +5,17 @@ import pytest
 import torch
 
 import loader
-from deepmil.baselines import (CAMNet, WildcatNet, build_network_for, class_map_mask, grad_cam,
-                               scores_and_localization)
+from deepmil.baselines import CAMNet, WildcatNet, class_map_mask, grad_cam
 from deepmil.engine import classifier_step, evaluate, train_one_epoch
+from deepmil.methods import METHODS, get_method
 from deepmil.model import MinMaxEntropyNet, load_trunk_weights, minmax_normalise
+from deepmil.registry import METHOD_NAMES
+from deepmil.settings import RunSettings
 from helpers import tiny_synthetic_config
 
 MODEL_CONFIG = {"name": "resnet18", "num_classes": 3, "modalities": 2, "kmax": 1.0, "kmin": 1.0,
                 "alpha": 0.0, "dropout": 0.0, "sigma": 0.5, "w": 8.0, "scale": [0.5, 0.5],
-                "pretrained": False}
+                "pretrained": False, "apply_min_term": False, "mask_normalization": "batch"}
 
 
 def cam_net() -> CAMNet:
@@ -90,16 +92,21 @@ def test_grad_cam_localises_the_predicted_class_by_default():
     ("cam", CAMNet), ("wildcat", WildcatNet), ("gradcam", CAMNet), ("allones", CAMNet),
     ("minmax", MinMaxEntropyNet)])
 def test_each_method_builds_its_network(method, network_type):
-    assert type(build_network_for(method, MODEL_CONFIG)) is network_type
+    assert type(get_method(method).build(MODEL_CONFIG)) is network_type
+
+
+def test_every_registered_method_is_implemented():
+    assert tuple(METHODS) == METHOD_NAMES
+    assert all(get_method(name).info.name == name for name in METHOD_NAMES)
 
 
 @pytest.mark.parametrize("method", ["cam", "wildcat", "gradcam", "allones"])
 def test_baseline_maps_have_the_input_geometry_and_range(method):
     torch.manual_seed(0)
-    network = build_network_for(method, MODEL_CONFIG).eval()
+    network = get_method(method).build(MODEL_CONFIG).eval()
     images = torch.randn(2, 3, 96, 64)
     with torch.no_grad():
-        scores, mask = scores_and_localization(method, network, images)
+        scores, mask = get_method(method).localize(network, images)
         assert torch.equal(scores, network(images).scores)
     assert mask.shape == (2, 1, 96, 64)
     if method == "allones":
@@ -113,7 +120,7 @@ def test_baseline_maps_have_the_input_geometry_and_range(method):
 @pytest.mark.parametrize("method", ["cam", "wildcat"])
 def test_classifier_step_trains_the_baseline(method):
     torch.manual_seed(0)
-    network = build_network_for(method, MODEL_CONFIG).train()
+    network = get_method(method).build(MODEL_CONFIG).train()
     images, labels = torch.randn(4, 3, 64, 64), torch.tensor([0, 1, 2, 0])
     before = [parameter.detach().clone() for parameter in network.parameters()]
     optimizer = torch.optim.SGD(network.parameters(), lr=0.1)
@@ -130,7 +137,7 @@ def test_baselines_load_imagenet_trunk_weights_without_their_heads():
     trunk_only = {key: value for key, value in source.items()
                   if not key.startswith(("headseg.", "cl32.")) and key not in ("sigma", "w")}
     trunk_only["fc.weight"] = torch.zeros(1000, 512)
-    for network in (CAMNet("resnet18", 3), build_network_for("wildcat", MODEL_CONFIG)):
+    for network in (CAMNet("resnet18", 3), get_method("wildcat").build(MODEL_CONFIG)):
         load_trunk_weights(network, trunk_only)
         assert torch.equal(network.conv1.weight, source["conv1.weight"])
 
@@ -148,13 +155,13 @@ def synthetic_loaders(tmp_path_factory):
 def test_baselines_train_an_epoch_and_evaluate(method, synthetic_loaders):
     train_loader, test_loader = synthetic_loaders
     torch.manual_seed(0)
-    network = build_network_for(method, {**MODEL_CONFIG, "num_classes": 2})
+    network = get_method(method).build({**MODEL_CONFIG, "num_classes": 2})
     optimizer = torch.optim.SGD(network.parameters(), lr=0.01)
-    stats = train_one_epoch(network, train_loader, optimizer, 0, 0, torch.device("cpu"), 0, 10.0,
-                            False, method=method)
+    run = RunSettings(method=get_method(method))
+    stats = train_one_epoch(network, train_loader, optimizer, 0, run)
     assert set(stats) == {"loss", "loss_cl", "cl_error"}
     assert stats["loss"] == pytest.approx(stats["loss_cl"])
-    evaluation = evaluate(network, test_loader, torch.device("cpu"), keep=4, method=method)
+    evaluation = evaluate(network, test_loader, run, keep=4)
     assert evaluation.summary["n_images"] == 4
     assert evaluation.summary["loss"] == pytest.approx(evaluation.summary["loss_cl"])
     errors = sum(record["predicted"] != record["label"] for record in evaluation.records)

@@ -1,5 +1,8 @@
 """Configuration: shipped files, schema errors, command-line overrides, seed and data root."""
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -8,6 +11,8 @@ import tools
 from deepmil.cli import FLAG_KEYS, resolve_seed
 from deepmil.config import (
     CONFIG_DIR,
+    IGNORED_KEYS,
+    RUN_OPTIONS,
     ConfigError,
     apply_overrides,
     available_configs,
@@ -67,7 +72,6 @@ def test_shipped_config_set():
 def test_every_config_loads(name):
     config = load_config(resolve_yaml_path(name))
     assert config["nbr_classes"] == config["model"]["num_classes"]
-    assert config["show_hists"] is False and config["floating"] == 2
     assert isinstance(config["crop_size"], list) and isinstance(config["model"]["scale"], list)
 
 
@@ -117,22 +121,56 @@ def test_paper_values(name):
         assert get(config, key) == value, key
 
 
-def test_upstream_forced_values_are_in_glas_files(caplog):
+def test_upstream_keys_are_accepted_and_ignored_without_warnings(caplog):
     raw = raw_config("glas-no-erasing.yaml")
     assert raw["show_hists"] is True and raw["floating"] == 3
     with caplog.at_level(logging.WARNING, logger="deepmil.config"):
         config = load_config(CONFIG_DIR / "glas-no-erasing.yaml")
-    assert config["show_hists"] is False and config["floating"] == 2
-    assert "show_hists = true is forced to false" in caplog.text
-    assert "floating = 3 is forced to 2" in caplog.text
+    assert config["show_hists"] is True and config["floating"] == 3
+    assert caplog.text == ""
+    assert IGNORED_KEYS == (
+        "img_extension", "erase_in_inference", "normalize", "alpha", "floating", "height_tag",
+        "use_tags", "show_hists", "bins", "rangeh", "extension", "model.num_masks",
+        "model.smooth_out", "optimizer.lr_scheduler.last_epoch")
+    with pytest.raises(ConfigError, match="show_hists = 'yes' has the wrong type"):
+        validate_config({**raw, "show_hists": "yes"}, "test")
+
+
+def test_unsupported_upstream_options_are_refused_by_the_schema():
+    raw = raw_config("synthetic-no-erasing.yaml")
+    with pytest.raises(ConfigError, match=r"resize = 100 is not an allowed value \(expected one of null\)"):
+        validate_config({**raw, "resize": 100}, "test")
+    with pytest.raises(ConfigError, match=r"pad_eval = true is not an allowed value"):
+        validate_config({**raw, "pad_eval": True}, "test")
+    with pytest.raises(ConfigError, match="max_epochs = -1 evaluates a trained model"):
+        validate_config({**raw, "max_epochs": -1}, "test")
+    assert validate_config({**raw, "max_epochs": -1, "path_pre_trained": "w.pt"},
+                           "test")["max_epochs"] == -1
+
+
+def test_run_options_are_flagged_in_the_schema():
+    assert {"MYSEED", "num_workers", "cudaid", "model.pretrained_cache"} <= set(RUN_OPTIONS)
+    assert not {"method", "nbr_times_erase", "model.kmax"} & set(RUN_OPTIONS)
+    assert not set(RUN_OPTIONS) & set(IGNORED_KEYS)
+
+
+def test_validating_a_config_does_not_import_torch():
+    code = ("import sys, deepmil.config as c; "
+            "c.load_config(c.resolve_yaml_path('glas-4-erasing.yaml')); "
+            "print('torch' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            cwd=Path(__file__).resolve().parents[1], check=True)
+    assert result.stdout.strip() == "False"
 
 
 @pytest.mark.parametrize("prefix", ["glas", "cub5", "cuball", "oxford-flowers", "synthetic"])
 def test_erasing_pairs_differ_only_in_nbr_times_erase(prefix):
-    plain = raw_config(f"{prefix}-no-erasing.yaml")
-    erasing = raw_config(f"{prefix}-4-erasing.yaml")
+    plain = load_config(CONFIG_DIR / f"{prefix}-no-erasing.yaml")
+    erasing = load_config(CONFIG_DIR / f"{prefix}-4-erasing.yaml")
     assert (plain["nbr_times_erase"], erasing["nbr_times_erase"]) == (0, 4)
     assert without(plain, "nbr_times_erase") == without(erasing, "nbr_times_erase")
+    assert raw_config(f"{prefix}-4-erasing.yaml") == {"base": f"{prefix}-no-erasing.yaml",
+                                                      "nbr_times_erase": 4}
 
 
 @pytest.mark.parametrize("name", BASELINE_CONFIGS)
@@ -247,9 +285,9 @@ def test_bool_is_not_an_integer(tmp_path):
 
 def test_bad_bool_in_yaml(tmp_path):
     data = glas_raw()
-    data["pad_eval"] = "maybe"
+    data["preload"] = "maybe"
     message = error_of(tmp_path, data)
-    assert "pad_eval = 'maybe' has the wrong type (expected true or false)" in message
+    assert "preload = 'maybe' has the wrong type (expected true or false)" in message
 
 
 def test_out_of_range_message(tmp_path):
@@ -396,7 +434,7 @@ FLAG_CASES = {
     "momentum": ("optimizer.momentum", "0.5", 0.5),
     "wdecay": ("optimizer.weight_decay", "0.25", 0.25),
     "stepsize": ("optimizer.lr_scheduler.step_size", "7", 7),
-    "epoch": ("max_epochs", "-1", -1),
+    "epoch": ("max_epochs", "7", 7),
     "fold": ("fold", "2", 2),
     "split": ("split", "1", 1),
     "alpha": ("model.alpha", "0.3", 0.3),

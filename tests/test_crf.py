@@ -30,7 +30,7 @@ def test_parameter_sets_and_dataset_mapping():
     assert crf_params.params_for("Caltech-UCSD-Birds-200-2011") is crf_params.CUB
     assert crf_params.params_for("Oxford-flowers-102") is crf_params.CUB
     assert crf_params.params_for("synthetic") is crf_params.CUB
-    with pytest.raises(ValueError, match="no CRF parameters"):
+    with pytest.raises(ValueError, match="unknown dataset 'bach'"):
         crf_params.params_for("bach")
 
 

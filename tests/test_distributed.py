@@ -11,7 +11,10 @@ from torch import nn
 import loader
 from deepmil import distributed
 from deepmil.engine import evaluate, train_one_epoch
+from deepmil.methods import Erasing
 from deepmil.model import MinMaxEntropyNet
+from deepmil.precision import Precision
+from deepmil.settings import RunSettings
 from helpers import tiny_synthetic_config
 
 WORLD = 2
@@ -45,8 +48,9 @@ def train_worker(rank: int, store: str, out: str, erase: bool, scaled: bool) -> 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     local = [shard(batch, rank) for batch in batches()]
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if scaled else None
-    train_one_epoch(model, local, optimizer, epoch=1, seed=0, device=torch.device("cpu"),
-                    nbr_times_erase=2, sigma_erase=10.0, erase=erase, scaler=scaler)
+    run = RunSettings(precision=Precision(scaler=scaler),
+                      erasing=Erasing(2, 10.0, start_epoch=1 if erase else 2))
+    train_one_epoch(model, local, optimizer, epoch=1, run=run)
     if scaled:
         assert scaler.get_scale() == 2.0**10, "no step may be skipped"
     torch.save({k: v for k, v in model.module.state_dict().items()}, f"{out}/rank{rank}.pt")
@@ -93,7 +97,7 @@ def evaluate_worker(rank: int, store: str, config: dict, out: str) -> None:
     init(rank, store)
     dataset = loader.build_dataset(config, "test", train=False)
     data = loader.make_loader(dataset, 1, 0, shuffle=False, seed=0, rank=rank, world_size=WORLD)
-    summary = evaluate(tiny_net(), data, torch.device("cpu")).summary
+    summary = evaluate(tiny_net(), data, RunSettings()).summary
     torch.save({"summary": summary, "seen": [int(i) for i in data.sampler]},
                f"{out}/eval{rank}.pt")
     dist.destroy_process_group()
@@ -106,7 +110,7 @@ def test_sharded_evaluation_equals_single_process(tmp_path):
     results = [torch.load(tmp_path / f"eval{rank}.pt", weights_only=False) for rank in range(2)]
     dataset = loader.build_dataset(config, "test", train=False)
     single = evaluate(tiny_net(), loader.make_loader(dataset, 1, 0, False, 0),
-                      torch.device("cpu")).summary
+                      RunSettings()).summary
     assert sorted(results[0]["seen"] + results[1]["seen"]) == list(range(len(dataset)))
     assert results[0]["summary"] == single == results[1]["summary"]
 

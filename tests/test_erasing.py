@@ -7,8 +7,10 @@ from torch import nn
 
 import torch.nn.functional as F
 
-from deepmil.engine import erasing_active, erasing_step, plain_step, train_one_epoch
+from deepmil.engine import erasing_step, plain_step, train_one_epoch
+from deepmil.methods import Erasing
 from deepmil.model import MinMaxEntropyNet
+from deepmil.settings import RunSettings
 
 CONFIDENT = [50.0, -50.0]
 WRONG = [-50.0, 50.0]
@@ -151,9 +153,10 @@ def test_a_plain_step_reseeds_once_before_its_forward_pass(monkeypatch):
 
 
 def test_erasing_schedule():
-    assert not erasing_active(0, 4, 1)
-    assert erasing_active(1, 4, 1)
-    assert not erasing_active(5, 0, 1)
+    assert not Erasing(4, 10.0, 1).active(0)
+    assert Erasing(4, 10.0, 1).active(1)
+    assert not Erasing(0, 10.0, 1).active(5)
+    assert RunSettings(erasing=Erasing(4, 10.0, 1)).erasing_at(0) is None
 
 
 class CountingSGD(torch.optim.SGD):
@@ -175,9 +178,8 @@ def test_real_model_one_optimizer_step_per_batch_and_at_most_u_passes():
     batches = [{"image": torch.randn(2, 3, 64, 64), "label": torch.tensor([0, 1])}
                for _ in range(2)]
     before = [p.clone() for p in net.parameters()]
-    stats = train_one_epoch(net, batches, optimizer, epoch=1, seed=0,
-                            device=torch.device("cpu"), nbr_times_erase=3, sigma_erase=10.0,
-                            erase=True)
+    stats = train_one_epoch(net, batches, optimizer, epoch=1,
+                            run=RunSettings(erasing=Erasing(3, 10.0, start_epoch=1)))
     assert optimizer.steps == 2
     assert 2 <= len(calls) <= 6
     assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))

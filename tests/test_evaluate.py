@@ -7,6 +7,7 @@ import loader
 from deepmil.engine import evaluate, image_row, predictions, summarise
 from deepmil.metrics import PxAPMeter, f1_pos_neg, iou_at
 from deepmil.model import MinMaxEntropyNet
+from deepmil.settings import RunSettings
 from helpers import tiny_synthetic_config
 from tools import CRF
 
@@ -25,8 +26,8 @@ def net():
 
 
 def test_summary_is_the_mean_of_per_image_values(test_loader, net):
-    items = list(predictions(net, test_loader, torch.device("cpu"), exact_crop=False))
-    summary = evaluate(net, test_loader, torch.device("cpu")).summary
+    items = list(predictions(net, test_loader, RunSettings()))
+    summary = evaluate(net, test_loader, RunSettings()).summary
     f1 = [f1_pos_neg(item["mask"], item["truth"]) for item in items]
     assert summary["n_images"] == len(items) == 5
     assert summary["f1_pos"] == pytest.approx(100 * sum(float(p) for p, _ in f1) / 5)
@@ -45,7 +46,7 @@ def test_summary_is_the_mean_of_per_image_values(test_loader, net):
 def test_batched_evaluation_equals_image_by_image(test_loader, net):
     dataset = test_loader.dataset
     single, batched = (evaluate(net, loader.make_loader(dataset, batch, 0, shuffle=False, seed=0),
-                                torch.device("cpu"), keep=len(dataset))
+                                RunSettings(), keep=len(dataset))
                        for batch in (1, 3))
     assert single.summary.keys() == batched.summary.keys()
     for key, value in single.summary.items():
@@ -62,12 +63,12 @@ def test_batched_evaluation_equals_image_by_image(test_loader, net):
 
 def test_crf_scores_appear_and_do_not_depend_on_the_worker_count(test_loader, net):
     crf = CRF(crf_params.params_for("synthetic"))
-    in_process = evaluate(net, test_loader, torch.device("cpu"), crf=crf, crf_workers=0)
-    pooled = evaluate(net, test_loader, torch.device("cpu"), crf=crf, crf_workers=2, keep=2)
+    in_process = evaluate(net, test_loader, RunSettings(), crf=crf, crf_workers=0)
+    pooled = evaluate(net, test_loader, RunSettings(), crf=crf, crf_workers=2, keep=2)
     assert in_process.summary == pooled.summary
     for key in ("crf_f1_pos", "crf_f1_neg", "crf_iou"):
         assert 0.0 <= in_process.summary[key] <= 100.0
-    plain = evaluate(net, test_loader, torch.device("cpu")).summary
+    plain = evaluate(net, test_loader, RunSettings()).summary
     assert {k: v for k, v in in_process.summary.items() if not k.startswith("crf_")} == plain
     assert len(pooled.records) == 2 and "crf_mask" in pooled.records[0]
     assert pooled.records[0]["crf_mask"].shape == pooled.records[0]["truth"].shape

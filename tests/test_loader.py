@@ -12,6 +12,7 @@ import loader
 import reproducibility
 import train_deepmil
 from deepmil.config import ConfigError
+from deepmil.registry import dataset_spec
 
 GLAS_SUBFOLDER = "GlaS-2015/Warwick QU Dataset (Released 2016_07_08)"
 
@@ -34,8 +35,6 @@ def make_config(tmp_path: Path, dataset: str = "synthetic", **overrides) -> dict
         "padding_size": [0.5, 0.5],
         "padding_mode": "reflect",
         "up_scale_small_dim_to": None,
-        "resize": None,
-        "pad_eval": False,
         "MYSEED": 0,
     }
     config.update(overrides)
@@ -44,7 +43,7 @@ def make_config(tmp_path: Path, dataset: str = "synthetic", **overrides) -> dict
 
 def write_samples(config: dict, split: str, samples: list, ext: str = "png") -> Path:
     """Write (name, image array, mask array, class) samples and their fold CSV; return the CSV path."""
-    root = Path(config["data_root"]) / loader.DATASET_SUBFOLDERS[config["dataset"]]
+    root = Path(config["data_root"]) / dataset_spec(config["dataset"]).folder
     (root / "images").mkdir(parents=True, exist_ok=True)
     (root / "masks").mkdir(parents=True, exist_ok=True)
     lines = []
@@ -217,15 +216,14 @@ def test_evaluation_padding_is_reflection(tmp_path):
 
 def test_binarize_mask_thresholds():
     values = np.array([0, 1, 127, 128, 255], np.uint8)
-    assert binarized(values, "cub") == [0, 0, 0, 1, 1]
-    for family in ("glas", "oxf", "synthetic"):
-        assert binarized(values, family) == [0, 1, 1, 1, 1]
-    with pytest.raises(ValueError, match="family"):
-        loader.binarize_mask(values, "bach")
+    assert binarized(values, "Caltech-UCSD-Birds-200-2011") == [0, 0, 0, 1, 1]
+    for dataset in ("glas", "Oxford-flowers-102", "synthetic"):
+        assert binarized(values, dataset) == [0, 1, 1, 1, 1]
 
 
-def binarized(values: np.ndarray, family: str) -> list[int]:
-    return loader.binarize_mask(values, family).astype(int).tolist()
+def binarized(values: np.ndarray, dataset: str) -> list[int]:
+    threshold = dataset_spec(dataset).mask_threshold
+    return loader.binarize_mask(values, threshold).astype(int).tolist()
 
 
 @pytest.mark.parametrize(
@@ -352,9 +350,9 @@ def test_fold_dir_and_dataset_root(tmp_path):
     glas = make_config(tmp_path, "glas")
     (tmp_path / "data" / GLAS_SUBFOLDER).mkdir(parents=True)
     assert loader.dataset_root(glas) == tmp_path / "data" / GLAS_SUBFOLDER
-    assert loader.dataset_family("Oxford-flowers-102") == "oxf"
+    assert dataset_spec("Oxford-flowers-102").folds == {"oxf": "Oxford-flowers-102"}
     with pytest.raises(ValueError, match="bach"):
-        loader.dataset_family("bach")
+        dataset_spec("bach")
 
 
 def test_missing_data_root_names_path_and_options(tmp_path):
@@ -472,12 +470,6 @@ def test_mask_size_mismatch_names_both_files(synthetic_config):
 def test_encoding_class_count_must_match_model(synthetic_config):
     synthetic_config["model"]["num_classes"] = 3
     with pytest.raises(ValueError, match="2 classes but model.num_classes is 3"):
-        loader.build_dataset(synthetic_config, "train", train=True)
-
-
-def test_resize_is_refused(synthetic_config):
-    synthetic_config["resize"] = [100, 100]
-    with pytest.raises(ValueError, match="resize"):
         loader.build_dataset(synthetic_config, "train", train=True)
 
 

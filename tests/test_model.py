@@ -8,7 +8,8 @@ import torch
 from deepmil import model as model_module
 from deepmil.losses import localizer_loss, negative_loss, positive_loss
 from deepmil.model import MinMaxEntropyNet, build_model, load_pretrained_trunk, pretrained_path
-from deepmil.pooling import ClassWisePool, WildcatPool2d, feature_map_size, get_k
+from deepmil.pooling import ClassWisePool, WildcatPool2d, get_k
+from deepmil.registry import feature_map_size
 
 
 def small_net(**kwargs) -> MinMaxEntropyNet:
@@ -217,7 +218,7 @@ def test_offline_pretrained_error_names_url_and_path(tmp_path, monkeypatch):
 def test_build_model_reads_the_model_section():
     config = {"name": "resnet18", "pretrained": False, "num_classes": 3, "modalities": 2,
               "kmax": 0.3, "kmin": 0.1, "alpha": 0.0, "dropout": 0.2, "sigma": 0.4, "w": 6.0,
-              "scale": [0.5, 0.5], "mask_normalization": "sample"}
+              "scale": [0.5, 0.5], "mask_normalization": "sample", "apply_min_term": False}
     net = build_model(config)
     assert net.headseg.to_modalities.out_channels == 6
     assert net.cl32.wildcat.kmax == 0.3 and net.cl32.wildcat.dropout == 0.2

@@ -6,10 +6,11 @@ import torch
 
 import train_deepmil
 from deepmil.checkpoint import read_checkpoint
-from deepmil.engine import (autocast, check_amp, erasing_step, plain_step, predictions,
-                            to_device, train_one_epoch)
+from deepmil.engine import erasing_step, plain_step, predictions, train_one_epoch
 from deepmil.losses import negative_loss, positive_loss
 from deepmil.model import MinMaxEntropyNet
+from deepmil.precision import Precision, check_amp
+from deepmil.settings import RunSettings
 from loader import compute_geometry
 from tools import get_yaml_args
 
@@ -49,11 +50,12 @@ def test_bf16_step_gives_finite_losses_close_to_fp32(erase):
     results = {}
     for amp in (None, "bf16"):
         model = tiny_net().train()
+        precision = Precision.build(amp, CPU)
         if erase:
             stats = erasing_step(model, images, labels, seed=0, nbr_times_erase=2,
-                                 sigma_erase=10.0, amp=amp)
+                                 sigma_erase=10.0, precision=precision)
         else:
-            stats = plain_step(model, images, labels, seed=0, amp=amp)
+            stats = plain_step(model, images, labels, seed=0, precision=precision)
         results[amp] = losses(stats), gradients(model)
     (fp32_losses, _), (bf16_losses, bf16_grads) = results[None], results["bf16"]
     assert bf16_losses.dtype == torch.float32
@@ -69,7 +71,7 @@ def test_bf16_region_losses_and_gradients_with_a_fixed_mask():
     results = {}
     for amp in (None, "bf16"):
         model = tiny_net().train()
-        with autocast(CPU, amp):
+        with Precision.build(amp, CPU).autocast():
             pos_scores, _, neg_scores, _ = model(images, mask=mask, mode="regions")
         region_losses = torch.stack([positive_loss(pos_scores.float(), labels),
                                      negative_loss(neg_scores.float())])
@@ -83,9 +85,8 @@ def test_bf16_region_losses_and_gradients_with_a_fixed_mask():
 
 
 def test_fp16_is_refused_on_the_cpu():
-    images, labels = batch(size=64)
     with pytest.raises(ValueError, match="amp = 'fp16' needs a CUDA device"):
-        plain_step(tiny_net(), images, labels, seed=0, amp="fp16")
+        Precision.build("fp16", CPU)
     with pytest.raises(ValueError, match="use amp: bf16 or null"):
         check_amp("fp16", CPU)
     with pytest.raises(ValueError, match="not an allowed value"):
@@ -98,7 +99,8 @@ def test_grad_scaler_scales_gradients_and_unscales_the_step():
     images, labels = batch(size=64)
     plain, scaled = tiny_net().train(), tiny_net().train()
     plain_step(plain, images, labels, seed=0)
-    plain_step(scaled, images, labels, seed=0, scaler=torch.amp.GradScaler("cpu", init_scale=8.0))
+    plain_step(scaled, images, labels, seed=0,
+               precision=Precision(scaler=torch.amp.GradScaler("cpu", init_scale=8.0)))
     assert torch.allclose(gradients(scaled), 8.0 * gradients(plain), rtol=1e-4, atol=1e-6)
 
     data = [{"image": images, "label": labels}] * 2
@@ -106,8 +108,8 @@ def test_grad_scaler_scales_gradients_and_unscales_the_step():
     for name, scaler in (("plain", None), ("scaled", torch.amp.GradScaler("cpu", init_scale=8.0))):
         model = tiny_net()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        train_one_epoch(model, data, optimizer, epoch=0, seed=0, device=CPU, nbr_times_erase=0,
-                        sigma_erase=10.0, erase=False, scaler=scaler)
+        train_one_epoch(model, data, optimizer, epoch=0,
+                        run=RunSettings(precision=Precision(scaler=scaler)))
         trained[name] = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert torch.allclose(trained["scaled"], trained["plain"], rtol=1e-4, atol=1e-6)
 
@@ -116,7 +118,7 @@ def test_channels_last_gives_the_same_outputs_in_eval_mode():
     images, _ = batch(size=96, count=2)
     model = tiny_net().eval()
     converted = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    moved = to_device(images, CPU, channels_last=True)
+    moved = Precision(channels_last=True).to_device(images, CPU)
     assert moved.is_contiguous(memory_format=torch.channels_last)
     assert converted.conv1.weight.is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
@@ -140,10 +142,11 @@ def test_channels_last_and_bf16_in_evaluation_predictions():
     data = OneBatch([{"image": images, "label": labels, "index": torch.tensor([0]),
                       "mask": [torch.ones(1, 64, 64)]}], [compute_geometry(64, 64, None)])
     model = tiny_net().eval()
-    reference = next(predictions(model, data, CPU, exact_crop=False))
+    reference = next(predictions(model, data, RunSettings()))
     converted = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    channels_last = next(predictions(converted, data, CPU, exact_crop=False, channels_last=True))
-    bf16 = next(predictions(model, data, CPU, exact_crop=False, amp="bf16"))
+    channels_last = next(predictions(converted, data,
+                                     RunSettings(precision=Precision(channels_last=True))))
+    bf16 = next(predictions(model, data, RunSettings(precision=Precision.build("bf16", CPU))))
     assert torch.allclose(channels_last["mask"], reference["mask"], atol=1e-5)
     assert channels_last["predicted"] == reference["predicted"]
     assert bf16["mask"].dtype == torch.float32 and torch.isfinite(bf16["mask"]).all()

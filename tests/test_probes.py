@@ -17,8 +17,9 @@ from PIL import Image
 import create_folds
 import deepmil.engine
 import deepmil.synthetic
-from deepmil import checkpoint, experiment
+from deepmil import checkpoint, experiment, files
 from deepmil.config import CONFIG_DIR, ConfigError, load_config, save_config
+from deepmil.registry import dataset_spec
 from loader import load_mask, load_rgb, read_fold_csv, read_size
 from tools import get_yaml_args
 from deepmil.synthetic import SyntheticSpec
@@ -75,7 +76,7 @@ def test_signals_are_deferred_until_a_write_is_done():
     handled = []
     previous = signal.signal(signal.SIGTERM, lambda number, _: handled.append(number))
     try:
-        with checkpoint.signals_deferred():
+        with files.signals_deferred():
             os.kill(os.getpid(), signal.SIGTERM)
             os.kill(os.getpid(), signal.SIGTERM)
             assert handled == []
@@ -170,7 +171,7 @@ def test_bare_weights_in_place_of_the_checkpoint(cli, reference, tmp_path):
 def test_config_has_the_mode_of_every_other_result_file(reference):
     """Symptom: ``config.yaml`` was written with mode 0600."""
     mode = stat.S_IMODE((reference / "final_metrics.json").stat().st_mode)
-    assert stat.S_IMODE((reference / "config.yaml").stat().st_mode) == mode == checkpoint.FILE_MODE
+    assert stat.S_IMODE((reference / "config.yaml").stat().st_mode) == mode == files.FILE_MODE
 
 
 # ----------------------------------------------------------------------------- generation
@@ -273,8 +274,9 @@ def test_16_bit_images_are_scaled_and_16_bit_masks_kept_exact(tmp_path):
     labels = np.zeros((4, 4), np.uint16)
     labels[0, :2], labels[1, :3] = 1, 40000  # instance ids, and a CUB-like soft mask
     Image.fromarray(labels).save(tmp_path / "mask.png")
-    assert load_mask(tmp_path / "mask.png", "glas").sum() == 5
-    assert load_mask(tmp_path / "mask.png", "cub").sum() == 3  # 40000 > 32767.5, 1 is not
+    assert load_mask(tmp_path / "mask.png", dataset_spec("glas").mask_threshold).sum() == 5
+    cub = dataset_spec("Caltech-UCSD-Birds-200-2011").mask_threshold
+    assert load_mask(tmp_path / "mask.png", cub).sum() == 3  # 40000 > 32767.5, 1 is not
 
 
 def test_32_bit_and_float_images_are_refused_by_name(tmp_path):

@@ -17,7 +17,7 @@ from PIL import Image
 
 import deepmil.engine
 import train_deepmil
-from deepmil import checkpoint
+from deepmil import checkpoint, files
 from deepmil.config import CONFIG_DIR
 from deepmil.model import build_model
 from tools import get_yaml_args
@@ -261,7 +261,7 @@ def test_a_failing_write_leaves_the_old_file(tmp_path):
         torch.save({"epoch": 1, "weights": torch.zeros(10**5)}, FullDisk(stream, 1000))
 
     with pytest.raises(OSError, match="No space left on device") as error:
-        checkpoint.atomic_write(path, write)
+        files.atomic_write(path, write)
     assert error.value.errno == errno.ENOSPC and str(path) in str(error.value)
     assert checkpoint.read_checkpoint(path) == {"epoch": 0}
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]

@@ -2,6 +2,7 @@
 import numpy as np
 import pytest
 
+from deepmil.registry import dataset_spec
 from deepmil.stain import (
     StainAugmentor,
     StainNormalizer,
@@ -108,7 +109,8 @@ def test_training_pipeline_applies_stain_augmentation_reproducibly(tmp_path):
     rows = [loader.FoldRow("a.png", "a_mask.png", "benign")]
 
     def dataset(stain: bool) -> loader.PhotoDataset:
-        return loader.PhotoDataset(rows, tmp_path, {"benign": 0, "malignant": 1}, "glas",
+        return loader.PhotoDataset(rows, tmp_path, {"benign": 0, "malignant": 1},
+                                   dataset_spec("glas"),
                                    train=True, crop_size=48, padding_size=[0.5, 0.5], seed=3,
                                    stain_augmentation=stain)
     plain, stained = dataset(False)[0]["image"], dataset(True)[0]["image"]
