@@ -42,13 +42,13 @@ import crf_params
 import loader
 from create_folds import ensure_synthetic_folds
 from deepmil.config import ConfigError, load_config, resolve_yaml_path
+from deepmil.crf import CRF, refine_with_crf
 from deepmil.engine import autocast, erasing_step, plain_step
+from deepmil.geometry import compute_geometry
 from deepmil.losses import localizer_loss, negative_loss, positive_loss
-from deepmil.metrics import refine_with_crf
 from deepmil.model import MinMaxEntropyNet, build_model
 from deepmil.optim import build_optimizer
 from deepmil.synthetic import SyntheticSpec, render_sample
-from tools import CRF
 
 SECTIONS = ("step", "eval", "loader", "crf")
 DEFAULT_CONFIG = "synthetic-no-erasing.yaml"
@@ -194,8 +194,7 @@ def bench_step(args: argparse.Namespace, device: torch.device) -> dict[str, floa
 def bench_eval(args: argparse.Namespace, device: torch.device) -> dict[str, float]:
     """Default forward (eval mode, no grad, batch 1) against one trunk forward."""
     model = build_net(args, device).eval()
-    padded = loader.compute_geometry(args.size, args.size,
-                                     args.config["up_scale_small_dim_to"]).padded
+    padded = compute_geometry(args.size, args.size, args.config["up_scale_small_dim_to"]).padded
     image = random_images(args, 1, padded, device)
 
     batch = random_images(args, args.batch, padded, device)

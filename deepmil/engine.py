@@ -10,12 +10,13 @@ import torch
 from torch import nn
 
 from deepmil.baselines import scores_and_localization
+from deepmil.crf import refine_with_crf
 from deepmil.distributed import (all_reduce_sum, any_process, average_gradients,
                                  broadcast_buffers, gather_objects, no_sync)
+from deepmil.geometry import restore_mask_geometry
 from deepmil.losses import classifier_loss, localizer_loss, negative_loss, positive_loss
 from deepmil.metrics import (LocalizationMeter, MetricSettings, PxAPMeter, ThresholdSweepMeter,
-                             all_ones_f1, f1_pos_neg, iou_at, refine_with_crf,
-                             restore_mask_geometry)
+                             all_ones_f1, f1_pos_neg, iou_at)
 from deepmil.model import ModelOutput
 from loader import load_rgb
 from reproducibility import iteration_seed
@@ -374,10 +375,10 @@ def summarise(rows: Iterable[tuple]) -> dict[str, float]:
         if "crf_f1_pos" in row:
             crf_meter.update(row["crf_f1_pos"], row["crf_f1_neg"], row["correct"],
                              iou=row["crf_iou"])
-    summary = meter.summary()
+    summary = meter.compute()
     summary["n_empty_dice"] = sum(row["empty_dice"] for _, row in rows)
     if crf_meter.n_images:
-        crf = crf_meter.summary()
+        crf = crf_meter.compute()
         summary.update({f"crf_{key}": crf[key] for key in ("f1_pos", "f1_neg", "iou", "top1_loc")})
     return summary
 
@@ -416,9 +417,8 @@ def evaluate(model: nn.Module, loader: Iterable[dict], device: torch.device,
         if len(records) < keep:
             records.append({key: value.cpu() if torch.is_tensor(value) else value
                             for key, value in item.items()} | dict(rows[-1][1]))
-    all_reduce_sum(pxap.counts)
-    all_reduce_sum(sweep.sums)
-    sweep.n_images = int(all_reduce_sum(torch.tensor(sweep.n_images)))
+    pxap.reduce(all_reduce_sum)
+    sweep.reduce(all_reduce_sum)
     summary = summarise(rows)
     summary["pxap"] = pxap.compute()
     return Evaluation(summary, records, sweep, pxap)

@@ -8,9 +8,9 @@ import train_deepmil
 from deepmil.checkpoint import read_checkpoint
 from deepmil.engine import (autocast, check_amp, erasing_step, plain_step, predictions,
                             to_device, train_one_epoch)
+from deepmil.geometry import compute_geometry
 from deepmil.losses import negative_loss, positive_loss
 from deepmil.model import MinMaxEntropyNet
-from loader import compute_geometry
 from tools import get_yaml_args
 
 CPU = torch.device("cpu")
