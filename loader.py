@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 import reproducibility
 from deepmil.errors import DataError
+from deepmil.geometry import Geometry, compute_geometry
 from deepmil.registry import FOLD_BUILDERS, DatasetSpec, dataset_spec
 
 logger = logging.getLogger(__name__)
@@ -29,7 +30,6 @@ SHOWN_PATHS = 10
 
 SPLITS = ("train", "valid", "test")
 PADDING_MODES = ("constant", "edge", "reflect", "symmetric")
-EVAL_MULTIPLE = 32
 JITTER_RANGES = ((0.5, 1.5), (0.5, 1.5), (0.5, 1.5), (-0.05, 0.05))
 JITTER_OPS: tuple[Callable[[Image.Image, float], Image.Image], ...] = (
     TF.adjust_brightness,
@@ -46,15 +46,6 @@ class FoldRow(NamedTuple):
     image: str
     mask: str
     label: str
-
-
-class Geometry(NamedTuple):
-    """Evaluation geometry of one sample; sizes are (height, width)."""
-
-    original: tuple[int, int]
-    upscaled: tuple[int, int]
-    padded: tuple[int, int]
-    padding: tuple[int, int, int, int]
 
 
 # ----------------------------------------------------------------------------- paths
@@ -275,38 +266,7 @@ def to_normalized_tensor(image: Image.Image) -> torch.Tensor:
     return tensor.sub(0.5).div(0.5)
 
 
-# ----------------------------------------------------------------------------- geometry
-
-
-def upscaled_size(height: int, width: int, short_side: int | None) -> tuple[int, int]:
-    """Size after the short-side rule: if ``min(h, w) < short_side`` scale by ``short_side / min``.
-
-    The new size is truncated, ``(int(h * r), int(w * r))`` in double precision, so the short side
-    can end at ``short_side - 1`` (e.g. 103 -> 499).
-    """
-    if short_side is None or min(height, width) >= short_side:
-        return height, width
-    ratio = short_side / min(height, width)
-    return int(height * ratio), int(width * ratio)
-
-
-def split_padding(size: int, multiple: int = EVAL_MULTIPLE) -> tuple[int, int]:
-    """Padding (before, after) that brings ``size`` to the next multiple: floor / ceil halves."""
-    leftover = (multiple - size % multiple) % multiple
-    return leftover // 2, leftover - leftover // 2
-
-
-def compute_geometry(height: int, width: int, short_side: int | None) -> Geometry:
-    """Evaluation geometry of an image of (height, width)."""
-    up_h, up_w = upscaled_size(height, width, short_side)
-    top, bottom = split_padding(up_h)
-    left, right = split_padding(up_w)
-    return Geometry(
-        original=(height, width),
-        upscaled=(up_h, up_w),
-        padded=(up_h + top + bottom, up_w + left + right),
-        padding=(top, bottom, left, right),
-    )
+# ----------------------------------------------------------------------------- training padding
 
 
 def train_padding(height: int, width: int, padding_size: Sequence[float] | None) -> tuple[int, int, int, int]:

@@ -1,102 +1,17 @@
-"""Command-line helpers of the training driver and the dense-CRF post-processing."""
+"""Façade of the training driver: the command line (:func:`get_yaml_args`) and the dense CRF
+(:class:`CRF`, from :mod:`deepmil.crf`)."""
 from __future__ import annotations
 
 import argparse
 
-import numpy as np
-
-from crf_params import DEFAULT, CRFParams
 from deepmil.cli import build_parser, config_from_args
+from deepmil.crf import CRF
+
+__all__ = ["CRF", "get_yaml_args"]
 
 
 def get_yaml_args(argv: list[str] | None = None) -> tuple[dict, argparse.Namespace]:
-    """Parse the command line and return ``(config, args)``.
-
-    ``--yaml NAME`` (required) is a file name in ``config_yaml/`` or a path. The original
-    override flags are kept: ``--bsize --lr --momentum --wdecay --stepsize --epoch --fold --split
-    --alpha --kmax --kmin --dout --modalities --pretrained --w --modelname --nbrerase --epocherase
-    --path_pre_trained --strict`` (booleans accept true/false, 1/0, yes/no), and
-    ``--set section.key=value`` (repeatable, value read as YAML) overrides any key.
-    ``--cudaid`` is ``cpu``, a GPU index or a comma list (default: automatic).
-
-    The returned config is validated and resolved: overrides applied (each logged as
-    ``key: old -> new``), ``strict`` true unless ``--strict`` says otherwise, ``MYSEED`` from the
-    environment variable (else the config value, 0), ``data_root`` from ``--data-root`` >
-    ``$DEEPMIL_DATA_ROOT`` > the config key > ``./data``, ``exp_root`` from ``--exp-root`` if
-    given, ``cudaid`` and ``yaml`` as given on the command line. ``args`` also carries the run
-    options ``data_root``, ``exp_root``, ``quiet``, ``overwrite`` and ``resume`` (as typed).
-    Invalid values raise ``deepmil.config.ConfigError`` (a ``ValueError``); malformed flags exit
-    through argparse.
-    """
+    """Parse the command line and return ``(config, args)``: the flags are those of
+    :func:`deepmil.cli.build_parser`, the resolution that of :func:`deepmil.cli.config_from_args`."""
     args = build_parser().parse_args(argv)
     return config_from_args(args), args
-
-
-class CRF:
-    """Dense CRF (pydensecrf) refining soft segmentation maps with the colours of their image.
-
-    Unary energy ``-log p``; a Gaussian pairwise term (spatial std ``sxy_gaussian``,
-    compatibility 3) and a bilateral one (spatial std ``sxy_bilateral``, colour std
-    ``srgb_bilateral``, compatibility 10), both with diagonal kernels and symmetric
-    normalisation; ``n_iter`` mean-field iterations. Instances are picklable (worker processes).
-
-    Example::
-
-        from crf_params import params_for
-        crf = CRF(params_for("glas"))
-        refined = crf(image, mask)  # HxWx3 uint8 image, HxW mask in [0, 1] -> HxW float32
-        prediction = refined >= 0.5
-    """
-
-    GAUSSIAN_COMPAT = 3
-    BILATERAL_COMPAT = 10
-    SUM_TOLERANCE = 1e-3
-    PROB_FLOOR = 1e-8
-
-    def __init__(self, params: CRFParams = DEFAULT) -> None:
-        self.params = params
-
-    def infer(self, image: np.ndarray, probabilities: np.ndarray) -> np.ndarray:
-        """Refine ``c x H x W`` class probabilities (summing to 1 over ``c`` within
-        ``SUM_TOLERANCE``; renormalised) of an ``H x W x 3`` uint8 image; returns ``c x H x W``
-        float32 probabilities."""
-        image = np.asarray(image)
-        probabilities = np.asarray(probabilities, dtype=np.float64)
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"CRF: image must be an HxWx3 uint8 array, got shape {image.shape} "
-                             f"dtype {image.dtype}")
-        fits = probabilities.ndim == 3 and probabilities.shape[1:] == image.shape[:2]
-        if not fits or len(probabilities) < 2:
-            raise ValueError(f"CRF: probabilities of shape {probabilities.shape} do not fit an "
-                             f"image of size {image.shape[:2]} (need c >= 2 x H x W)")
-        n_labels, height, width = probabilities.shape
-        total = probabilities.sum(axis=0)
-        if not (probabilities.min() >= 0 and np.abs(total - 1).max() <= self.SUM_TOLERANCE):
-            raise ValueError(f"CRF: probabilities must be >= 0 and sum to 1 over classes "
-                             f"(sums in [{total.min()}, {total.max()}])")
-        probabilities = np.clip(probabilities / total, self.PROB_FLOOR, 1.0)
-        unary = np.ascontiguousarray(-np.log(probabilities).reshape(n_labels, -1),
-                                     dtype=np.float32)
-        from pydensecrf import densecrf  # imported here: training does not need it
-
-        model = densecrf.DenseCRF2D(width, height, n_labels)
-        model.setUnaryEnergy(unary)
-        model.addPairwiseGaussian(sxy=self.params.sxy_gaussian, compat=self.GAUSSIAN_COMPAT,
-                                  kernel=densecrf.DIAG_KERNEL,
-                                  normalization=densecrf.NORMALIZE_SYMMETRIC)
-        model.addPairwiseBilateral(sxy=self.params.sxy_bilateral,
-                                   srgb=self.params.srgb_bilateral,
-                                   rgbim=np.array(image, order="C"),  # writable copy
-                                   compat=self.BILATERAL_COMPAT, kernel=densecrf.DIAG_KERNEL,
-                                   normalization=densecrf.NORMALIZE_SYMMETRIC)
-        refined = np.asarray(model.inference(self.params.n_iter), dtype=np.float32)
-        return refined.reshape(n_labels, height, width)
-
-    def __call__(self, image: np.ndarray, foreground: np.ndarray) -> np.ndarray:
-        """Refine an ``H x W`` foreground probability map (values in [0, 1]) of an
-        ``H x W x 3`` uint8 image; returns the refined ``H x W`` float32 foreground map."""
-        foreground = np.asarray(foreground, dtype=np.float64)
-        if foreground.ndim != 2 or not (foreground.min() >= 0 and foreground.max() <= 1):
-            raise ValueError(f"CRF: the foreground map must be HxW with values in [0, 1], got "
-                             f"shape {foreground.shape}")
-        return self.infer(image, np.stack([1 - foreground, foreground]))[1]

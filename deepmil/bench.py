@@ -42,15 +42,15 @@ import loader
 from create_folds import ensure_synthetic_folds
 from deepmil.config import ConfigError, load_config, resolve_yaml_path
 from deepmil import files
+from deepmil.crf import CRF, refine_with_crf
 from deepmil.engine import erasing_step, plain_step
+from deepmil.geometry import compute_geometry
 from deepmil.losses import localizer_loss, negative_loss, positive_loss
-from deepmil.metrics import refine_with_crf
 from deepmil.methods import build_network
 from deepmil.model import MinMaxEntropyNet
 from deepmil.precision import Precision
 from deepmil.optim import build_optimizer
 from deepmil.synthetic import SyntheticSpec, render_sample
-from tools import CRF
 
 SECTIONS = ("step", "eval", "loader", "crf")
 DEFAULT_CONFIG = "synthetic-no-erasing.yaml"
@@ -193,8 +193,7 @@ def bench_eval(args: argparse.Namespace, device: torch.device) -> dict[str, floa
     """Default forward (eval mode, no grad, batch 1) against one trunk forward."""
     model = build_net(args, device).eval()
     precision = Precision.build(args.amp, device, args.channels_last)
-    padded = loader.compute_geometry(args.size, args.size,
-                                     args.config["up_scale_small_dim_to"]).padded
+    padded = compute_geometry(args.size, args.size, args.config["up_scale_small_dim_to"]).padded
     image = random_images(args, 1, padded, device)
 
     batch = random_images(args, args.batch, padded, device)

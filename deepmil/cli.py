@@ -173,7 +173,14 @@ def resumed_config(args: argparse.Namespace) -> dict:
 
 
 def config_from_args(args: argparse.Namespace) -> dict:
-    """The fully resolved configuration of a parsed command line (see ``tools.get_yaml_args``)."""
+    """The fully resolved configuration of a parsed command line (:func:`build_parser`).
+
+    With ``--resume``: :func:`resumed_config`. Otherwise the ``--yaml`` file with the flag and
+    ``--set`` overrides applied (each logged as ``key: old -> new``), ``strict`` true unless
+    ``--strict`` says otherwise, ``MYSEED`` by :func:`resolve_seed`, ``data_root`` by
+    :func:`resolve_data_root`, ``exp_root`` from ``--exp-root`` if given, ``cudaid`` and
+    ``yaml`` as given. Invalid values raise ``ConfigError`` (a ``ValueError``).
+    """
     if args.resume:
         return resumed_config(args)
     if not args.yaml:

@@ -8,12 +8,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from deepmil.crf import refine_with_crf
 from deepmil.distributed import all_reduce_sum, any_process, broadcast_buffers, gather_objects
-from deepmil.losses import classifier_loss, localizer_loss, negative_loss, positive_loss
-from deepmil.metrics import (LocalizationMeter, PxAPMeter, ThresholdSweepMeter,
-                             all_ones_f1, f1_pos_neg, iou_at, refine_with_crf,
-                             restore_mask_geometry)
 from deepmil.errors import NonFiniteLossError
+from deepmil.geometry import restore_mask_geometry
+from deepmil.losses import classifier_loss, localizer_loss, negative_loss, positive_loss
+from deepmil.metrics import (LocalizationMeter, PxAPMeter, ThresholdSweepMeter, all_ones_f1,
+                             error_rate, f1_pos_neg, iou_at, misclassified)
 from deepmil.precision import FLOAT32, Precision
 from loader import load_rgb
 from reproducibility import iteration_seed
@@ -168,7 +169,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.o
         values = logged.tolist()[:len(names)]
         check_finite(values, epoch, batch_index, names)
         precision.step(optimizer)
-        errors = (stats["scores"].argmax(dim=1) != labels).sum()
+        errors = misclassified(stats["scores"], labels)
         loss = logged[:len(names)].sum().view(1)
         totals += torch.cat([torch.cat([loss, logged]) * labels.numel(),
                              errors.view(1), torch.ones(1, device=device) * labels.numel()])
@@ -178,7 +179,7 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.o
     loss, *logged_sums, errors, samples = all_reduce_sum(totals).tolist()
     return {"loss": loss / samples,
             **{name: total / samples for name, total in zip(names + extras, logged_sums)},
-            "cl_error": 100.0 * errors / samples}
+            "cl_error": error_rate(errors, samples)}
 
 
 class Evaluation(NamedTuple):
@@ -271,10 +272,10 @@ def summarise(rows: Iterable[tuple]) -> dict[str, float]:
         if "crf_f1_pos" in row:
             crf_meter.update(row["crf_f1_pos"], row["crf_f1_neg"], row["correct"],
                              iou=row["crf_iou"])
-    summary = meter.summary()
+    summary = meter.compute()
     summary["n_empty_dice"] = sum(row["empty_dice"] for _, row in rows)
     if crf_meter.n_images:
-        crf = crf_meter.summary()
+        crf = crf_meter.compute()
         summary.update({f"crf_{key}": crf[key] for key in ("f1_pos", "f1_neg", "iou", "top1_loc")})
     return summary
 
@@ -309,9 +310,8 @@ def evaluate(model: nn.Module, loader: Iterable[dict], run: RunSettings, keep: i
         if len(records) < keep:
             records.append({key: value.cpu() if torch.is_tensor(value) else value
                             for key, value in item.items()} | dict(rows[-1][1]))
-    all_reduce_sum(pxap.counts)
-    all_reduce_sum(sweep.sums)
-    sweep.n_images = int(all_reduce_sum(torch.tensor(sweep.n_images)))
+    pxap.reduce(all_reduce_sum)
+    sweep.reduce(all_reduce_sum)
     summary = summarise(rows)
     summary["pxap"] = pxap.compute()
     return Evaluation(summary, records, sweep, pxap)

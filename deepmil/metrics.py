@@ -1,5 +1,5 @@
-"""Evaluation metrics: predicted mask back to the ground-truth geometry, F1+/F1-, IoU, PxAP,
-threshold sweeps, errors, and CRF refinement of a stream of masks in worker processes.
+"""Evaluation metrics: F1+/F1-, IoU, top-1 localisation, classification error, PxAP and
+threshold sweeps, per image and accumulated over a set by meters.
 
 All tensor functions are vectorised and run on the device of their inputs.
 Conventions:
@@ -9,21 +9,21 @@ Conventions:
   ``empty = 0`` (the setting ``metrics.empty_dice: zero``) gives 0 instead, the rule of
   scikit-learn's ``f1_score(zero_division=0)``.
 * Set-level F1 values are means of per-image values (not pooled pixels); PxAP pools pixels.
-* Per-image functions return fractions; meter summaries are percentages.
+* Per-image functions return fractions; meter results are percentages.
+
+Every meter has ``update(...)`` (add images), ``compute()`` (the result) and
+``reduce(all_reduce)`` (sum its state over processes in place, with a function such as
+``deepmil.distributed.all_reduce_sum`` that returns the sum over processes of a tensor).
 """
 from __future__ import annotations
 
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import TypeVar
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
-Size = tuple[int, int]
+AllReduce = Callable[[torch.Tensor], torch.Tensor]
 EMPTY_DICE = {"one": 1.0, "zero": 0.0}
 
 
@@ -40,60 +40,6 @@ class MetricSettings:
         """From the ``metrics`` section of a configuration (``empty_dice``,
         ``cam_curve_interval``)."""
         return cls(EMPTY_DICE[str(section["empty_dice"])], float(section["cam_curve_interval"]))
-
-
-def _crop_start(src: int, dst: int, exact: bool) -> int:
-    """First index of a centred window of length ``dst`` in a dimension of length ``src``.
-
-    Faithful (upstream) start is ``src // 2 - dst // 2``; the exact inverse of a padding that put
-    ``(src - dst) // 2`` elements before is ``(src - dst) // 2``. They differ by one when ``dst``
-    is odd and ``src`` even.
-    """
-    if exact:
-        return (src - dst) // 2
-    return src // 2 - dst // 2
-
-
-def center_crop(mask: torch.Tensor, size: Size, exact: bool = False) -> torch.Tensor:
-    """Centre-crop the last two dimensions of ``mask`` to ``size = (h, w)``."""
-    src_h, src_w = mask.shape[-2:]
-    h, w = size
-    if h > src_h or w > src_w:
-        raise ValueError(f"cannot crop a mask of size {(src_h, src_w)} to the larger size {size}")
-    top = _crop_start(src_h, h, exact)
-    left = _crop_start(src_w, w, exact)
-    return mask[..., top:top + h, left:left + w]
-
-
-def resize_bilinear(mask: torch.Tensor, size: Size) -> torch.Tensor:
-    """Resize the last two dimensions of a float mask (bilinear, ``align_corners=True``)."""
-    lead = mask.shape[:-2]
-    flat = mask.reshape(-1, 1, *mask.shape[-2:])
-    out = F.interpolate(flat, size=tuple(size), mode="bilinear", align_corners=True)
-    return out.reshape(*lead, *size)
-
-
-def restore_mask_geometry(mask: torch.Tensor, padded_hw: Size, upscaled_hw: Size,
-                          original_hw: Size, exact: bool = False) -> torch.Tensor:
-    """Map a mask predicted on the padded evaluation input back to the ground-truth geometry.
-
-    ``mask`` has shape ``(..., h_p, w_p)`` (e.g. ``1 x h_p x w_p``). When the image was upscaled
-    (CUB/OxF) the mask is centre-cropped to ``upscaled_hw`` and resized to ``original_hw``
-    (bilinear, ``align_corners=True``); any remaining mismatch (GlaS) is removed by a centre crop
-    to ``original_hw``. ``exact=False`` reproduces the upstream crop (one pixel late for odd
-    sizes); ``exact=True`` is the exact inverse of the evaluation padding. Leading dimensions are
-    kept.
-    """
-    padded_hw, upscaled_hw, original_hw = tuple(padded_hw), tuple(upscaled_hw), tuple(original_hw)
-    if mask.dim() < 2 or tuple(mask.shape[-2:]) != padded_hw:
-        raise ValueError(f"mask of shape {tuple(mask.shape)} does not end with padded size "
-                         f"{padded_hw}")
-    out = mask if mask.is_floating_point() else mask.float()
-    if upscaled_hw != original_hw:
-        out = resize_bilinear(center_crop(out, upscaled_hw, exact), original_hw)
-    if tuple(out.shape[-2:]) != original_hw:
-        out = center_crop(out, original_hw, exact)
-    return out
 
 
 def _overlap(pred: torch.Tensor, target: torch.Tensor, name: str
@@ -162,96 +108,99 @@ def top1_localization(correct: torch.Tensor | bool, iou_value: torch.Tensor | fl
     return torch.as_tensor(correct, dtype=torch.bool) & (torch.as_tensor(iou_value) >= min_iou)
 
 
-def _flat_labels(values: torch.Tensor | Sequence[int], name: str) -> torch.Tensor:
-    labels = torch.as_tensor(values).flatten()
-    if labels.is_floating_point():
-        raise ValueError(f"{name} must hold integer labels, got dtype {labels.dtype}")
-    return labels
+def misclassified(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The number of rows of ``scores`` (n x classes) whose highest score is not at the row's
+    label in ``labels`` (n), as an int64 scalar tensor on the device of the inputs."""
+    if scores.dim() != 2 or labels.shape != scores.shape[:1]:
+        raise ValueError(f"misclassified needs n x classes scores and n labels of equal size, "
+                         f"got shapes {tuple(scores.shape)} and {tuple(labels.shape)}")
+    return (scores.argmax(dim=1) != labels).sum()
 
 
-def classification_error(pred_labels: torch.Tensor | Sequence[int],
-                         labels: torch.Tensor | Sequence[int]) -> float:
-    """Percentage of predictions that differ from the true labels."""
-    pred = _flat_labels(pred_labels, "pred_labels")
-    true = _flat_labels(labels, "labels").to(pred.device)
-    if pred.numel() != true.numel() or pred.numel() == 0:
-        raise ValueError(f"classification_error needs two non-empty label sets of equal size, got "
-                         f"{pred.numel()} and {true.numel()}")
-    return 100.0 * (pred != true).double().mean().item()
-
-
-def confusion_matrix(pred: torch.Tensor | Sequence[int], labels: torch.Tensor | Sequence[int],
-                     num_classes: int) -> torch.Tensor:
-    """``num_classes x num_classes`` int64 counts; entry ``[i, j]`` = true class i predicted j."""
-    p = _flat_labels(pred, "pred")
-    t = _flat_labels(labels, "labels").to(p.device)
-    if p.numel() != t.numel():
-        raise ValueError(f"confusion_matrix: {p.numel()} predictions for {t.numel()} labels")
-    for name, values in (("pred", p), ("labels", t)):
-        if values.numel() and (values.min() < 0 or values.max() >= num_classes):
-            raise ValueError(f"confusion_matrix: {name} outside [0, {num_classes}): "
-                             f"{values.min().item()}..{values.max().item()}")
-    counts = torch.bincount(t * num_classes + p, minlength=num_classes * num_classes)
-    return counts.reshape(num_classes, num_classes)
+def error_rate(errors: int | float, n: int | float) -> float:
+    """Classification error in percent: ``errors`` misclassified of ``n`` images."""
+    return 100.0 * errors / n
 
 
 class LocalizationMeter:
-    """Accumulates per-image results of one evaluation pass and averages them per image."""
+    """Per-image F1+, F1-, IoU, top-1 localisation, classification error and losses of one
+    evaluation pass, averaged per image.
+
+    The state is sums and counts: ``n_images``, ``errors`` (misclassified images), ``hits``
+    (top-1 localisation hits), and per quantity its sum (``sums``) and the number of images
+    that gave it (``counts``). Sums accumulate in update order, so one meter updated with the
+    per-image values in image order (as ``deepmil.engine.summarise`` does with the rows gathered
+    from all processes) gives the same bits on any number of processes; :meth:`reduce` adds the
+    processes' sums instead, which may differ from that in the last bits.
+    """
+
+    METRICS = ("f1_pos", "f1_neg", "f1_pos_all_ones", "iou")
 
     def __init__(self) -> None:
-        self.f1_pos: list[float] = []
-        self.f1_neg: list[float] = []
-        self.correct: list[bool] = []
-        self.f1_pos_all_ones: list[float] = []
-        self.iou: list[float] = []
-        self.losses: dict[str, list[float]] = {}
+        self.n_images = 0
+        self.errors = 0
+        self.hits = 0
+        self.sums: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
 
     def update(self, f1_pos: float, f1_neg: float, correct: bool,
                losses: Mapping[str, float] | None = None,
                f1_pos_all_ones: float | None = None, iou: float | None = None) -> None:
         """Record one image: its F1+/F1- (fractions), whether its label was right, its losses
-        (e.g. ``{"loss": .., "loss_pos": .., "loss_neg": .., "loss_seg": ..}``) and optionally the
-        F1+ of an all-ones prediction and the IoU of the prediction (fraction)."""
-        self.f1_pos.append(float(f1_pos))
-        self.f1_neg.append(float(f1_neg))
-        self.correct.append(bool(correct))
-        if f1_pos_all_ones is not None:
-            self.f1_pos_all_ones.append(float(f1_pos_all_ones))
+        (e.g. ``{"loss": .., "loss_pos": .., "loss_neg": .., "loss_seg": ..}``; names other than
+        those of ``METRICS``) and optionally the F1+ of an all-ones prediction and the IoU of the
+        prediction (fraction)."""
+        clashing = set(losses or {}) & set(self.METRICS)
+        if clashing:
+            raise ValueError(f"LocalizationMeter.update: loss names {sorted(clashing)} are "
+                             f"metric names")
+        values = {"f1_pos": f1_pos, "f1_neg": f1_neg, "f1_pos_all_ones": f1_pos_all_ones,
+                  "iou": iou, **(losses or {})}
+        for name, value in values.items():
+            if value is not None:
+                self.sums[name] = self.sums.get(name, 0.0) + float(value)
+                self.counts[name] = self.counts.get(name, 0) + 1
+        self.n_images += 1
+        self.errors += not bool(correct)
         if iou is not None:
-            self.iou.append(float(iou))
-        for name, value in (losses or {}).items():
-            self.losses.setdefault(name, []).append(float(value))
+            self.hits += int(top1_localization(bool(correct), float(iou)))
 
-    @property
-    def n_images(self) -> int:
-        return len(self.correct)
-
-    def summary(self) -> dict[str, float | int | None]:
+    def compute(self) -> dict[str, float | int | None]:
         """Per-image means: ``cl_error`` (%), ``f1_pos``/``f1_neg``/``f1_pos_all_ones`` (x100,
         None when never given), one entry per loss name, and ``n_images``. When IoUs were given:
         ``iou`` (x100) and ``top1_loc`` (% of images with the right class and IoU >= 0.5)."""
         n = self.n_images
         if n == 0:
-            raise ValueError("LocalizationMeter.summary: no image was recorded")
-        for name, values in [("f1_pos_all_ones", self.f1_pos_all_ones), ("iou", self.iou),
-                             *self.losses.items()]:
-            if values and len(values) != n:
-                raise ValueError(f"LocalizationMeter.summary: '{name}' given for {len(values)} "
+            raise ValueError("LocalizationMeter.compute: no image was recorded")
+        for name, count in self.counts.items():
+            if count != n:
+                raise ValueError(f"LocalizationMeter.compute: '{name}' given for {count} "
                                  f"of {n} images")
         out: dict[str, float | int | None] = {
-            "cl_error": 100.0 * (n - sum(self.correct)) / n,
-            "f1_pos": 100.0 * sum(self.f1_pos) / n,
-            "f1_neg": 100.0 * sum(self.f1_neg) / n,
-            "f1_pos_all_ones": (100.0 * sum(self.f1_pos_all_ones) / n
-                                if self.f1_pos_all_ones else None),
+            "cl_error": error_rate(self.errors, n),
+            "f1_pos": 100.0 * self.sums["f1_pos"] / n,
+            "f1_neg": 100.0 * self.sums["f1_neg"] / n,
+            "f1_pos_all_ones": (100.0 * self.sums["f1_pos_all_ones"] / n
+                                if "f1_pos_all_ones" in self.sums else None),
         }
-        if self.iou:
-            hits = top1_localization(torch.tensor(self.correct), torch.tensor(self.iou))
-            out["iou"] = 100.0 * sum(self.iou) / n
-            out["top1_loc"] = 100.0 * hits.double().mean().item()
-        out.update({name: sum(values) / n for name, values in self.losses.items()})
+        if "iou" in self.sums:
+            out["iou"] = 100.0 * self.sums["iou"] / n
+            out["top1_loc"] = 100.0 * (self.hits / n)
+        out.update({name: total / n for name, total in self.sums.items()
+                    if name not in self.METRICS})
         out["n_images"] = n
         return out
+
+    def reduce(self, all_reduce: AllReduce) -> None:
+        """Sum the state over processes; every process must have recorded the same quantities
+        (names, in the same order)."""
+        state = torch.tensor([self.n_images, self.errors, self.hits, *self.sums.values(),
+                              *self.counts.values()], dtype=torch.float64)
+        n_images, errors, hits, *rest = all_reduce(state).tolist()
+        self.n_images, self.errors, self.hits = int(n_images), int(errors), int(hits)
+        names = list(self.sums)
+        self.sums = dict(zip(names, rest[:len(names)]))
+        self.counts = {name: int(count) for name, count in zip(names, rest[len(names):])}
 
 
 def _check_scores(mask: torch.Tensor, gt: torch.Tensor, name: str) -> None:
@@ -282,7 +231,7 @@ class PxAPMeter:
     ``e_i``, the cumulative counts give TP, FP, precision ``P_i`` and recall ``R_i``, and
     ``AP = sum_i (R_i - R_{i-1}) P_i`` over the thresholds where ``P_i`` is defined.
     ``counts`` (2 x bins, int64: background row, foreground row) is the whole state; meters
-    of shards add up.
+    of shards add up (:meth:`reduce`).
     """
 
     def __init__(self, interval: float = 0.001) -> None:
@@ -317,6 +266,10 @@ class PxAPMeter:
         terms = precision[1:] * torch.diff(recall)
         return 100.0 * terms[~terms.isnan()].sum().item()
 
+    def reduce(self, all_reduce: AllReduce) -> None:
+        """Sum the counts over processes."""
+        self.counts = all_reduce(self.counts)
+
     def coarse_counts(self, bins: int) -> torch.Tensor:
         """The counts merged into ``bins`` equal bins of [0, 1] (2 x bins; 1.0 in the last)."""
         left = torch.floor(self.edges[:-1] * bins + 1e-9).long().clamp_(max=bins - 1)
@@ -335,7 +288,8 @@ class ThresholdSweepMeter:
     """Per-image F1+ (Dice), F1- and IoU at the thresholds 0.00, 0.01, ..., 1.00, summed over
     images (prediction ``mask >= t`` compared in the mask's dtype, ground truth ``>= 0.5``,
     empty-set value ``empty`` as in :func:`dice` and :func:`iou`). ``sums`` (3 x 101 float64:
-    F1+, F1-, IoU) and ``n_images`` are the whole state; meters of shards add up."""
+    F1+, F1-, IoU) and ``n_images`` are the whole state; meters of shards add up
+    (:meth:`reduce`)."""
 
     METRICS = ("f1_pos", "f1_neg", "iou")
 
@@ -367,7 +321,7 @@ class ThresholdSweepMeter:
         self.sums += per_image.sum(dim=1).cpu()
         self.n_images += len(scores)
 
-    def means(self) -> dict[str, torch.Tensor]:
+    def compute(self) -> dict[str, torch.Tensor]:
         """Per-threshold means over images (x100) of each metric."""
         if self.n_images == 0:
             raise ValueError("ThresholdSweepMeter: no image was recorded")
@@ -378,7 +332,12 @@ class ThresholdSweepMeter:
         index = int(torch.argmin((self.thresholds - threshold).abs()))
         if abs(float(self.thresholds[index]) - threshold) > 1e-9:
             raise ValueError(f"ThresholdSweepMeter.at: {threshold} is not a sweep threshold")
-        return {name: float(row[index]) for name, row in self.means().items()}
+        return {name: float(row[index]) for name, row in self.compute().items()}
+
+    def reduce(self, all_reduce: AllReduce) -> None:
+        """Sum the sums and the number of images over processes."""
+        self.sums = all_reduce(self.sums)
+        self.n_images = int(all_reduce(torch.tensor(self.n_images)))
 
 
 def best_threshold_report(valid: ThresholdSweepMeter,
@@ -387,39 +346,8 @@ def best_threshold_report(valid: ThresholdSweepMeter,
     test F1+, F1- and IoU (x100) at it, with the validation F1+ and the threshold."""
     if not torch.equal(valid.thresholds, test.thresholds):
         raise ValueError("best_threshold_report: the two meters sweep different thresholds")
-    valid_f1 = valid.means()["f1_pos"]
+    valid_f1 = valid.compute()["f1_pos"]
     index = int(torch.argmax(valid_f1))
     report = {"threshold": float(valid.thresholds[index]), "valid_f1_pos": float(valid_f1[index])}
-    report.update({f"test_{name}": float(row[index]) for name, row in test.means().items()})
+    report.update({f"test_{name}": float(row[index]) for name, row in test.compute().items()})
     return report
-
-
-Key = TypeVar("Key")
-
-
-def refine_with_crf(crf: Callable[[np.ndarray, np.ndarray], np.ndarray],
-                    items: Iterable[tuple[Key, np.ndarray, np.ndarray]],
-                    workers: int = 0) -> Iterator[tuple[Key, np.ndarray]]:
-    """Apply ``crf(image, mask)`` (e.g. ``tools.CRF``) to ``(key, image, mask)`` items.
-
-    Yields ``(key, refined_mask)`` in input order. ``workers = 0`` runs in this process;
-    otherwise a ``ProcessPoolExecutor`` of ``workers`` processes (platform start method) runs
-    the CRF with at most ``2 * workers`` images in flight, so ``items`` may be a lazy stream.
-    ``crf`` must be picklable; keys stay in this process.
-    """
-    if workers < 0:
-        raise ValueError(f"refine_with_crf: workers must be >= 0, got {workers}")
-    if workers == 0:
-        for key, image, mask in items:
-            yield key, crf(image, mask)
-        return
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        pending = deque()
-        for key, image, mask in items:
-            pending.append((key, pool.submit(crf, image, mask)))
-            if len(pending) >= 2 * workers:
-                key, future = pending.popleft()
-                yield key, future.result()
-        while pending:
-            key, future = pending.popleft()
-            yield key, future.result()

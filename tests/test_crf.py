@@ -1,12 +1,15 @@
-"""Dense CRF: parameter sets, input checks, refinement along colour edges, worker pool."""
+"""Dense CRF: parameter sets, input checks, refinement along colour edges, worker pool, imports."""
 import pickle
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 import crf_params
-from deepmil.metrics import refine_with_crf
-from tools import CRF
+import tools
+from deepmil.crf import CRF, refine_with_crf
 
 
 def two_region_case(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -93,3 +96,24 @@ def test_pool_matches_in_process_and_keeps_order():
         assert np.array_equal(a, b)
     with pytest.raises(ValueError, match="workers"):
         next(refine_with_crf(crf, items, workers=-1))
+
+
+def negate(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    return image[..., 0] - mask
+
+
+def test_refine_with_crf_stream_order():
+    items = ((index, np.full((2, 2, 3), index, dtype=np.float32), np.ones((2, 2)))
+             for index in range(7))
+    out = list(refine_with_crf(negate, items, workers=2))
+    assert [key for key, _ in out] == list(range(7))
+    assert [float(mask[0, 0]) for _, mask in out] == [index - 1.0 for index in range(7)]
+
+
+def test_tools_crf_is_the_light_deepmil_crf():
+    assert tools.CRF is CRF and CRF.__module__ == "deepmil.crf"  # what worker processes import
+    code = ("import sys, deepmil.crf; "
+            "print(sorted(m for m in sys.modules if m.startswith(('deepmil', 'torch', 'tools'))))")
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True, cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    assert loaded == "['deepmil', 'deepmil.crf']"

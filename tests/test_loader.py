@@ -12,6 +12,7 @@ import loader
 import reproducibility
 import train_deepmil
 from deepmil.config import ConfigError
+from deepmil.geometry import Geometry, compute_geometry
 from deepmil.registry import dataset_spec
 
 GLAS_SUBFOLDER = "GlaS-2015/Warwick QU Dataset (Released 2016_07_08)"
@@ -136,16 +137,6 @@ def test_glas_training_sample_uses_padded_size(tmp_path):
         loader.build_dataset(config, "train", train=True)
 
 
-def test_upscale_truncation():
-    # r = 500 / 103 = 4.854368932038835: 103 * r = 499.99999999999994 -> 499, 200 * r = 970.87 -> 970.
-    assert loader.upscaled_size(103, 200, 500) == (499, 970)
-    # r = 500 / 121 = 4.132231404958677: 200 * r = 826.45 -> 826, 121 * r = 499.99999999999994 -> 499.
-    assert loader.upscaled_size(200, 121, 500) == (826, 499)
-    assert loader.upscaled_size(500, 300, 500) == (833, 500)
-    assert loader.upscaled_size(500, 700, 500) == (500, 700)
-    assert loader.upscaled_size(103, 200, None) == (103, 200)
-
-
 def test_cub_geometry_and_samples_after_upscale(tmp_path):
     config = make_config(
         tmp_path,
@@ -158,7 +149,7 @@ def test_cub_geometry_and_samples_after_upscale(tmp_path):
     image = random_image(103, 200, 3)
     write_samples(config, "test", [("bird", image, np.full((103, 200), 200, np.uint8), "b")], ext="jpg")
     evaluation = loader.build_dataset(config, "test", train=False)
-    assert evaluation.geometry[0] == loader.Geometry(
+    assert evaluation.geometry[0] == Geometry(
         original=(103, 200), upscaled=(499, 970), padded=(512, 992), padding=(6, 7, 11, 11)
     )
     sample = evaluation[0]
@@ -180,13 +171,6 @@ def test_cub_geometry_and_samples_after_upscale(tmp_path):
     assert flips == {True, False}
 
 
-def test_split_padding_multiple_of_32():
-    assert loader.split_padding(775) == (12, 13)
-    assert loader.split_padding(522) == (11, 11)
-    assert loader.split_padding(800) == (0, 0)
-    assert loader.split_padding(1) == (15, 16)
-
-
 def test_evaluation_padding_is_reflection(tmp_path):
     config = make_config(tmp_path, "glas", name_classes={"benign": 0, "malignant": 1})
     image = random_image(40, 775, 5)
@@ -194,7 +178,7 @@ def test_evaluation_padding_is_reflection(tmp_path):
     mask[5:10, 100:200] = 2
     write_samples(config, "valid", [("testA_1", image, mask, "malignant")], ext="bmp")
     dataset = loader.build_dataset(config, "valid", train=False)
-    assert dataset.geometry[0] == loader.Geometry((40, 775), (40, 775), (64, 800), (12, 12, 12, 13))
+    assert dataset.geometry[0] == Geometry((40, 775), (40, 775), (64, 800), (12, 12, 12, 13))
     sample = dataset[0]
     out = sample["image"]
     assert out.shape == (3, 64, 800)
@@ -474,10 +458,10 @@ def test_encoding_class_count_must_match_model(synthetic_config):
 
 
 def test_batched_evaluation_needs_images_of_one_size():
-    same = SimpleNamespace(geometry=[loader.compute_geometry(64, 64, None)] * 3)
+    same = SimpleNamespace(geometry=[compute_geometry(64, 64, None)] * 3)
     train_deepmil.check_batchable(same, 4, "test")
-    mixed = SimpleNamespace(geometry=[loader.compute_geometry(64, 64, None),
-                                      loader.compute_geometry(80, 64, None)])
+    mixed = SimpleNamespace(geometry=[compute_geometry(64, 64, None),
+                                      compute_geometry(80, 64, None)])
     train_deepmil.check_batchable(mixed, 1, "test")
     with pytest.raises(ConfigError, match=r"eval_batch_size = 4: the test images come in 2 sizes"):
         train_deepmil.check_batchable(mixed, 4, "test")

@@ -1,5 +1,7 @@
-"""Metrics: mask geometry restoration, Dice/F1+-, IoU, PxAP, threshold sweeps, top-1
-localisation, classification error, confusion matrix, meters, CRF stream."""
+"""Metrics: Dice/F1+-, IoU, PxAP, threshold sweeps, top-1 localisation, classification error,
+meters and their reduction over processes."""
+from collections.abc import Callable
+
 import numpy as np
 import pytest
 import torch
@@ -10,81 +12,14 @@ from deepmil.metrics import (
     ThresholdSweepMeter,
     all_ones_f1,
     best_threshold_report,
-    classification_error,
-    confusion_matrix,
     dice,
+    error_rate,
     f1_pos_neg,
     iou,
     iou_at,
-    refine_with_crf,
-    restore_mask_geometry,
+    misclassified,
     top1_localization,
 )
-
-
-def column_index_mask(height: int, width: int) -> torch.Tensor:
-    """1 x height x width mask whose value is the column index."""
-    return torch.arange(width, dtype=torch.float32).expand(1, height, width).clone()
-
-
-def row_index_mask(height: int, width: int) -> torch.Tensor:
-    return torch.arange(height, dtype=torch.float32)[:, None].expand(1, height, width).clone()
-
-
-def test_restore_odd_width_faithful_vs_exact():
-    # width 5 padded to 8: leftover 3, padding 1 before / 2 after.
-    mask = column_index_mask(4, 8)
-    faithful = restore_mask_geometry(mask, (4, 8), (4, 5), (4, 5))
-    exact = restore_mask_geometry(mask, (4, 8), (4, 5), (4, 5), exact=True)
-    assert faithful.shape == (1, 4, 5)
-    assert faithful[0, 0].tolist() == [2, 3, 4, 5, 6]
-    assert exact[0, 0].tolist() == [1, 2, 3, 4, 5]
-
-
-def test_restore_even_sizes_faithful_equals_exact():
-    mask = torch.rand(1, 8, 8)
-    faithful = restore_mask_geometry(mask, (8, 8), (6, 4), (6, 4))
-    exact = restore_mask_geometry(mask, (8, 8), (6, 4), (6, 4), exact=True)
-    assert torch.equal(faithful, exact)
-    assert torch.equal(faithful, mask[:, 1:7, 2:6])
-
-
-def test_restore_glas_width_775():
-    # GlaS-like: 20 x 775 padded to 32 x 800 (rows 6/6, columns 12/13).
-    cols = column_index_mask(32, 800)
-    faithful = restore_mask_geometry(cols, (32, 800), (20, 775), (20, 775))
-    exact = restore_mask_geometry(cols, (32, 800), (20, 775), (20, 775), exact=True)
-    assert faithful.shape == exact.shape == (1, 20, 775)
-    assert faithful[0, 0, 0] == 13 and faithful[0, 0, -1] == 787
-    assert exact[0, 0, 0] == 12 and exact[0, 0, -1] == 786
-    rows = row_index_mask(32, 800)
-    restored_rows = restore_mask_geometry(rows, (32, 800), (20, 775), (20, 775))
-    assert restored_rows[0, 0, 0] == 6 and restored_rows[0, -1, 0] == 25
-
-
-def test_restore_upscaled_constant_and_half_half():
-    # CUB/OxF-like: original 3 x 4, upscaled 6 x 8, padded 8 x 8 (one padded row each side).
-    padded = torch.full((1, 8, 8), 9.0)
-    padded[:, 1:7, :] = 0.7
-    constant = restore_mask_geometry(padded, (8, 8), (6, 8), (3, 4))
-    assert constant.shape == (1, 3, 4)
-    assert torch.allclose(constant, torch.full((1, 3, 4), 0.7))
-
-    half = torch.full((1, 8, 8), 9.0)
-    half[:, 1:7, :4] = 0.0
-    half[:, 1:7, 4:] = 1.0
-    # align_corners=True: output columns sample input columns 0, 7/3, 14/3, 7.
-    restored = restore_mask_geometry(half, (8, 8), (6, 8), (3, 4))
-    assert torch.allclose(restored, torch.tensor([[0.0, 0.0, 1.0, 1.0]] * 3)[None])
-
-
-def test_restore_keeps_2d_shape_and_checks_input():
-    restored = restore_mask_geometry(torch.ones(8, 8), (8, 8), (5, 5), (5, 5))
-    assert restored.shape == (5, 5)
-    with pytest.raises(ValueError, match="padded size"):
-        restore_mask_geometry(torch.ones(1, 8, 8), (8, 9), (5, 5), (5, 5))
-    with pytest.raises(ValueError, match="larger size"):
-        restore_mask_geometry(torch.ones(1, 8, 8), (8, 8), (9, 9), (9, 9))
 
 
 def hand_masks() -> tuple[torch.Tensor, torch.Tensor]:
@@ -156,17 +91,15 @@ def test_all_ones_f1():
     assert f1_neg.flatten().tolist() == [0.0, 0.0]
 
 
-def test_classification_error_and_confusion_matrix():
-    pred = torch.tensor([0, 1, 2, 2, 1])
+def test_misclassified_and_error_rate():
+    scores = torch.eye(3)[[0, 1, 2, 2, 1]]  # predicted classes 0, 1, 2, 2, 1
     true = torch.tensor([0, 2, 2, 1, 1])
-    assert classification_error(pred, true) == pytest.approx(40.0)
-    assert classification_error([1, 1], [1, 1]) == 0.0
-    expected = torch.tensor([[1, 0, 0], [0, 1, 1], [0, 1, 1]])
-    assert torch.equal(confusion_matrix(pred, true, 3), expected)
-    with pytest.raises(ValueError, match="outside"):
-        confusion_matrix([0, 3], [0, 1], 3)
+    errors = misclassified(scores, true)
+    assert errors.dtype == torch.int64 and int(errors) == 2
+    assert error_rate(int(errors), len(true)) == pytest.approx(40.0)
+    assert error_rate(int(misclassified(scores[:2], torch.tensor([0, 1]))), 2) == 0.0
     with pytest.raises(ValueError, match="equal size"):
-        classification_error([0, 1], [0])
+        misclassified(scores[:2], true[:1])
 
 
 def test_localization_meter_means_per_image():
@@ -175,7 +108,7 @@ def test_localization_meter_means_per_image():
     meter.update(0.0, 0.9, False, {"loss": 4.0, "loss_pos": 3.0}, f1_pos_all_ones=0.4)
     meter.update(torch.tensor(0.5), 0.1, True, {"loss": 0.0, "loss_pos": 2.0},
                  f1_pos_all_ones=0.6)
-    summary = meter.summary()
+    summary = meter.compute()
     assert summary["n_images"] == 3
     assert summary["cl_error"] == pytest.approx(100 / 3)
     assert summary["f1_pos"] == pytest.approx(50.0)
@@ -195,7 +128,7 @@ def test_localization_meter_per_image_not_pooled():
     for pred, gt in ((small_pred, small_gt), (big_pred, big_gt)):
         f1_pos, f1_neg = f1_pos_neg(pred, gt)
         meter.update(f1_pos.item(), f1_neg.item(), True)
-    summary = meter.summary()
+    summary = meter.compute()
     assert summary["f1_pos"] == pytest.approx(50.0)
     assert summary["f1_pos_all_ones"] is None
     assert summary["cl_error"] == 0.0
@@ -203,12 +136,12 @@ def test_localization_meter_per_image_not_pooled():
 
 def test_localization_meter_errors():
     with pytest.raises(ValueError, match="no image"):
-        LocalizationMeter().summary()
+        LocalizationMeter().compute()
     meter = LocalizationMeter()
     meter.update(1.0, 1.0, True, f1_pos_all_ones=0.5)
     meter.update(1.0, 1.0, True)
     with pytest.raises(ValueError, match="f1_pos_all_ones"):
-        meter.summary()
+        meter.compute()
 
 
 def test_iou_hand_computed_and_conventions():
@@ -235,15 +168,15 @@ def test_localization_meter_iou_and_top1_loc():
     meter.update(0.8, 0.9, True, iou=0.6)
     meter.update(0.8, 0.9, False, iou=0.8)
     meter.update(0.3, 0.9, True, iou=0.2)
-    summary = meter.summary()
+    summary = meter.compute()
     assert summary["iou"] == pytest.approx(100 * 1.6 / 3)
     assert summary["top1_loc"] == pytest.approx(100 / 3)  # only the first image
     plain = LocalizationMeter()
     plain.update(1.0, 1.0, True)
-    assert "iou" not in plain.summary() and "top1_loc" not in plain.summary()
+    assert "iou" not in plain.compute() and "top1_loc" not in plain.compute()
     plain.update(1.0, 1.0, True, iou=1.0)
     with pytest.raises(ValueError, match="'iou' given for 1 of 2"):
-        plain.summary()
+        plain.compute()
 
 
 def reference_pxap(scores: np.ndarray, truth: np.ndarray, interval: float) -> float:
@@ -374,7 +307,7 @@ def test_threshold_sweep_all_ones_and_empty_masks():
     gt[1, :2] = 1  # 8 of 16
     ones = ThresholdSweepMeter()
     ones.update(torch.ones(2, 4, 4), gt)
-    means = ones.means()
+    means = ones.compute()
     expected = 100 * (2 * 4 / 20 + 2 * 8 / 24) / 2  # F1+ = 2 fg / (fg + N) per image
     assert torch.allclose(means["f1_pos"], torch.full((101,), expected, dtype=torch.float64))
     assert torch.all(means["f1_neg"] == 0.0)
@@ -386,7 +319,7 @@ def test_threshold_sweep_all_ones_and_empty_masks():
     assert empty.at(0.0) == {"f1_pos": 0.0, "f1_neg": 0.0, "iou": 0.0}
     assert empty.at(0.01) == {"f1_pos": 100.0, "f1_neg": 100.0, "iou": 100.0}
     with pytest.raises(ValueError, match="no image"):
-        ThresholdSweepMeter().means()
+        ThresholdSweepMeter().compute()
 
 
 def test_threshold_sweep_matches_per_image_functions():
@@ -417,13 +350,57 @@ def test_best_threshold_report():
         best_threshold_report(valid, ThresholdSweepMeter(steps=10))
 
 
-def negate(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
-    return image[..., 0] - mask
+def all_reduce_with(partner) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The all-reduce of a second process holding the meter ``partner``: each call adds the
+    tensor that ``partner.reduce`` passes at the same call."""
+    passed = []
+    partner.reduce(lambda tensor: passed.append(tensor.clone()) or tensor)
+    return lambda tensor: tensor.add_(passed.pop(0))
 
 
-def test_refine_with_crf_stream_order():
-    items = ((index, np.full((2, 2, 3), index, dtype=np.float32), np.ones((2, 2)))
-             for index in range(7))
-    out = list(refine_with_crf(negate, items, workers=2))
-    assert [key for key, _ in out] == list(range(7))
-    assert [float(mask[0, 0]) for _, mask in out] == [index - 1.0 for index in range(7)]
+def filled(make, updates):
+    meter = make()
+    for arguments in updates:
+        meter.update(*arguments)
+    return meter
+
+
+def reduced_and_concatenated(make, shards):
+    """Meters of two shards (lists of ``update`` arguments): ``(the first reduced with the
+    second, the first reduced with a doubling all-reduce, the meter of both shards, the meter of
+    the first shard twice)``."""
+    reduced = filled(make, shards[0])
+    reduced.reduce(all_reduce_with(filled(make, shards[1])))
+    doubled = filled(make, shards[0])
+    doubled.reduce(lambda tensor: tensor.mul_(2))
+    return reduced, doubled, filled(make, shards[0] + shards[1]), filled(make, shards[0] * 2)
+
+
+def test_pxap_reduce_gives_the_meter_of_the_concatenated_data():
+    generator = torch.Generator().manual_seed(0)
+    shards = [[(torch.rand(2, 6, 5, generator=generator),
+                (torch.rand(2, 6, 5, generator=generator) > 0.5).float())] for _ in range(2)]
+    reduced, doubled, whole, twice = reduced_and_concatenated(PxAPMeter, shards)
+    assert torch.equal(reduced.counts, whole.counts) and torch.equal(doubled.counts, twice.counts)
+    assert reduced.compute() == whole.compute() and doubled.compute() == twice.compute()
+
+
+def test_threshold_sweep_reduce_gives_the_meter_of_the_concatenated_data():
+    generator = torch.Generator().manual_seed(1)
+    shards = [[(torch.rand(n, 4, 4, generator=generator),
+                (torch.rand(n, 4, 4, generator=generator) > 0.5).float())] for n in (2, 3)]
+    reduced, doubled, whole, twice = reduced_and_concatenated(ThresholdSweepMeter, shards)
+    assert reduced.n_images == whole.n_images == 5 and doubled.n_images == twice.n_images == 4
+    for left, right in ((reduced, whole), (doubled, twice)):
+        assert all(torch.equal(left.compute()[name], right.compute()[name])
+                   for name in ThresholdSweepMeter.METRICS)
+
+
+def test_localization_meter_reduce_gives_the_meter_of_the_concatenated_data():
+    # Dyadic values: every sum is exact, whatever the order of the additions.
+    shards = [[(1.0, 0.5, True, {"loss": 2.0}, 0.25, 0.75), (0.25, 0.5, False, {"loss": 1.0},
+                                                              0.5, 0.5)],
+              [(0.5, 0.125, True, {"loss": 0.5}, 0.75, 0.25)]]
+    reduced, doubled, whole, twice = reduced_and_concatenated(LocalizationMeter, shards)
+    assert reduced.compute() == whole.compute() and doubled.compute() == twice.compute()
+    assert reduced.compute()["n_images"] == 3 and reduced.compute()["top1_loc"] == pytest.approx(100 / 3)

@@ -7,11 +7,11 @@ import torch
 import train_deepmil
 from deepmil.checkpoint import read_checkpoint
 from deepmil.engine import erasing_step, plain_step, predictions, train_one_epoch
+from deepmil.geometry import compute_geometry
 from deepmil.losses import negative_loss, positive_loss
 from deepmil.model import MinMaxEntropyNet
 from deepmil.precision import Precision, check_amp
 from deepmil.settings import RunSettings
-from loader import compute_geometry
 from tools import get_yaml_args
 
 CPU = torch.device("cpu")

@@ -24,6 +24,7 @@ from PIL import Image
 from scipy import io as sio
 
 import loader
+from deepmil.geometry import Geometry
 from tools import get_yaml_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -215,7 +216,7 @@ def test_glas_evaluation_samples(glas):
             sample = dataset[index]
             assert sample["label"] == GLAS_LABELS[GLAS_GRADES[name]] and sample["index"] == index
             expected, padding = eval_expected(image, image.shape[:2])
-            assert dataset.geometry[index] == loader.Geometry(
+            assert dataset.geometry[index] == Geometry(
                 image.shape[:2], image.shape[:2], expected.shape[:2], padding)
             assert expected.shape[0] % 32 == 0 and expected.shape[1] % 32 == 0
             assert torch.equal(sample["image"], normalized(expected))
@@ -225,7 +226,7 @@ def test_glas_evaluation_samples(glas):
             assert torch.equal(sample["mask"][0], torch.from_numpy((mask != 0).astype(np.float32)))
             assert sample["mask"].sum() == 10 * 17 + 15 * 9 + 6 * 5
     test = loader.build_dataset(config, "test", train=False)
-    assert test.geometry[0] == loader.Geometry((40, 52), (40, 52), (64, 64), (12, 12, 6, 6))
+    assert test.geometry[0] == Geometry((40, 52), (40, 52), (64, 64), (12, 12, 6, 6))
 
 
 def test_glas_training_crops_come_from_the_reflect_padded_image(glas, monkeypatch):
@@ -425,7 +426,7 @@ def check_cub_evaluation(dataset, rows, files, encoding, short_side):
         original = decoded(dataset.image_paths[index])
         upscaled = short_side_size(*original.shape[:2], short_side)
         expected, padding = eval_expected(original, upscaled)
-        assert dataset.geometry[index] == loader.Geometry(
+        assert dataset.geometry[index] == Geometry(
             original.shape[:2], upscaled, expected.shape[:2], padding)
         assert torch.equal(sample["image"], normalized(expected))
         # Majority of annotators: grey > 127.5 (128, 200 and 255, not 100 or 127).
@@ -451,11 +452,11 @@ def test_cuball_reads_the_200_class_fold(cub):
     check_cub_evaluation(test, test_rows, files, encoding, 500)
     geometry = {row[0].rsplit("/", 1)[1]: test.geometry[i] for i, row in enumerate(test_rows)}
     # 103 x 140: r = 500 / 103, 103 r = 499.99... -> 499 (truncated), 140 r -> 679.
-    assert geometry["Gray_Catbird_0002_1901.jpg"] == loader.Geometry(
+    assert geometry["Gray_Catbird_0002_1901.jpg"] == Geometry(
         (103, 140), (499, 679), (512, 704), (6, 7, 12, 13))
-    assert geometry["Ovenbird_0006_9905.jpg"] == loader.Geometry(
+    assert geometry["Ovenbird_0006_9905.jpg"] == Geometry(
         (500, 520), (500, 520), (512, 544), (6, 6, 12, 12))
-    assert geometry["Species_040_0002_4001.jpg"] == loader.Geometry(
+    assert geometry["Species_040_0002_4001.jpg"] == Geometry(
         (45, 60), (500, 666), (512, 672), (6, 6, 3, 3))
 
 
@@ -587,7 +588,7 @@ def test_oxf_evaluation_samples(oxf):
             original = decoded(root / "jpg" / f"image_{ids[index]:05d}.jpg")
             upscaled = short_side_size(*original.shape[:2], OXF_SHORT_SIDE)
             expected, padding = eval_expected(original, upscaled)
-            assert dataset.geometry[index] == loader.Geometry(
+            assert dataset.geometry[index] == Geometry(
                 original.shape[:2], upscaled, expected.shape[:2], padding)
             assert torch.equal(sample["image"], normalized(expected))
             png = np.asarray(Image.open(root / "segmim_bin" / f"segmim_{ids[index]:05d}.png"))
@@ -595,9 +596,9 @@ def test_oxf_evaluation_samples(oxf):
             assert torch.equal(sample["mask"], foreground[None])
     valid = loader.build_dataset(config, "valid", train=False)
     # 49 x 60: r = 64 / 49, 49 r = 63.99... -> 63 (truncated); 70 x 66 is not up-scaled.
-    assert valid.geometry[1] == loader.Geometry((49, 60), (63, 78), (64, 96), (0, 1, 9, 9))
-    assert valid.geometry[0] == loader.Geometry((70, 66), (70, 66), (96, 96), (13, 13, 15, 15))
-    assert valid.geometry[2] == loader.Geometry((40, 40), (64, 64), (64, 64), (0, 0, 0, 0))
+    assert valid.geometry[1] == Geometry((49, 60), (63, 78), (64, 96), (0, 1, 9, 9))
+    assert valid.geometry[0] == Geometry((70, 66), (70, 66), (96, 96), (13, 13, 15, 15))
+    assert valid.geometry[2] == Geometry((40, 40), (64, 64), (64, 64), (0, 0, 0, 0))
 
 
 def test_oxf_training_crops(oxf):
