@@ -9,7 +9,7 @@ from deepmil.checkpoint import read_checkpoint
 from deepmil.engine import (autocast, check_amp, erasing_step, plain_step, predictions,
                             to_device, train_one_epoch)
 from deepmil.losses import negative_loss, positive_loss
-from deepmil.model import MinMaxEntropyNet
+from helpers import tiny_net
 from loader import compute_geometry
 from tools import get_yaml_args
 
@@ -22,11 +22,6 @@ CPU = torch.device("cpu")
 # classifier's layer4 map is 1x1 and train-mode BatchNorm over 4 values amplifies it far more.)
 BF16_TOLERANCE = 0.03
 BF16_STEP_REGION_TOLERANCE = 0.06
-
-
-def tiny_net() -> MinMaxEntropyNet:
-    torch.manual_seed(0)
-    return MinMaxEntropyNet("resnet18", 2, modalities=2, kmax=0.5, kmin=0.5)
 
 
 def batch(size: int = 128, count: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
