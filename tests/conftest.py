@@ -1,8 +1,10 @@
 """Fixtures shared by the test modules: the tiny synthetic dataset of the command-line tests,
-one reference training run on it, and the in-process command line."""
+one reference training run on it, and the in-process command line. Plain helpers live in
+tests/helpers.py."""
 import logging
 import shutil
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -11,7 +13,7 @@ import torch
 import train_deepmil
 from create_folds import ensure_synthetic_folds
 from deepmil.synthetic import SyntheticSpec
-from test_reliability import run_cli, tiny_args
+from helpers import run_cli, tiny_args
 from tools import get_yaml_args
 
 
@@ -34,10 +36,17 @@ def own_data(dataset, tmp_path) -> Path:
 
 
 @pytest.fixture(scope="session")
-def reference(dataset) -> Path:
-    """An uninterrupted run: 3 epochs, no workers, training and validation sets preloaded."""
+def reference_run(dataset) -> subprocess.CompletedProcess:
+    """An uninterrupted run in a subprocess: 3 epochs, no workers, training and validation sets
+    preloaded; its folder is ``reference``."""
     result = run_cli(tiny_args(dataset, "--exp-name", "reference"))
     assert result.returncode == 0, result.stderr
+    return result
+
+
+@pytest.fixture(scope="session")
+def reference(dataset, reference_run) -> Path:
+    """The experiment folder of ``reference_run``."""
     return dataset / "exps" / "reference"
 
 

@@ -15,14 +15,9 @@ from deepmil.methods import Erasing
 from deepmil.model import MinMaxEntropyNet
 from deepmil.precision import Precision
 from deepmil.settings import RunSettings
-from helpers import tiny_synthetic_config
+from helpers import tiny_net, tiny_synthetic_config
 
 WORLD = 2
-
-
-def tiny_net() -> MinMaxEntropyNet:
-    torch.manual_seed(0)
-    return MinMaxEntropyNet("resnet18", 2, modalities=2, kmax=1.0, kmin=1.0, dropout=0.0)
 
 
 def batches(count: int = 2, size: int = 8) -> list[dict]:
@@ -44,7 +39,7 @@ def init(rank: int, store: str) -> None:
 def train_worker(rank: int, store: str, out: str, erase: bool, scaled: bool) -> None:
     init(rank, store)
     context = distributed.DistributedContext(rank, WORLD, 0)
-    model = distributed.wrap_model(tiny_net(), context, torch.device("cpu"))
+    model = distributed.wrap_model(tiny_net(1.0), context, torch.device("cpu"))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     local = [shard(batch, rank) for batch in batches()]
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if scaled else None
@@ -60,7 +55,7 @@ def train_worker(rank: int, store: str, out: str, erase: bool, scaled: bool) -> 
 def reference_training(erase: bool) -> dict:
     """One process: gradients of each half computed separately, then averaged."""
     from deepmil.engine import erasing_step, plain_step
-    model = tiny_net().train()
+    model = tiny_net(1.0).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for index, batch in enumerate(batches()):
         grads = []
@@ -87,7 +82,7 @@ def test_ranks_agree_and_match_averaged_single_process_gradients(tmp_path, erase
     first = torch.load(tmp_path / "rank0.pt", weights_only=True)
     second = torch.load(tmp_path / "rank1.pt", weights_only=True)
     reference = reference_training(erase)
-    parameters = dict(tiny_net().named_parameters())
+    parameters = dict(tiny_net(1.0).named_parameters())
     for name in parameters:
         assert torch.equal(first[name], second[name]), name
         assert torch.allclose(first[name], reference[name], atol=1e-5, rtol=1e-4), name
@@ -97,7 +92,7 @@ def evaluate_worker(rank: int, store: str, config: dict, out: str) -> None:
     init(rank, store)
     dataset = loader.build_dataset(config, "test", train=False)
     data = loader.make_loader(dataset, 1, 0, shuffle=False, seed=0, rank=rank, world_size=WORLD)
-    summary = evaluate(tiny_net(), data, RunSettings()).summary
+    summary = evaluate(tiny_net(1.0), data, RunSettings()).summary
     torch.save({"summary": summary, "seen": [int(i) for i in data.sampler]},
                f"{out}/eval{rank}.pt")
     dist.destroy_process_group()
@@ -109,7 +104,7 @@ def test_sharded_evaluation_equals_single_process(tmp_path):
              nprocs=WORLD)
     results = [torch.load(tmp_path / f"eval{rank}.pt", weights_only=False) for rank in range(2)]
     dataset = loader.build_dataset(config, "test", train=False)
-    single = evaluate(tiny_net(), loader.make_loader(dataset, 1, 0, False, 0),
+    single = evaluate(tiny_net(1.0), loader.make_loader(dataset, 1, 0, False, 0),
                       RunSettings()).summary
     assert sorted(results[0]["seen"] + results[1]["seen"]) == list(range(len(dataset)))
     assert results[0]["summary"] == single == results[1]["summary"]
@@ -122,13 +117,13 @@ def test_sync_bn_switch(monkeypatch):
         monkeypatch.setenv(distributed.SYNC_BN_ENV, value)
         assert distributed.sync_bn_requested() is expected
     monkeypatch.setenv(distributed.SYNC_BN_ENV, "True")
-    converted = distributed.convert_batchnorm(tiny_net(), torch.device("cuda", 0))
+    converted = distributed.convert_batchnorm(tiny_net(1.0), torch.device("cuda", 0))
     assert any(isinstance(m, nn.SyncBatchNorm) for m in converted.modules())
     assert not any(type(m) is nn.BatchNorm2d for m in converted.modules())
-    kept = distributed.convert_batchnorm(tiny_net(), torch.device("cpu"))
+    kept = distributed.convert_batchnorm(tiny_net(1.0), torch.device("cpu"))
     assert not any(isinstance(m, nn.SyncBatchNorm) for m in kept.modules())
     monkeypatch.setenv(distributed.SYNC_BN_ENV, "False")
-    plain = distributed.convert_batchnorm(tiny_net(), torch.device("cuda", 0))
+    plain = distributed.convert_batchnorm(tiny_net(1.0), torch.device("cuda", 0))
     assert not any(isinstance(m, nn.SyncBatchNorm) for m in plain.modules())
 
 

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from helpers import REPO
+
 GLAS_INNER = "Warwick QU Dataset (Released 2016_07_08)"
 MD5_ZERO = "0" * 32
 

@@ -3,9 +3,8 @@ import math
 
 import pytest
 import torch
-from torch import nn
-
 import torch.nn.functional as F
+from torch import nn
 
 from deepmil.engine import erasing_step, plain_step, train_one_epoch
 from deepmil.methods import Erasing

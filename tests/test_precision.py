@@ -9,9 +9,9 @@ from deepmil.checkpoint import read_checkpoint
 from deepmil.engine import erasing_step, plain_step, predictions, train_one_epoch
 from deepmil.geometry import compute_geometry
 from deepmil.losses import negative_loss, positive_loss
-from deepmil.model import MinMaxEntropyNet
 from deepmil.precision import Precision, check_amp
 from deepmil.settings import RunSettings
+from helpers import tiny_net
 from tools import get_yaml_args
 
 CPU = torch.device("cpu")
@@ -23,11 +23,6 @@ CPU = torch.device("cpu")
 # classifier's layer4 map is 1x1 and train-mode BatchNorm over 4 values amplifies it far more.)
 BF16_TOLERANCE = 0.03
 BF16_STEP_REGION_TOLERANCE = 0.06
-
-
-def tiny_net() -> MinMaxEntropyNet:
-    torch.manual_seed(0)
-    return MinMaxEntropyNet("resnet18", 2, modalities=2, kmax=0.5, kmin=0.5)
 
 
 def batch(size: int = 128, count: int = 4) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 """Probes of faults found by trying to break a run: concurrent runs, signals during writes,
 divergence, resuming odd folders, generation failures. Each test names the symptom it keeps
 away. Fixtures (the tiny dataset, the reference run, the in-process command line) come from
-tests/conftest.py."""
+tests/conftest.py, helpers from tests/helpers.py."""
 import errno
 import os
 import shutil
@@ -20,11 +20,11 @@ import deepmil.synthetic
 from deepmil import checkpoint, experiment, files
 from deepmil.config import CONFIG_DIR, ConfigError, load_config, save_config
 from deepmil.registry import dataset_spec
+from deepmil.synthetic import SyntheticSpec
+from helpers import (BATCH, TRAIN_CSV, epoch_metrics, final_metrics, run_cli, start_cli,
+                     temporary_files, tiny_args, wait_for_epochs)
 from loader import load_mask, load_rgb, read_fold_csv, read_size
 from tools import get_yaml_args
-from deepmil.synthetic import SyntheticSpec
-from test_reliability import (BATCH, TRAIN_CSV, epoch_metrics, final_metrics, run_cli, start_cli,
-                              temporary_files, tiny_args, wait_for_epochs)
 
 SPEC_A = SyntheticSpec(image_size=32, n_train=4, n_test=2)
 SPEC_B = SyntheticSpec(image_size=32, n_train=4, n_test=2, seed=1)

@@ -10,7 +10,6 @@ multiple of 32 and training crops are all checked against the files the test wro
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,9 +24,9 @@ from scipy import io as sio
 
 import loader
 from deepmil.geometry import Geometry
+from helpers import REPO, run_cli
 from tools import get_yaml_args
 
-REPO = Path(__file__).resolve().parents[1]
 GLAS_FOLDER = "GlaS-2015/Warwick QU Dataset (Released 2016_07_08)"
 CUB_FOLDER = "Caltech-UCSD-Birds-200-2011"
 CUB5_FOLD_NAME = "Caltech-UCSD-Birds-200-2011-CUB5"
@@ -297,12 +296,9 @@ def test_glas_cli_with_the_readme_flags(tmp_path):
             "--pretrained", "false", "--set", "num_workers=0", "--set", "crop_size=[32, 32]",
             "--set", f"fold_folder={tmp_path / 'folds'}", "--data-root", str(tmp_path / "data"),
             "--exp-root", str(tmp_path / "exps"), "--quiet"]
-    env = {key: value for key, value in os.environ.items() if key != "MYSEED"}
     # One intra-op thread: on a busy machine, competing threads make this tiny run several
     # times slower.
-    env["OMP_NUM_THREADS"] = "1"
-    result = subprocess.run([sys.executable, "train_deepmil.py", *args], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=300)
+    result = run_cli(args, env={"OMP_NUM_THREADS": "1"}, timeout=300)
     assert result.returncode == 0, result.stderr
     (folder,) = (tmp_path / "exps").iterdir()
     final = json.loads((folder / "final_metrics.json").read_text())
@@ -467,7 +463,7 @@ def test_cub_training_crops_are_480_windows_of_the_upscaled_image(cub):
     dataset = loader.build_dataset(config, "train", train=True)
     assert len(dataset) == 20
     flipped = set()
-    for index, (image_path, _, class_name) in enumerate(rows):
+    for index, (image_path, _, _class_name) in enumerate(rows):
         sample = dataset[index]
         assert sample["label"] == files[image_path]["class_id"] - 1
         assert sample["image"].shape == (3, 480, 480)

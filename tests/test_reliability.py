@@ -3,12 +3,8 @@ input, on a tiny synthetic dataset (64x64 images, 16 training and 6 test images)
 import errno
 import json
 import math
-import os
 import shutil
 import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -20,69 +16,9 @@ import train_deepmil
 from deepmil import checkpoint, files
 from deepmil.config import CONFIG_DIR
 from deepmil.model import build_model
+from helpers import (BATCH, FOLD, TRAIN_CSV, epoch_metrics, final_metrics, run_cli, start_cli,
+                     temporary_files, tiny_args, wait_for_epochs)
 from tools import get_yaml_args
-
-REPO = Path(__file__).resolve().parents[1]
-FOLD = Path("folds") / "synthetic" / "split_0" / "fold_0"
-TRAIN_CSV = FOLD / "train_s_0_f_0.csv"
-BATCH = 4
-
-
-def tiny_args(root: Path, *extra: str, exp_root: str = "exps") -> list[str]:
-    """Three epochs (erasing from epoch 2) on the dataset of ``root``; ``extra`` can override."""
-    return ["--yaml", "synthetic-4-erasing.yaml", "--cudaid", "cpu", "--epoch", "3",
-            "--nbrerase", "2", "--epocherase", "2", "--bsize", str(BATCH), "--kmax", "1.0",
-            "--kmin", "1.0", "--set", "synthetic.image_size=64", "--set", "crop_size=[64, 64]",
-            "--set", "synthetic.n_train=16", "--set", "synthetic.n_test=6",
-            "--set", "num_workers=0", "--set", f"fold_folder={root / 'folds'}",
-            "--data-root", str(root / "data"), "--exp-root", str(root / exp_root), "--quiet",
-            *extra]
-
-
-def command(args: list[str]) -> list[str]:
-    return [sys.executable, "train_deepmil.py", *args]
-
-
-def run_cli(args: list[str]) -> subprocess.CompletedProcess:
-    """``train_deepmil.py args`` in a subprocess (seed from the config: MYSEED unset)."""
-    return subprocess.run(command(args), cwd=REPO, env=clean_env(), capture_output=True,
-                          text=True, timeout=600)
-
-
-def clean_env() -> dict[str, str]:
-    return {key: value for key, value in os.environ.items() if key != "MYSEED"}
-
-
-def start_cli(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(command(args), cwd=REPO, env=clean_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-
-
-def wait_for_epochs(process: subprocess.Popen, metrics: Path, count: int) -> None:
-    """Wait until ``metrics`` has ``count`` lines (the process must still be running)."""
-    deadline = time.monotonic() + 300
-    while not (metrics.is_file() and len(metrics.read_text().splitlines()) >= count):
-        assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
-
-
-def epoch_metrics(folder: Path) -> list[dict]:
-    """``metrics.jsonl`` without the timings."""
-    records = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
-    for record in records:
-        record.pop("seconds")
-    return records
-
-
-def final_metrics(folder: Path) -> dict:
-    return json.loads((folder / "final_metrics.json").read_text())
-
-
-def temporary_files(folder: Path) -> list[Path]:
-    return list(folder.glob(".*.tmp"))
-
-
 
 
 def assert_refused(cli, args: list[str], root: Path, *expected: str) -> None:
