@@ -33,7 +33,7 @@ from PIL import Image
 from scipy import io as sio
 
 from deepmil.synthetic import SyntheticSpec, ensure_synthetic_dataset, is_complete, read_metadata
-from deepmil.errors import DataError, DeepMILError
+from deepmil.errors import DataError, DeepMILError, RunError
 from deepmil.registry import FOLD_BUILDERS
 
 SEED = 0
@@ -452,6 +452,11 @@ def fold_paths(fold_dir: Path) -> list[Path]:
     return [fold_dir / f"{name}_{suffix}.csv" for name in ("train", "valid", "test")]
 
 
+def synthetic_fold_dir(fold_folder: Path, fold_name: str) -> Path:
+    """The folder of the synthetic folds that are written (split 0, fold 0)."""
+    return Path(fold_folder) / fold_name / f"split_{WRITTEN_SPLIT}" / f"fold_{WRITTEN_FOLD}"
+
+
 def synthetic_folds_ready(data_root: Path, fold_folder: Path, spec: SyntheticSpec,
                           fold_name: str = FOLD_NAMES["synthetic"]) -> bool:
     """Whether the synthetic dataset of ``spec`` and its folds are complete and up to date."""
@@ -459,11 +464,10 @@ def synthetic_folds_ready(data_root: Path, fold_folder: Path, spec: SyntheticSpe
     if not is_complete(root, spec):
         return False
     digest = hashlib.sha256((root / "spec.json").read_bytes()).hexdigest()
-    top = Path(fold_folder) / fold_name
-    stamp = top / SPEC_STAMP
-    fold_dir = top / f"split_{WRITTEN_SPLIT}" / f"fold_{WRITTEN_FOLD}"
+    stamp = Path(fold_folder) / fold_name / SPEC_STAMP
     return (stamp.is_file() and stamp.read_text(encoding="utf-8").strip() == digest
-            and all(path.is_file() for path in fold_paths(fold_dir)))
+            and all(path.is_file() for path in fold_paths(synthetic_fold_dir(fold_folder,
+                                                                              fold_name))))
 
 
 def ensure_synthetic_folds(
@@ -477,10 +481,10 @@ def ensure_synthetic_folds(
     The folds are rewritten only when the digest of ``spec.json`` differs from the one stored next
     to them (``<fold_folder>/<fold_name>/spec.sha256``) or a fold file is missing.
     """
-    top = Path(fold_folder) / fold_name
-    fold_dir = top / f"split_{WRITTEN_SPLIT}" / f"fold_{WRITTEN_FOLD}"
+    fold_dir = synthetic_fold_dir(fold_folder, fold_name)
     if synthetic_folds_ready(data_root, fold_folder, spec, fold_name):
         return fold_dir
+    top = Path(fold_folder) / fold_name
     root = Path(data_root) / DATASET_SUBFOLDERS["synthetic"]
     ensure_synthetic_dataset(root, spec)
     digest = hashlib.sha256((root / "spec.json").read_bytes()).hexdigest()
@@ -511,14 +515,14 @@ def synthetic_folds_held(
             try:
                 fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise DataError(
+                raise RunError(
                     f"the synthetic data in {root} are in use by another run with other "
                     f"'synthetic:' parameters; wait for it to end, or give this run another "
                     f"--data-root (and fold_folder)"
                 ) from None
             ensure_synthetic_folds(data_root, fold_folder, spec, fold_name)
             fcntl.flock(handle, fcntl.LOCK_SH)
-        yield Path(fold_folder) / fold_name / f"split_{WRITTEN_SPLIT}" / f"fold_{WRITTEN_FOLD}"
+        yield synthetic_fold_dir(fold_folder, fold_name)
 
 
 # ----------------------------------------------------------------------------- writing and checking

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from collections import Counter
 import logging
 import operator
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -97,8 +98,8 @@ def read_fold_csv(path: str | Path) -> list[FoldRow]:
 
 def warn_duplicates(rows: Sequence[FoldRow], path: Path) -> None:
     """Warn when an image is listed more than once in a fold CSV."""
-    seen: set[str] = set()
-    repeated = sorted({row.image for row in rows if row.image in seen or seen.add(row.image)})
+    counts = Counter(row.image for row in rows)
+    repeated = sorted(image for image, count in counts.items() if count > 1)
     if repeated:
         logger.warning("%s lists %d image(s) more than once: %s", path, len(repeated),
                        ", ".join(repeated[:SHOWN_PATHS]) + (" ..." if len(repeated) > SHOWN_PATHS
@@ -454,6 +455,10 @@ class PhotoDataset(Dataset):
             return self.images[index]
         return load_rgb(self.image_paths[index])
 
+    def original_image(self, index: int) -> np.ndarray:
+        """Image ``index`` as stored (RGB, h x w x 3 uint8), for the CRF and the figures."""
+        return np.asarray(self._image(index))
+
     def _mask(self, index: int) -> np.ndarray:
         if self.masks is not None:
             return self.masks[index]
@@ -552,7 +557,7 @@ def build_dataset(
         preload=split != "test" if preload is None else preload,
         seed=config["MYSEED"],
         csv_path=csv_path,
-        stain_augmentation=config.get("stain_augmentation", False),
+        stain_augmentation=config["stain_augmentation"],
     )
 
 

@@ -17,7 +17,6 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -254,11 +253,11 @@ def prediction_samples(records: list[dict], dataset: loader.PhotoDataset,
     names = {value: key for key, value in encoding.items()}
     samples = []
     for record in records:
-        image = loader.load_rgb(dataset.image_paths[record["index"]])
+        image = dataset.original_image(record["index"])
         caption = (f"true {names[record['label']]} | predicted {names[record['predicted']]} "
                    f"({100 * record['probability']:.0f}%) | F1+ {100 * record['f1_pos']:.1f} "
                    f"F1- {100 * record['f1_neg']:.1f}")
-        sample = {"index": record["index"], "image": np.asarray(image),
+        sample = {"index": record["index"], "image": image,
                   "gt_mask": record["truth"][0].numpy(),
                   "pred_mask": record["mask"][0].numpy(), "caption": caption}
         if "crf_mask" in record:
@@ -279,9 +278,8 @@ def planned_folder(config: dict, options) -> Path:
 
 
 def open_folder(folder: Path, config: dict, options) -> None:
-    """Log into ``folder`` and record the run: configuration and environment for a new run, the
+    """Record the run in ``folder``: configuration and environment for a new run, the
     environment of the resume for a resumed one (whose configuration stays as it was)."""
-    experiment.setup_logging(folder / "training.log", quiet=options.quiet)
     record = experiment.environment_record(config, sys.argv)
     if options.resume:
         experiment.add_resume_record(record, folder / "environment.json")
@@ -411,15 +409,16 @@ def run_in_folder(config: dict, options, model: torch.nn.Module, loaders: dict,
         experiment.remove_run_files(folder)
     model = distributed.wrap_model(model, context, settings.device)
     try:
-        if context.is_main:
-            open_folder(folder, config, options)
-        LOGGER.info("experiment folder: %s (device %s, seed %d, %d process(es))", folder,
-                    settings.device, settings.seed, context.world_size)
-        return train_and_evaluate(config, options, model, loaders, settings, folder, state,
-                                  context)
+        with contextlib.ExitStack() as logs:
+            if context.is_main:
+                logs.enter_context(experiment.file_logging(folder / "training.log"))
+                open_folder(folder, config, options)
+            LOGGER.info("experiment folder: %s (device %s, seed %d, %d process(es))", folder,
+                        settings.device, settings.seed, context.world_size)
+            return train_and_evaluate(config, options, model, loaders, settings, folder, state,
+                                      context)
     except BaseException as error:
         if context.is_main:
-            experiment.setup_logging(quiet=options.quiet)
             explain_failure(error, folder, new_run=not options.resume)
         raise
 

@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepmil.model import ResNetTrunk, WildcatHead, minmax_normalise
+from deepmil.backbone import ResNetTrunk
+from deepmil.model import WildcatHead, minmax_normalise
 
 class ClassifierOutput(NamedTuple):
     """Class scores ``B x C`` and class maps ``B x C x h x w`` of a baseline network."""

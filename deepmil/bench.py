@@ -40,7 +40,8 @@ import torch
 import crf_params
 import loader
 from create_folds import ensure_synthetic_folds
-from deepmil.config import ConfigError, load_config, resolve_yaml_path
+from deepmil.config import default_values, load_config, merge_sections, resolve_yaml_path
+from deepmil.errors import ConfigError, DeepMILError
 from deepmil import files
 from deepmil.crf import CRF, refine_with_crf
 from deepmil.engine import erasing_step, plain_step
@@ -226,12 +227,13 @@ def bench_eval(args: argparse.Namespace, device: torch.device) -> dict[str, floa
 
 
 def synthetic_config(root: Path, size: int) -> dict:
-    """The keys ``loader.build_dataset`` reads, for a synthetic set generated under ``root``."""
-    return {"dataset": "synthetic", "data_root": str(root / "data"),
+    """A configuration (schema defaults elsewhere) whose loader keys point at a synthetic set
+    generated under ``root``."""
+    return merge_sections(default_values(), {"dataset": "synthetic", "data_root": str(root / "data"),
             "fold_folder": str(root / "folds"), "fold_name": None, "split": 0, "fold": 0,
             "name_classes": "encoding.yaml", "model": {"num_classes": 2},
             "crop_size": [size, size], "padding_size": [0.5, 0.5], "padding_mode": "reflect",
-            "up_scale_small_dim_to": None, "MYSEED": 0}
+            "up_scale_small_dim_to": None, "MYSEED": 0})
 
 
 def loader_rate(dataset: loader.PhotoDataset, batch: int, workers: int, device: torch.device,
@@ -433,5 +435,5 @@ def main(argv: list[str] | None = None) -> dict:
 if __name__ == "__main__":
     try:
         main()
-    except (ConfigError, ValueError) as error:
+    except (DeepMILError, OSError) as error:
         sys.exit(f"error: {error}")

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 from deepmil.experiment import REPOSITORY
-from deepmil.errors import RunError
+from deepmil.errors import DeepMILError, RunError
 
 TRAINED = (("cam", "synthetic-cam.yaml"), ("wildcat", "synthetic-wildcat.yaml"),
            ("minmax-no-erasing", "synthetic-no-erasing.yaml"),
@@ -114,4 +114,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except (DeepMILError, OSError) as error:
+        sys.exit(f"error: {error}")

@@ -4,7 +4,6 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, NamedTuple
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -16,7 +15,6 @@ from deepmil.losses import classifier_loss, localizer_loss, negative_loss, posit
 from deepmil.metrics import (LocalizationMeter, PxAPMeter, ThresholdSweepMeter, all_ones_f1,
                              error_rate, f1_pos_neg, iou_at, misclassified)
 from deepmil.precision import FLOAT32, Precision
-from loader import load_rgb
 from reproducibility import iteration_seed
 
 if TYPE_CHECKING:
@@ -229,8 +227,8 @@ def predictions(network: nn.Module, loader: Iterable[dict], run: RunSettings) ->
 
 def with_crf(stream: Iterable[dict], loader, crf: Callable, workers: int) -> Iterator[dict]:
     """Add ``crf_mask`` (the CRF-refined ``R+``) to each prediction, CRF in worker processes."""
-    paths = loader.dataset.image_paths
-    items = ((item, np.asarray(load_rgb(paths[item["index"]])), item["mask"][0].cpu().numpy())
+    dataset = loader.dataset
+    items = ((item, dataset.original_image(item["index"]), item["mask"][0].cpu().numpy())
              for item in stream)
     for item, refined in refine_with_crf(crf, items, workers):
         item["crf_mask"] = torch.from_numpy(refined)[None].to(item["mask"].device)

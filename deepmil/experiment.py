@@ -105,13 +105,25 @@ def discard_run(folder: Path) -> None:
         folder.rmdir()
 
 
-def setup_logging(log_file: Path | None = None, quiet: bool = False) -> None:
-    """Log to the console (warnings only when ``quiet``) and, if given, to ``log_file``."""
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
-    handlers[0].setLevel(logging.WARNING if quiet else logging.INFO)
-    if log_file is not None:
-        handlers.append(logging.FileHandler(log_file, encoding="utf-8"))
-    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, handlers=handlers, force=True)
+def setup_logging(quiet: bool = False) -> None:
+    """Log to the console (warnings only when ``quiet``); called once per run."""
+    console = logging.StreamHandler(sys.stdout)
+    console.setLevel(logging.WARNING if quiet else logging.INFO)
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, handlers=[console], force=True)
+
+
+@contextlib.contextmanager
+def file_logging(log_file: Path) -> Iterator[None]:
+    """Also log everything to ``log_file`` while the block runs (the file is closed after it)."""
+    handler = logging.FileHandler(log_file, encoding="utf-8")
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
 
 
 def git(*args: str) -> str | None:

@@ -21,7 +21,8 @@ from deepmil.baselines import CAMNet, WildcatNet, class_map_mask, grad_cam
 from deepmil.checkpoint import load_model_weights
 from deepmil.distributed import average_gradients, no_sync
 from deepmil.losses import classifier_loss, localizer_loss, negative_loss, positive_loss
-from deepmil.model import ModelOutput, build_model, load_pretrained_trunk, torchvision_weights
+from deepmil.backbone import load_pretrained_trunk, torchvision_weights
+from deepmil.model import ModelOutput, build_model
 from deepmil.precision import Precision
 from deepmil.registry import METHODS as METHOD_INFO
 from deepmil.registry import DEEP_STEM_MODELS, MethodInfo

@@ -8,7 +8,8 @@ from torch import nn
 
 
 def build_optimizer(model: nn.Module, optimizer_config: dict) -> torch.optim.Optimizer:
-    """SGD (the paper's choice) or Adam over all parameters, in one parameter group."""
+    """SGD (the paper's choice) or Adam over all parameters, in one parameter group, from the
+    validated ``optimizer`` section."""
     name = optimizer_config["name"]
     if name == "sgd":
         return torch.optim.SGD(model.parameters(), lr=optimizer_config["lr"],
@@ -18,10 +19,10 @@ def build_optimizer(model: nn.Module, optimizer_config: dict) -> torch.optim.Opt
                                nesterov=optimizer_config["nesterov"])
     if name == "adam":
         return torch.optim.Adam(model.parameters(), lr=optimizer_config["lr"],
-                                betas=tuple(optimizer_config.get("betas", (0.9, 0.999))),
-                                eps=optimizer_config.get("eps", 1e-8),
+                                betas=tuple(optimizer_config["betas"]),
+                                eps=optimizer_config["eps"],
                                 weight_decay=optimizer_config["weight_decay"],
-                                amsgrad=optimizer_config.get("amsgrad", False))
+                                amsgrad=optimizer_config["amsgrad"])
     raise ValueError(f"unknown optimizer {name!r}; expected 'sgd' or 'adam'")
 
 

@@ -24,6 +24,7 @@ import yaml
 
 from deepmil import files, plots
 from deepmil.config import IGNORED_KEYS, RUN_OPTIONS, default_values, merge_sections
+from deepmil.errors import DeepMILError
 from deepmil.experiment import load_prediction_samples
 from deepmil.registry import METHOD_NAMES, METHODS
 
@@ -38,7 +39,7 @@ LATEX_SPECIALS = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&",
                   "$": r"\$", "{": r"\{", "}": r"\}"}
 
 
-class ReportError(ValueError):
+class ReportError(DeepMILError, ValueError):
     """A folder or file given to the report cannot be used."""
 
 

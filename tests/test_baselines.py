@@ -8,7 +8,8 @@ import loader
 from deepmil.baselines import CAMNet, WildcatNet, class_map_mask, grad_cam
 from deepmil.engine import classifier_step, evaluate, train_one_epoch
 from deepmil.methods import METHODS, get_method
-from deepmil.model import MinMaxEntropyNet, load_trunk_weights, minmax_normalise
+from deepmil.backbone import load_trunk_weights
+from deepmil.model import MinMaxEntropyNet, minmax_normalise
 from deepmil.registry import METHOD_NAMES
 from deepmil.settings import RunSettings
 from helpers import tiny_synthetic_config

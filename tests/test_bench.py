@@ -97,6 +97,6 @@ def test_the_default_setting_is_the_synthetic_config():
     ({"crop_size": [96, 64]}, "is not square; give the benchmark's image side with --size")])
 def test_configs_the_benchmark_cannot_take(tmp_path, changes, message):
     path = tmp_path / "x.yaml"
-    path.write_text(bench.json.dumps({"base": "synthetic-no-erasing.yaml", **changes}))
+    path.write_text(json.dumps({"base": "synthetic-no-erasing.yaml", **changes}))
     with pytest.raises(ConfigError, match=message):
         bench.apply_config(bench.parse_args(["--yaml", str(path)]))

@@ -116,4 +116,4 @@ def test_tools_crf_is_the_light_deepmil_crf():
             "print(sorted(m for m in sys.modules if m.startswith(('deepmil', 'torch', 'tools'))))")
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True, cwd=Path(__file__).resolve().parents[1]).stdout.strip()
-    assert loaded == "['deepmil', 'deepmil.crf']"
+    assert loaded == "['deepmil', 'deepmil.crf', 'deepmil.errors', 'deepmil.registry']"

@@ -11,7 +11,7 @@ from PIL import Image
 import loader
 import reproducibility
 import train_deepmil
-from deepmil.config import ConfigError
+from deepmil.config import ConfigError, default_values, merge_sections
 from deepmil.geometry import Geometry, compute_geometry
 from deepmil.registry import dataset_spec
 
@@ -39,7 +39,7 @@ def make_config(tmp_path: Path, dataset: str = "synthetic", **overrides) -> dict
         "MYSEED": 0,
     }
     config.update(overrides)
-    return config
+    return merge_sections(default_values(), config)
 
 
 def write_samples(config: dict, split: str, samples: list, ext: str = "png") -> Path:

@@ -5,9 +5,10 @@ from urllib.error import URLError
 import pytest
 import torch
 
-from deepmil import model as model_module
+from deepmil import backbone
 from deepmil.losses import localizer_loss, negative_loss, positive_loss
-from deepmil.model import MinMaxEntropyNet, build_model, load_pretrained_trunk, pretrained_path
+from deepmil.backbone import load_pretrained_trunk, pretrained_path
+from deepmil.model import MinMaxEntropyNet, build_model
 from deepmil.pooling import ClassWisePool, WildcatPool2d, get_k
 from deepmil.registry import feature_map_size
 
@@ -207,7 +208,7 @@ def test_pretrained_weights_load_from_the_cache_and_are_verified(tmp_path):
 def test_offline_pretrained_error_names_url_and_path(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise URLError("no network")
-    monkeypatch.setattr(model_module.torch.hub, "load_state_dict_from_url", offline)
+    monkeypatch.setattr(backbone.torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(RuntimeError) as error:
         load_pretrained_trunk(small_net(), tmp_path)
     message = str(error.value)
