@@ -32,9 +32,9 @@ import yaml
 from PIL import Image
 from scipy import io as sio
 
-from deepmil.synthetic import SyntheticSpec, ensure_synthetic_dataset, is_complete, read_metadata
 from deepmil.errors import DataError, DeepMILError, RunError
 from deepmil.registry import FOLD_BUILDERS
+from deepmil.synthetic import SyntheticSpec, ensure_synthetic_dataset, is_complete, read_metadata
 
 SEED = 0
 N_SPLITS = 2
@@ -457,17 +457,23 @@ def synthetic_fold_dir(fold_folder: Path, fold_name: str) -> Path:
     return Path(fold_folder) / fold_name / f"split_{WRITTEN_SPLIT}" / f"fold_{WRITTEN_FOLD}"
 
 
-def synthetic_folds_ready(data_root: Path, fold_folder: Path, spec: SyntheticSpec,
-                          fold_name: str = FOLD_NAMES["synthetic"]) -> bool:
+def synthetic_folds_ready(
+    data_root: Path,
+    fold_folder: Path,
+    spec: SyntheticSpec,
+    fold_name: str = FOLD_NAMES["synthetic"],
+) -> bool:
     """Whether the synthetic dataset of ``spec`` and its folds are complete and up to date."""
     root = Path(data_root) / DATASET_SUBFOLDERS["synthetic"]
     if not is_complete(root, spec):
         return False
     digest = hashlib.sha256((root / "spec.json").read_bytes()).hexdigest()
     stamp = Path(fold_folder) / fold_name / SPEC_STAMP
-    return (stamp.is_file() and stamp.read_text(encoding="utf-8").strip() == digest
-            and all(path.is_file() for path in fold_paths(synthetic_fold_dir(fold_folder,
-                                                                              fold_name))))
+    return (
+        stamp.is_file()
+        and stamp.read_text(encoding="utf-8").strip() == digest
+        and all(path.is_file() for path in fold_paths(synthetic_fold_dir(fold_folder, fold_name)))
+    )
 
 
 def ensure_synthetic_folds(
@@ -601,13 +607,18 @@ def build_folds(dataset: str, root: Path) -> FoldSet:
         return cub_folds(root, subset=dataset == "cub5")
     if dataset == "oxf":
         _, ids = read_oxf_split(root)
-        print(f"writing binary masks into {root / 'segmim_bin'} "
-              f"(foreground = RGB distance to pure blue > {OXF_BLUE_TOLERANCE})", flush=True)
+        print(
+            f"writing binary masks into {root / 'segmim_bin'} "
+            f"(foreground = RGB distance to pure blue > {OXF_BLUE_TOLERANCE})",
+            flush=True,
+        )
         image_ids = np.concatenate(list(ids.values())).tolist()
         written, upstream, tolerant = make_oxf_masks(root, image_ids)
         if written:
-            print(f"  {written} masks; mean foreground fraction: upstream rule {upstream:.4f}, "
-                  f"tolerance rule {tolerant:.4f}")
+            print(
+                f"  {written} masks; mean foreground fraction: upstream rule {upstream:.4f}, "
+                f"tolerance rule {tolerant:.4f}"
+            )
         else:
             print("  every mask already exists")
         return oxf_folds(root)

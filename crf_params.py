@@ -1,4 +1,5 @@
 """Dense-CRF parameter sets and the set used for each dataset."""
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -15,11 +16,11 @@ class CRFParams(NamedTuple):
     srgb_bilateral: tuple[float, float, float]
 
 
-DEFAULT = CRFParams(n_iter=5, sxy_gaussian=(3, 3), sxy_bilateral=(80, 80),
-                    srgb_bilateral=(13, 13, 13))
+DEFAULT = CRFParams(
+    n_iter=5, sxy_gaussian=(3, 3), sxy_bilateral=(80, 80), srgb_bilateral=(13, 13, 13)
+)
 GLAS = CRFParams(n_iter=2, sxy_gaussian=(3, 3), sxy_bilateral=(13, 13), srgb_bilateral=(3, 3, 3))
-CUB = CRFParams(n_iter=5, sxy_gaussian=(5, 5), sxy_bilateral=(19, 19),
-                srgb_bilateral=(11, 11, 11))
+CUB = CRFParams(n_iter=5, sxy_gaussian=(5, 5), sxy_bilateral=(19, 19), srgb_bilateral=(11, 11, 11))
 
 PARAMETER_SETS = {"default": DEFAULT, "glas": GLAS, "cub": CUB}
 

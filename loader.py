@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import csv
-from collections import Counter
 import logging
 import operator
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -65,7 +65,9 @@ def dataset_root(config: Mapping[str, Any]) -> Path:
 def fold_dir(config: Mapping[str, Any]) -> Path:
     """``fold_folder / (fold_name or dataset) / split_<s> / fold_<f>``."""
     name = config.get("fold_name") or config["dataset"]
-    return Path(config["fold_folder"]) / name / f"split_{config['split']}" / f"fold_{config['fold']}"
+    return (
+        Path(config["fold_folder"]) / name / f"split_{config['split']}" / f"fold_{config['fold']}"
+    )
 
 
 # ----------------------------------------------------------------------------- CSV and encoding
@@ -101,9 +103,12 @@ def warn_duplicates(rows: Sequence[FoldRow], path: Path) -> None:
     counts = Counter(row.image for row in rows)
     repeated = sorted(image for image, count in counts.items() if count > 1)
     if repeated:
-        logger.warning("%s lists %d image(s) more than once: %s", path, len(repeated),
-                       ", ".join(repeated[:SHOWN_PATHS]) + (" ..." if len(repeated) > SHOWN_PATHS
-                                                           else ""))
+        logger.warning(
+            "%s lists %d image(s) more than once: %s",
+            path,
+            len(repeated),
+            ", ".join(repeated[:SHOWN_PATHS]) + (" ..." if len(repeated) > SHOWN_PATHS else ""),
+        )
 
 
 def check_disjoint_splits(rows: Mapping[Path, Sequence[FoldRow]]) -> None:
@@ -111,12 +116,14 @@ def check_disjoint_splits(rows: Mapping[Path, Sequence[FoldRow]]) -> None:
     paths = list(rows)
     for index, first in enumerate(paths):
         images = {row.image for row in rows[first]}
-        for second in paths[index + 1:]:
+        for second in paths[index + 1 :]:
             shared = sorted(images & {row.image for row in rows[second]})
             if shared:
-                raise DataError(f"{len(shared)} image(s) are listed in both {first} and "
-                                 f"{second}, e.g. {', '.join(shared[:3])}: the splits must not "
-                                 f"overlap")
+                raise DataError(
+                    f"{len(shared)} image(s) are listed in both {first} and "
+                    f"{second}, e.g. {', '.join(shared[:3])}: the splits must not "
+                    f"overlap"
+                )
 
 
 def _check_encoding(mapping: Any, source: str) -> dict[str, int]:
@@ -128,26 +135,36 @@ def _check_encoding(mapping: Any, source: str) -> dict[str, int]:
         raise DataError(f"class encoding in {source} has duplicate class names")
     for name, value in encoding.items():
         if not isinstance(value, int) or isinstance(value, bool):
-            raise DataError(f"class encoding in {source}: id of {name!r} is not an integer: {value!r}")
+            raise DataError(
+                f"class encoding in {source}: id of {name!r} is not an integer: {value!r}"
+            )
     if sorted(encoding.values()) != list(range(len(encoding))):
-        raise DataError(f"class encoding in {source}: ids must be 0 .. {len(encoding) - 1} without gaps")
+        raise DataError(
+            f"class encoding in {source}: ids must be 0 .. {len(encoding) - 1} without gaps"
+        )
     return encoding
 
 
-def load_encoding(name_classes: Mapping[str, int] | str, fold_directory: str | Path) -> dict[str, int]:
+def load_encoding(
+    name_classes: Mapping[str, int] | str, fold_directory: str | Path
+) -> dict[str, int]:
     """Class encoding from an inline mapping (checked by the configuration schema) or a YAML file
     name inside ``fold_directory`` (checked here)."""
     if isinstance(name_classes, Mapping):
         return dict(name_classes)
     path = Path(fold_directory) / name_classes
     if not path.is_file():
-        raise FileNotFoundError(f"class encoding file not found: {path} (config key 'name_classes')")
+        raise FileNotFoundError(
+            f"class encoding file not found: {path} (config key 'name_classes')"
+        )
     with path.open(encoding="utf-8") as handle:
         mapping = yaml.safe_load(handle)
     return _check_encoding(mapping, str(path))
 
 
-def encode_labels(rows: Sequence[FoldRow], encoding: Mapping[str, int], csv_path: str | Path) -> list[int]:
+def encode_labels(
+    rows: Sequence[FoldRow], encoding: Mapping[str, int], csv_path: str | Path
+) -> list[int]:
     """Integer label of each row; an unknown class names the CSV and its 1-based line."""
     labels = []
     for line, row in enumerate(rows, start=1):
@@ -162,10 +179,12 @@ def encode_labels(rows: Sequence[FoldRow], encoding: Mapping[str, int], csv_path
 
 def too_large_error(path: Path, error: Exception) -> DataError:
     """The error for an image over Pillow's decompression-bomb limit."""
-    return DataError(f"cannot read image {path}: it is larger than Pillow's limit of "
-                      f"{Image.MAX_IMAGE_PIXELS} pixels, which guards against decompression "
-                      f"bombs ({error}); shrink it, or raise PIL.Image.MAX_IMAGE_PIXELS if the "
-                      f"file is trusted")
+    return DataError(
+        f"cannot read image {path}: it is larger than Pillow's limit of "
+        f"{Image.MAX_IMAGE_PIXELS} pixels, which guards against decompression "
+        f"bombs ({error}); shrink it, or raise PIL.Image.MAX_IMAGE_PIXELS if the "
+        f"file is trusted"
+    )
 
 
 def read_size(path: Path) -> tuple[int, int]:
@@ -192,9 +211,11 @@ def _open_decoded(path: Path) -> Image.Image:
     except (OSError, SyntaxError, ValueError) as error:
         raise DataError(f"cannot decode image {path}: {error}") from error
     if decoded.mode in ("I", "F"):
-        raise DataError(f"cannot decode image {path}: {decoded.mode!r} images (32-bit integer "
-                         f"or float pixels) are not supported; save it with 8 or 16 bits per "
-                         f"channel")
+        raise DataError(
+            f"cannot decode image {path}: {decoded.mode!r} images (32-bit integer "
+            f"or float pixels) are not supported; save it with 8 or 16 bits per "
+            f"channel"
+        )
     return decoded
 
 
@@ -244,15 +265,23 @@ def verify_images(paths: Iterable[Path], workers: int = 2, quiet: bool = False) 
     one error listing every file that fails."""
     paths = list(dict.fromkeys(paths))
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        errors = [error for error in tqdm(pool.map(decoding_error, paths), total=len(paths),
-                                          desc="checking images", leave=False,
-                                          disable=True if quiet else None)
-                  if error is not None]
+        errors = [
+            error
+            for error in tqdm(
+                pool.map(decoding_error, paths),
+                total=len(paths),
+                desc="checking images",
+                leave=False,
+                disable=True if quiet else None,
+            )
+            if error is not None
+        ]
     if errors:
         shown = "\n  ".join(errors[:SHOWN_PATHS])
         more = f"\n  ... and {len(errors) - SHOWN_PATHS} more" if len(errors) > SHOWN_PATHS else ""
-        raise DataError(f"{len(errors)} of {len(paths)} image files cannot be decoded:\n  "
-                         f"{shown}{more}")
+        raise DataError(
+            f"{len(errors)} of {len(paths)} image files cannot be decoded:\n  {shown}{more}"
+        )
 
 
 def mask_tensor(mask: np.ndarray) -> torch.Tensor:
@@ -270,7 +299,9 @@ def to_normalized_tensor(image: Image.Image) -> torch.Tensor:
 # ----------------------------------------------------------------------------- training padding
 
 
-def train_padding(height: int, width: int, padding_size: Sequence[float] | None) -> tuple[int, int, int, int]:
+def train_padding(
+    height: int, width: int, padding_size: Sequence[float] | None
+) -> tuple[int, int, int, int]:
     """Training padding (top, bottom, left, right): ``int(ratio_h * h)`` and ``int(ratio_w * w)``."""
     if padding_size is None:
         return 0, 0, 0, 0
@@ -308,7 +339,9 @@ def _uniform(low: float, high: float, generator: torch.Generator) -> float:
     return low + (high - low) * torch.rand((), dtype=torch.float64, generator=generator).item()
 
 
-def random_crop(image: Image.Image, crop_size: tuple[int, int], generator: torch.Generator) -> Image.Image:
+def random_crop(
+    image: Image.Image, crop_size: tuple[int, int], generator: torch.Generator
+) -> Image.Image:
     """Crop a (height, width) window at a uniformly drawn position (top drawn first)."""
     crop_h, crop_w = crop_size
     width, height = image.size
@@ -338,7 +371,9 @@ def stain_augment(image: Image.Image, generator: torch.Generator) -> Image.Image
     return Image.fromarray(StainAugmentor()(np.asarray(image), np.random.default_rng(seed)))
 
 
-def random_flip(image: Image.Image, method: Image.Transpose, generator: torch.Generator) -> Image.Image:
+def random_flip(
+    image: Image.Image, method: Image.Transpose, generator: torch.Generator
+) -> Image.Image:
     """Apply the PIL transpose ``method`` with probability 0.5."""
     if torch.rand((), generator=generator).item() < 0.5:
         return image.transpose(method)
@@ -391,7 +426,9 @@ class PhotoDataset(Dataset):
         self.spec = spec
         self.train = train
         self.crop_size = _pair(crop_size, "crop_size")
-        self.padding_size = None if padding_size is None else (float(padding_size[0]), float(padding_size[1]))
+        self.padding_size = (
+            None if padding_size is None else (float(padding_size[0]), float(padding_size[1]))
+        )
         self.padding_mode = padding_mode
         self.up_scale_small_dim_to = up_scale_small_dim_to
         self.seed = operator.index(seed)
@@ -407,7 +444,9 @@ class PhotoDataset(Dataset):
             self._check_crop_fits()
         self.images = [load_rgb(path) for path in self.image_paths] if preload else None
         self.masks = (
-            [load_mask(path, spec.mask_threshold) for path in self.mask_paths] if preload and not train else None
+            [load_mask(path, spec.mask_threshold) for path in self.mask_paths]
+            if preload and not train
+            else None
         )
 
     def _check_files_exist(self) -> None:
@@ -513,7 +552,9 @@ def collate(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
 def fold_hint(config: Mapping[str, Any]) -> str:
     """How to generate the folds of ``config`` (``create_folds.py`` writes split 0 / fold 0)."""
     name = config.get("fold_name") or config["dataset"]
-    dataset = next((builder for builder, spec in FOLD_BUILDERS.items() if spec.folds[builder] == name), None)
+    dataset = next(
+        (builder for builder, spec in FOLD_BUILDERS.items() if spec.folds[builder] == name), None
+    )
     if dataset is None:
         return f"fold folder {name!r} is not one that create_folds.py writes"
     return (

@@ -8,6 +8,7 @@ import random
 
 import numpy as np
 import torch
+
 from deepmil.errors import ConfigError
 
 SEED_LIMIT = 2**32

@@ -1,5 +1,6 @@
 """Façade of the training driver: the command line (:func:`get_yaml_args`) and the dense CRF
 (:class:`CRF`, from :mod:`deepmil.crf`)."""
+
 from __future__ import annotations
 
 import argparse

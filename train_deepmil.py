@@ -6,6 +6,7 @@ Reads ``config_yaml/<name>``, applies the command-line overrides, trains with re
 selects the epoch with the lowest validation classification error and evaluates it on the
 validation, test and training sets. Everything is written to one experiment folder.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,8 +15,9 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -71,19 +73,24 @@ def select_device(cudaid: str | None) -> torch.device:
     if cudaid == "cpu":
         return torch.device("cpu")
     if "," in cudaid:
-        raise ConfigError(f"--cudaid {cudaid}: several GPUs are used through torchrun, e.g. "
-                          f"'torchrun --nproc_per_node=2 train_deepmil.py ...'")
+        raise ConfigError(
+            f"--cudaid {cudaid}: several GPUs are used through torchrun, e.g. "
+            f"'torchrun --nproc_per_node=2 train_deepmil.py ...'"
+        )
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count == 0:
         raise ConfigError(f"--cudaid {cudaid}: no GPU is visible; use --cudaid cpu")
     if not cudaid.isdigit() or int(cudaid) >= count:
-        raise ConfigError(f"--cudaid {cudaid}: no such GPU ({count} visible); use --cudaid cpu "
-                          f"or an index below {count}")
+        raise ConfigError(
+            f"--cudaid {cudaid}: no such GPU ({count} visible); use --cudaid cpu "
+            f"or an index below {count}"
+        )
     return torch.device(f"cuda:{cudaid}")
 
 
-def build_data(config: dict, context: DistributedContext, stack: contextlib.ExitStack
-               ) -> dict[str, torch.utils.data.DataLoader]:
+def build_data(
+    config: dict, context: DistributedContext, stack: contextlib.ExitStack
+) -> dict[str, torch.utils.data.DataLoader]:
     """Loaders of the training set (augmented) and of the three evaluation sets.
 
     With ``preload`` the training and validation images are decoded into RAM up front; the test
@@ -95,23 +102,31 @@ def build_data(config: dict, context: DistributedContext, stack: contextlib.Exit
     """
     if config["dataset"] == "synthetic":
         if context.is_main:
-            stack.enter_context(synthetic_folds_held(
-                Path(config["data_root"]), Path(config["fold_folder"]),
-                SyntheticSpec.from_config(config["synthetic"]),
-                config["fold_name"] or config["dataset"]))
+            stack.enter_context(
+                synthetic_folds_held(
+                    Path(config["data_root"]),
+                    Path(config["fold_folder"]),
+                    SyntheticSpec.from_config(config["synthetic"]),
+                    config["fold_name"] or config["dataset"],
+                )
+            )
         distributed.barrier()
     seed, workers = config["MYSEED"], config["num_workers"]
     shard = {"rank": context.rank, "world_size": context.world_size}
     train_set = loader.build_dataset(config, "train", train=True, preload=config["preload"])
-    loaders = {"train": loader.make_loader(train_set, config["batch_size"], workers,
-                                           shuffle=True, seed=seed, **shard)}
+    loaders = {
+        "train": loader.make_loader(
+            train_set, config["batch_size"], workers, shuffle=True, seed=seed, **shard
+        )
+    }
     for split, name in (("valid", "valid"), ("test", "test"), ("train", "train_eval")):
         preload = config["preload"] and name == "valid"
         dataset = loader.build_dataset(config, split, train=False, preload=preload)
         batch = config["eval_batch_size"]
         check_batchable(dataset, batch, split)
-        loaders[name] = loader.make_loader(dataset, batch, workers, shuffle=False, seed=seed,
-                                           **shard)
+        loaders[name] = loader.make_loader(
+            dataset, batch, workers, shuffle=False, seed=seed, **shard
+        )
     datasets = [loaders[name].dataset for name in ("train", "valid", "test", "train_eval")]
     loader.check_disjoint_splits({dataset.csv_path: dataset.rows for dataset in datasets[:3]})
     on_main(context, lambda: loader.verify_images(lazy_files(datasets), max(1, workers)))
@@ -133,22 +148,33 @@ def check_batchable(dataset: loader.PhotoDataset, batch: int, split: str) -> Non
     """Batched evaluation (``eval_batch_size > 1``) needs evaluation inputs of a single size."""
     sizes = sorted({tuple(geometry.padded) for geometry in dataset.geometry})
     if batch > 1 and len(sizes) > 1:
-        raise ConfigError(f"eval_batch_size = {batch}: the {split} images come in {len(sizes)} "
-                          f"sizes (e.g. {sizes[0]} and {sizes[-1]}); batched evaluation needs "
-                          f"images of one size, use eval_batch_size: 1")
+        raise ConfigError(
+            f"eval_batch_size = {batch}: the {split} images come in {len(sizes)} "
+            f"sizes (e.g. {sizes[0]} and {sizes[-1]}); batched evaluation needs "
+            f"images of one size, use eval_batch_size: 1"
+        )
 
 
 def epoch_record(epoch: int, lr: float, train: dict, valid: dict, seconds: float) -> dict:
     """One line of ``metrics.jsonl``."""
     record = {"epoch": epoch, "lr": lr, "seconds": round(seconds, 3)}
     record.update({f"train_{key}": value for key, value in train.items()})
-    record.update({f"valid_{key}": value for key, value in valid.items()
-                   if not key.startswith("n_")})
+    record.update(
+        {f"valid_{key}": value for key, value in valid.items() if not key.startswith("n_")}
+    )
     return record
 
 
-def train(config: dict, options, model: torch.nn.Module, loaders: dict, settings: RunSettings,
-          folder: Path, state: dict | None, context: DistributedContext) -> dict:
+def train(
+    config: dict,
+    options,
+    model: torch.nn.Module,
+    loaders: dict,
+    settings: RunSettings,
+    folder: Path,
+    state: dict | None,
+    context: DistributedContext,
+) -> dict:
     """The epoch loop; returns the best-model record.
 
     After each epoch: ``checkpoint.pt``, then ``best_model.pt`` if the epoch is the best so far,
@@ -167,19 +193,30 @@ def train(config: dict, options, model: torch.nn.Module, loaders: dict, settings
         if "scaler" in state:
             scaler.load_state_dict(state["scaler"])
         else:
-            LOGGER.warning("the checkpoint holds no gradient-scaler state; the fp16 loss scale "
-                           "starts again from its initial value")
+            LOGGER.warning(
+                "the checkpoint holds no gradient-scaler state; the fp16 loss scale "
+                "starts again from its initial value"
+            )
     for epoch in range(start, config["max_epochs"]):
         began = time.perf_counter()
         lr = learning_rate(epoch, config["optimizer"]["lr"], config["optimizer"]["lr_scheduler"])
         set_learning_rate(optimizer, lr)
         loader.set_loader_epoch(loaders["train"], epoch)
         erase = settings.erasing.active(epoch)
-        bar = tqdm(loaders["train"], desc=f"epoch {epoch}", leave=False,
-                   disable=True if options.quiet or not context.is_main else None)
+        bar = tqdm(
+            loaders["train"],
+            desc=f"epoch {epoch}",
+            leave=False,
+            disable=True if options.quiet or not context.is_main else None,
+        )
         train_stats = train_one_epoch(
-            model, bar, optimizer, epoch, settings,
-            on_batch=lambda s: bar.set_postfix(loss=f"{s['loss']:.3f}"))
+            model,
+            bar,
+            optimizer,
+            epoch,
+            settings,
+            on_batch=lambda s: bar.set_postfix(loss=f"{s['loss']:.3f}"),
+        )
         valid_stats = evaluate(model, loaders["valid"], settings).summary
         record = epoch_record(epoch, lr, train_stats, valid_stats, time.perf_counter() - began)
         history.append(record)
@@ -187,20 +224,36 @@ def train(config: dict, options, model: torch.nn.Module, loaders: dict, settings
             best = {"epoch": epoch, "valid_cl_error": valid_stats["cl_error"]}
         if context.is_main:
             save_epoch(unwrap(model), optimizer, epoch, best, history, folder, scaler)
-        LOGGER.info("epoch %d/%d lr %.2e erase %s | train loss %.4f err %.2f%% | valid loss "
-                    "%.4f err %.2f%% F1+ %.2f F1- %.2f | %.1fs", epoch, config["max_epochs"] - 1,
-                    lr, erase, train_stats["loss"], train_stats["cl_error"], valid_stats["loss"],
-                    valid_stats["cl_error"], valid_stats["f1_pos"], valid_stats["f1_neg"],
-                    record["seconds"])
+        LOGGER.info(
+            "epoch %d/%d lr %.2e erase %s | train loss %.4f err %.2f%% | valid loss "
+            "%.4f err %.2f%% F1+ %.2f F1- %.2f | %.1fs",
+            epoch,
+            config["max_epochs"] - 1,
+            lr,
+            erase,
+            train_stats["loss"],
+            train_stats["cl_error"],
+            valid_stats["loss"],
+            valid_stats["cl_error"],
+            valid_stats["f1_pos"],
+            valid_stats["f1_neg"],
+            record["seconds"],
+        )
     if history and context.is_main:
         plots.plot_learning_curves(history, folder / "learning_curves.png")
     distributed.barrier()
     return best
 
 
-def save_epoch(network: torch.nn.Module, optimizer: torch.optim.Optimizer, epoch: int,
-               best: dict, history: list[dict], folder: Path,
-               scaler: torch.amp.GradScaler | None = None) -> None:
+def save_epoch(
+    network: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    best: dict,
+    history: list[dict],
+    folder: Path,
+    scaler: torch.amp.GradScaler | None = None,
+) -> None:
     """``checkpoint.pt``, then ``best_model.pt`` if ``epoch`` is the best so far, then
     ``metrics.jsonl`` rewritten from the history, each atomically."""
     state = checkpoint.training_state(network, optimizer, epoch, best, history, scaler)
@@ -218,9 +271,14 @@ def crf_worker_count(config: dict, device: torch.device) -> int:
     return 0 if device.type == "cpu" else max(1, (os.cpu_count() or 2) - 1)
 
 
-def final_evaluation(config: dict, model: torch.nn.Module, loaders: dict,
-                     settings: RunSettings, folder: Path, context: DistributedContext
-                     ) -> dict[str, dict]:
+def final_evaluation(
+    config: dict,
+    model: torch.nn.Module,
+    loaders: dict,
+    settings: RunSettings,
+    folder: Path,
+    context: DistributedContext,
+) -> dict[str, dict]:
     """Evaluate the selected model on the validation, test and training sets.
 
     With ``crf`` the CRF-refined masks are scored beside the raw ones. The threshold that
@@ -230,36 +288,52 @@ def final_evaluation(config: dict, model: torch.nn.Module, loaders: dict,
     results, sweeps = {}, {}
     for name in ("valid", "test", "train_eval"):
         keep = PANEL_IMAGES if name == "test" and context.is_main else 0
-        evaluation = evaluate(model, loaders[name], settings, keep=keep, crf=crf,
-                              crf_workers=crf_worker_count(config, settings.device))
+        evaluation = evaluate(
+            model,
+            loaders[name],
+            settings,
+            keep=keep,
+            crf=crf,
+            crf_workers=crf_worker_count(config, settings.device),
+        )
         results[name], sweeps[name] = evaluation.summary, evaluation.sweep
         if evaluation.records:
             class_names = loader.load_encoding(config["name_classes"], loader.fold_dir(config))
             samples = prediction_samples(evaluation.records, loaders[name].dataset, class_names)
-            plots.save_mask_panels(samples, folder / "test_predictions.png",
-                                   title="test predictions")
+            plots.save_mask_panels(
+                samples, folder / "test_predictions.png", title="test predictions"
+            )
             experiment.save_prediction_samples(samples, folder / "test_predictions.npz")
             coarse = evaluation.pxap.coarse_counts(HISTOGRAM_BINS)
-            plots.plot_score_histograms(coarse, folder / "test_mask_histograms.png",
-                                        title="test set: mask values inside / outside the "
-                                              "ground truth")
+            plots.plot_score_histograms(
+                coarse,
+                folder / "test_mask_histograms.png",
+                title="test set: mask values inside / outside the ground truth",
+            )
     results["best_threshold"] = best_threshold_report(sweeps["valid"], sweeps["test"])
     return results
 
 
-def prediction_samples(records: list[dict], dataset: loader.PhotoDataset,
-                       encoding: dict[str, int]) -> list[dict]:
+def prediction_samples(
+    records: list[dict], dataset: loader.PhotoDataset, encoding: dict[str, int]
+) -> list[dict]:
     """Image, ground truth, continuous (and CRF) mask and a caption for a few test images."""
     names = {value: key for key, value in encoding.items()}
     samples = []
     for record in records:
         image = dataset.original_image(record["index"])
-        caption = (f"true {names[record['label']]} | predicted {names[record['predicted']]} "
-                   f"({100 * record['probability']:.0f}%) | F1+ {100 * record['f1_pos']:.1f} "
-                   f"F1- {100 * record['f1_neg']:.1f}")
-        sample = {"index": record["index"], "image": image,
-                  "gt_mask": record["truth"][0].numpy(),
-                  "pred_mask": record["mask"][0].numpy(), "caption": caption}
+        caption = (
+            f"true {names[record['label']]} | predicted {names[record['predicted']]} "
+            f"({100 * record['probability']:.0f}%) | F1+ {100 * record['f1_pos']:.1f} "
+            f"F1- {100 * record['f1_neg']:.1f}"
+        )
+        sample = {
+            "index": record["index"],
+            "image": image,
+            "gt_mask": record["truth"][0].numpy(),
+            "pred_mask": record["mask"][0].numpy(),
+            "caption": caption,
+        }
         if "crf_mask" in record:
             sample["crf_mask"] = record["crf_mask"][0].numpy()
         samples.append(sample)
@@ -272,8 +346,9 @@ def planned_folder(config: dict, options) -> Path:
         name = options.exp_name or experiment.experiment_name(config)
         return experiment.experiment_folder(Path(config["exp_root"]), name, options.overwrite)
     if options.exp_name or options.overwrite:
-        raise ConfigError("--resume continues a run in its own folder; drop --exp-name and "
-                          "--overwrite")
+        raise ConfigError(
+            "--resume continues a run in its own folder; drop --exp-name and --overwrite"
+        )
     return Path(options.resume)
 
 
@@ -307,31 +382,46 @@ def resume_state(folder: Path) -> dict | None:
     return state
 
 
-def train_and_evaluate(config: dict, options, model: torch.nn.Module, loaders: dict,
-                       settings: RunSettings, folder: Path, state: dict | None,
-                       context: DistributedContext) -> dict[str, dict]:
+def train_and_evaluate(
+    config: dict,
+    options,
+    model: torch.nn.Module,
+    loaders: dict,
+    settings: RunSettings,
+    folder: Path,
+    state: dict | None,
+    context: DistributedContext,
+) -> dict[str, dict]:
     """Train (or continue), reload the selected epoch, evaluate it and write the results."""
     best = train(config, options, model, loaders, settings, folder, state, context)
     if best["epoch"] >= 0:
-        unwrap(model).load_state_dict(torch.load(folder / "best_model.pt",
-                                                 map_location=settings.device, weights_only=True))
+        unwrap(model).load_state_dict(
+            torch.load(folder / "best_model.pt", map_location=settings.device, weights_only=True)
+        )
     results = final_evaluation(config, model, loaders, settings, folder, context)
     final = {"best_epoch": best["epoch"], **results}
     if not context.is_main:
         return final
     files.write_json(final, folder / "final_metrics.json")
-    table = experiment.results_table({name: results[name]
-                                      for name in ("valid", "test", "train_eval")})
-    files.write_text(f"# {Path(config['yaml']).stem}\n\nbest epoch: {best['epoch']}\n\n"
-                          f"{table}", folder / "results.md")
+    table = experiment.results_table(
+        {name: results[name] for name in ("valid", "test", "train_eval")}
+    )
+    files.write_text(
+        f"# {Path(config['yaml']).stem}\n\nbest epoch: {best['epoch']}\n\n{table}",
+        folder / "results.md",
+    )
     test = results["test"]
     print(f"\nselected epoch {best['epoch']}; results in {folder}\n{table}")
-    print(f"test: cl. error {test['cl_error']:.2f}% | F1+ {test['f1_pos']:.2f} | "
-          f"F1- {test['f1_neg']:.2f} | F1+ of an all-ones mask {test['f1_pos_all_ones']:.2f} | "
-          f"IoU {test['iou']:.2f} | PxAP {test['pxap']:.2f}")
+    print(
+        f"test: cl. error {test['cl_error']:.2f}% | F1+ {test['f1_pos']:.2f} | "
+        f"F1- {test['f1_neg']:.2f} | F1+ of an all-ones mask {test['f1_pos_all_ones']:.2f} | "
+        f"IoU {test['iou']:.2f} | PxAP {test['pxap']:.2f}"
+    )
     if "crf_f1_pos" in test:
-        print(f"test with CRF: F1+ {test['crf_f1_pos']:.2f} | F1- {test['crf_f1_neg']:.2f} | "
-              f"IoU {test['crf_iou']:.2f}")
+        print(
+            f"test with CRF: F1+ {test['crf_f1_pos']:.2f} | F1- {test['crf_f1_neg']:.2f} | "
+            f"IoU {test['crf_iou']:.2f}"
+        )
     return final
 
 
@@ -341,8 +431,10 @@ def explain_failure(error: BaseException, folder: Path, new_run: bool) -> None:
     A new run that failed before its first checkpoint is removed: nothing half-written stays.
     """
     if (folder / "checkpoint.pt").is_file():
-        error.add_note(f"the last finished epoch is saved in {folder}; continue with: "
-                       f"python train_deepmil.py --resume {folder}")
+        error.add_note(
+            f"the last finished epoch is saved in {folder}; continue with: "
+            f"python train_deepmil.py --resume {folder}"
+        )
     elif new_run:
         experiment.discard_run(folder)
         error.add_note(f"no epoch had finished; {folder} was removed")
@@ -380,8 +472,9 @@ def run(argv: list[str]) -> dict[str, dict]:
         distributed.shutdown_distributed(context)
 
 
-def run_experiment(config: dict, options, settings: RunSettings,
-                   context: DistributedContext) -> dict[str, dict]:
+def run_experiment(
+    config: dict, options, settings: RunSettings, context: DistributedContext
+) -> dict[str, dict]:
     """Everything after the configuration and the device are known."""
     folder = on_main(context, lambda: planned_folder(config, options))
     reproducibility.set_seed(config["MYSEED"])
@@ -396,9 +489,15 @@ def run_experiment(config: dict, options, settings: RunSettings,
         return run_in_folder(config, options, model, loaders, settings, folder, context)
 
 
-def run_in_folder(config: dict, options, model: torch.nn.Module, loaders: dict,
-                  settings: RunSettings, folder: Path, context: DistributedContext
-                  ) -> dict[str, dict]:
+def run_in_folder(
+    config: dict,
+    options,
+    model: torch.nn.Module,
+    loaders: dict,
+    settings: RunSettings,
+    folder: Path,
+    context: DistributedContext,
+) -> dict[str, dict]:
     """The run, once its folder exists and is locked: resume or clear it, train, evaluate."""
     state = None
     if options.resume:
@@ -413,10 +512,16 @@ def run_in_folder(config: dict, options, model: torch.nn.Module, loaders: dict,
             if context.is_main:
                 logs.enter_context(experiment.file_logging(folder / "training.log"))
                 open_folder(folder, config, options)
-            LOGGER.info("experiment folder: %s (device %s, seed %d, %d process(es))", folder,
-                        settings.device, settings.seed, context.world_size)
-            return train_and_evaluate(config, options, model, loaders, settings, folder, state,
-                                      context)
+            LOGGER.info(
+                "experiment folder: %s (device %s, seed %d, %d process(es))",
+                folder,
+                settings.device,
+                settings.seed,
+                context.world_size,
+            )
+            return train_and_evaluate(
+                config, options, model, loaders, settings, folder, state, context
+            )
     except BaseException as error:
         if context.is_main:
             explain_failure(error, folder, new_run=not options.resume)

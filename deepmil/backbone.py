@@ -1,5 +1,6 @@
 """The ResNet backbones: deep-stem ResNets (the CSAIL ImageNet checkpoints' layout) and
 torchvision ResNets, their trunk up to layer4, and the loading of their ImageNet weights."""
+
 from __future__ import annotations
 
 import math
@@ -13,14 +14,17 @@ from torch import nn
 from deepmil.errors import WeightsError
 from deepmil.registry import MODEL_NAMES
 
-
 CSAIL_URL = "http://sceneparsing.csail.mit.edu/model/pretrained_resnet/{name}-imagenet.pth"
-DEEP_STEM_LAYERS = {"resnet18": ("basic", [2, 2, 2, 2]),
-                    "resnet50": ("bottleneck", [3, 4, 6, 3]),
-                    "resnet101": ("bottleneck", [3, 4, 23, 3])}
-TORCHVISION_MODELS = {"tv_resnet18": ("resnet18", "ResNet18_Weights"),
-                      "tv_resnet50": ("resnet50", "ResNet50_Weights"),
-                      "tv_resnet101": ("resnet101", "ResNet101_Weights")}
+DEEP_STEM_LAYERS = {
+    "resnet18": ("basic", [2, 2, 2, 2]),
+    "resnet50": ("bottleneck", [3, 4, 6, 3]),
+    "resnet101": ("bottleneck", [3, 4, 23, 3]),
+}
+TORCHVISION_MODELS = {
+    "tv_resnet18": ("resnet18", "ResNet18_Weights"),
+    "tv_resnet50": ("resnet50", "ResNet50_Weights"),
+    "tv_resnet101": ("resnet101", "ResNet101_Weights"),
+}
 
 
 def conv3x3(in_planes: int, out_planes: int, stride: int = 1) -> nn.Conv2d:
@@ -33,8 +37,9 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1,
-                 downsample: nn.Module | None = None) -> None:
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.conv1 = conv3x3(inplanes, planes, stride)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -55,8 +60,9 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1,
-                 downsample: nn.Module | None = None) -> None:
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, downsample: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(inplanes, planes, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
@@ -78,15 +84,17 @@ class Bottleneck(nn.Module):
 BLOCKS = {"basic": BasicBlock, "bottleneck": Bottleneck}
 
 
-def make_stage(block: type[nn.Module], inplanes: int, planes: int, blocks: int,
-               stride: int) -> tuple[nn.Sequential, int]:
+def make_stage(
+    block: type[nn.Module], inplanes: int, planes: int, blocks: int, stride: int
+) -> tuple[nn.Sequential, int]:
     """A ResNet stage; the first block gets a conv+BN shortcut when the shape changes."""
     outplanes = planes * block.expansion
     downsample = None
     if stride != 1 or inplanes != outplanes:
         downsample = nn.Sequential(
             nn.Conv2d(inplanes, outplanes, kernel_size=1, stride=stride, bias=False),
-            nn.BatchNorm2d(outplanes))
+            nn.BatchNorm2d(outplanes),
+        )
     layers = [block(inplanes, planes, stride, downsample)]
     layers += [block(outplanes, planes) for _ in range(1, blocks)]
     return nn.Sequential(*layers), outplanes
@@ -174,14 +182,19 @@ def download_pretrained(name: str, cache_dir: str | Path | None = None) -> dict:
     url = CSAIL_URL.format(name=name)
     path = pretrained_path(name, cache_dir)
     try:
-        return torch.hub.load_state_dict_from_url(url, model_dir=str(path.parent),
-                                                  map_location="cpu", file_name=path.name,
-                                                  weights_only=True)
+        return torch.hub.load_state_dict_from_url(
+            url,
+            model_dir=str(path.parent),
+            map_location="cpu",
+            file_name=path.name,
+            weights_only=True,
+        )
     except (URLError, OSError) as error:
         raise WeightsError(
             f"could not download the ImageNet weights of {name} from {url} ({error}). "
             f"Download that file by hand and place it at {path}, or set "
-            f"model.pretrained: false.") from error
+            f"model.pretrained: false."
+        ) from error
 
 
 def load_trunk_weights(model: ResNetTrunk, state_dict: dict) -> None:
@@ -193,12 +206,18 @@ def load_trunk_weights(model: ResNetTrunk, state_dict: dict) -> None:
     """
     result = model.load_state_dict(state_dict, strict=False)
     unexpected = [key for key in result.unexpected_keys if not key.startswith("fc.")]
-    missing = [key for key in result.missing_keys
-               if not key.startswith(model.head_prefixes)
-               and key not in ("sigma", "w") and not key.endswith("num_batches_tracked")]
+    missing = [
+        key
+        for key in result.missing_keys
+        if not key.startswith(model.head_prefixes)
+        and key not in ("sigma", "w")
+        and not key.endswith("num_batches_tracked")
+    ]
     if unexpected or missing:
-        raise WeightsError(f"pretrained weights do not match the {model.name} trunk: "
-                           f"missing trunk keys {missing}, unexpected keys {unexpected}")
+        raise WeightsError(
+            f"pretrained weights do not match the {model.name} trunk: "
+            f"missing trunk keys {missing}, unexpected keys {unexpected}"
+        )
 
 
 def load_pretrained_trunk(model: ResNetTrunk, cache_dir: str | Path | None = None) -> None:

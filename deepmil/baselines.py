@@ -11,6 +11,7 @@
 Every map is brought to the input size and min-max normalised per image, so 0.5 thresholds it
 like the min-max entropy model's ``R+``. ``deepmil.methods`` trains and evaluates them.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -21,6 +22,7 @@ from torch import nn
 
 from deepmil.backbone import ResNetTrunk
 from deepmil.model import WildcatHead, minmax_normalise
+
 
 class ClassifierOutput(NamedTuple):
     """Class scores ``B x C`` and class maps ``B x C x h x w`` of a baseline network."""
@@ -34,8 +36,7 @@ class CAMNet(ResNetTrunk):
 
     head_prefixes = ("classifier.",)
 
-    def __init__(self, name: str, num_classes: int,
-                 torchvision_weights: str | None = None) -> None:
+    def __init__(self, name: str, num_classes: int, torchvision_weights: str | None = None) -> None:
         super().__init__(name, torchvision_weights)
         self.classifier = nn.Linear(self.trunk_channels, num_classes)
 
@@ -52,20 +53,31 @@ class WildcatNet(ResNetTrunk):
 
     head_prefixes = ("headseg.",)
 
-    def __init__(self, name: str, num_classes: int, modalities: int, kmax: float, kmin: float,
-                 alpha: float, dropout: float, apply_min_term: bool = False,
-                 torchvision_weights: str | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        num_classes: int,
+        modalities: int,
+        kmax: float,
+        kmin: float,
+        alpha: float,
+        dropout: float,
+        apply_min_term: bool = False,
+        torchvision_weights: str | None = None,
+    ) -> None:
         super().__init__(name, torchvision_weights)
-        self.headseg = WildcatHead(self.trunk_channels, num_classes, modalities, kmax, kmin,
-                                   alpha, dropout, apply_min_term)
+        self.headseg = WildcatHead(
+            self.trunk_channels, num_classes, modalities, kmax, kmin, alpha, dropout, apply_min_term
+        )
 
     def forward(self, x: torch.Tensor) -> ClassifierOutput:
         """WILDCAT-pooled scores and the class maps they are pooled from."""
         return ClassifierOutput(*self.headseg(self.trunk(x)))
 
 
-def class_map_mask(maps: torch.Tensor, classes: torch.Tensor,
-                   size: tuple[int, int]) -> torch.Tensor:
+def class_map_mask(
+    maps: torch.Tensor, classes: torch.Tensor, size: tuple[int, int]
+) -> torch.Tensor:
     """The map of ``classes[b]`` for each image, upsampled to ``size``, normalised per image."""
     selected = maps[torch.arange(maps.shape[0], device=maps.device), classes].unsqueeze(1)
     upsampled = F.interpolate(selected, size=size, mode="bilinear", align_corners=True)
@@ -88,8 +100,9 @@ class _ScoresOnly(nn.Module):
         return self.network.forward(x).scores
 
 
-def grad_cam(network: CAMNet, images: torch.Tensor, classes: torch.Tensor | None = None
-             ) -> tuple[torch.Tensor, torch.Tensor]:
+def grad_cam(
+    network: CAMNet, images: torch.Tensor, classes: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Class scores and Grad-CAM on layer4 (``pytorch_grad_cam.GradCAM``) from one forward pass.
 
     The maps (``B x 1 x H x W``) are those of ``classes``, by default the predicted classes. The

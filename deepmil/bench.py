@@ -23,6 +23,7 @@ runs after ``--warmup`` untimed runs. Sections:
 Every section reports its peak memory: process RSS so far on the CPU (``ru_maxrss``), the
 section's ``torch.cuda.max_memory_allocated`` on CUDA.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,8 @@ import statistics
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -40,17 +41,17 @@ import torch
 import crf_params
 import loader
 from create_folds import ensure_synthetic_folds
-from deepmil.config import default_values, load_config, merge_sections, resolve_yaml_path
-from deepmil.errors import ConfigError, DeepMILError
 from deepmil import files
+from deepmil.config import default_values, load_config, merge_sections, resolve_yaml_path
 from deepmil.crf import CRF, refine_with_crf
 from deepmil.engine import erasing_step, plain_step
+from deepmil.errors import ConfigError, DeepMILError
 from deepmil.geometry import compute_geometry
 from deepmil.losses import localizer_loss, negative_loss, positive_loss
 from deepmil.methods import build_network
 from deepmil.model import MinMaxEntropyNet
-from deepmil.precision import Precision
 from deepmil.optim import build_optimizer
+from deepmil.precision import Precision
 from deepmil.synthetic import SyntheticSpec, render_sample
 
 SECTIONS = ("step", "eval", "loader", "crf")
@@ -86,28 +87,50 @@ def apply_config(args: argparse.Namespace) -> argparse.Namespace:
     section updated by the flags; ``--kmax`` sets ``kmin`` too) and ``sigma_erase``."""
     config = load_config(resolve_yaml_path(args.yaml))
     if config["method"] != "minmax":
-        raise ConfigError(f"{args.yaml}: method = {config['method']!r}; the benchmark measures "
-                          f"the min-max entropy model (method: minmax)")
+        raise ConfigError(
+            f"{args.yaml}: method = {config['method']!r}; the benchmark measures "
+            f"the min-max entropy model (method: minmax)"
+        )
     model = config["model"]
     crop_height, crop_width = config["crop_size"]
     if args.size is None and crop_height != crop_width:
-        raise ConfigError(f"{args.yaml}: crop_size = {config['crop_size']} is not square; give "
-                          f"the benchmark's image side with --size")
+        raise ConfigError(
+            f"{args.yaml}: crop_size = {config['crop_size']} is not square; give "
+            f"the benchmark's image side with --size"
+        )
     kmin = model["kmin"] if args.kmax is None else args.kmax
     erasing_passes = config["nbr_times_erase"] or DEFAULT_ERASING_PASSES
-    for flag, value in (("model", model["name"]), ("classes", model["num_classes"]),
-                        ("batch", config["batch_size"]), ("size", crop_height),
-                        ("kmax", model["kmax"]), ("dropout", model["dropout"]),
-                        ("erase", erasing_passes), ("amp", config["amp"]),
-                        ("channels_last", config["channels_last"]),
-                        ("compile", config["compile"])):
+    for flag, value in (
+        ("model", model["name"]),
+        ("classes", model["num_classes"]),
+        ("batch", config["batch_size"]),
+        ("size", crop_height),
+        ("kmax", model["kmax"]),
+        ("dropout", model["dropout"]),
+        ("erase", erasing_passes),
+        ("amp", config["amp"]),
+        ("channels_last", config["channels_last"]),
+        ("compile", config["compile"]),
+    ):
         if getattr(args, flag) is None:
             setattr(args, flag, value)
-    config["model"] = {**model, "name": args.model, "num_classes": args.classes,
-                       "kmax": args.kmax, "kmin": kmin, "dropout": args.dropout,
-                       "pretrained": False}
-    config.update(MYSEED=0, path_pre_trained=None, batch_size=args.batch, amp=args.amp,
-                  channels_last=args.channels_last, compile=args.compile)
+    config["model"] = {
+        **model,
+        "name": args.model,
+        "num_classes": args.classes,
+        "kmax": args.kmax,
+        "kmin": kmin,
+        "dropout": args.dropout,
+        "pretrained": False,
+    }
+    config.update(
+        MYSEED=0,
+        path_pre_trained=None,
+        batch_size=args.batch,
+        amp=args.amp,
+        channels_last=args.channels_last,
+        compile=args.compile,
+    )
     args.config, args.sigma_erase = config, float(config["sigma_erase"])
     return args
 
@@ -118,8 +141,9 @@ def build_net(args: argparse.Namespace, device: torch.device) -> MinMaxEntropyNe
     return build_network(args.config, device)
 
 
-def random_images(args: argparse.Namespace, batch: int, size: tuple[int, int],
-                  device: torch.device) -> torch.Tensor:
+def random_images(
+    args: argparse.Namespace, batch: int, size: tuple[int, int], device: torch.device
+) -> torch.Tensor:
     """Random ``batch x 3 x h x w`` images, channels-last if asked."""
     images = torch.randn(batch, 3, *size, device=device)
     return images.contiguous(memory_format=torch.channels_last) if args.channels_last else images
@@ -166,24 +190,38 @@ def bench_step(args: argparse.Namespace, device: torch.device) -> dict[str, floa
 
     def erasing() -> None:
         optimizer.zero_grad(set_to_none=True)
-        stats = erasing_step(model, images, labels, seed=0, nbr_times_erase=args.erase,
-                             sigma_erase=args.sigma_erase, precision=precision)
+        stats = erasing_step(
+            model,
+            images,
+            labels,
+            seed=0,
+            nbr_times_erase=args.erase,
+            sigma_erase=args.sigma_erase,
+            precision=precision,
+        )
         optimizer.step()
         passes.append(int(stats["erasing_passes"]))
 
     erasing_name = f"step_{args.erase}_erasing_s"
-    results = {name: timed(function, device, args.warmup, args.repeats)
-               for name, function in (("trunk_fwd_bwd_s", trunk),
-                                      ("localizer_fwd_bwd_s", localizer),
-                                      ("regions_fwd_bwd_s", regions),
-                                      ("step_no_erasing_s", plain), (erasing_name, erasing))}
+    results = {
+        name: timed(function, device, args.warmup, args.repeats)
+        for name, function in (
+            ("trunk_fwd_bwd_s", trunk),
+            ("localizer_fwd_bwd_s", localizer),
+            ("regions_fwd_bwd_s", regions),
+            ("step_no_erasing_s", plain),
+            (erasing_name, erasing),
+        )
+    }
     results["erasing_passes_run"] = statistics.median_low(passes)
     results["ratio_no_erasing"] = results["step_no_erasing_s"] / results["trunk_fwd_bwd_s"]
     results[f"ratio_{args.erase}_erasing"] = results[erasing_name] / results["trunk_fwd_bwd_s"]
     passes_sum = results["localizer_fwd_bwd_s"] + results["regions_fwd_bwd_s"]
     results["ratio_no_erasing_vs_passes"] = results["step_no_erasing_s"] / passes_sum
-    erasing_sum = (results["erasing_passes_run"] * results["localizer_fwd_bwd_s"]
-                   + results["regions_fwd_bwd_s"])
+    erasing_sum = (
+        results["erasing_passes_run"] * results["localizer_fwd_bwd_s"]
+        + results["regions_fwd_bwd_s"]
+    )
     results["ratio_erasing_vs_passes"] = results[erasing_name] / erasing_sum
     results["consumed_no_erasing_img_s"] = args.batch / results["step_no_erasing_s"]
     results["consumed_erasing_img_s"] = args.batch / results[erasing_name]
@@ -214,10 +252,13 @@ def bench_eval(args: argparse.Namespace, device: torch.device) -> dict[str, floa
         with precision.autocast():
             model.trunk(image)
 
-    results = {"padded_height": padded[0], "padded_width": padded[1],
-               "eval_forward_s": timed(forward, device, args.warmup, args.repeats),
-               "trunk_forward_s": timed(trunk, device, args.warmup, args.repeats),
-               "batched_eval_forward_s": timed(batched, device, args.warmup, args.repeats)}
+    results = {
+        "padded_height": padded[0],
+        "padded_width": padded[1],
+        "eval_forward_s": timed(forward, device, args.warmup, args.repeats),
+        "trunk_forward_s": timed(trunk, device, args.warmup, args.repeats),
+        "batched_eval_forward_s": timed(batched, device, args.warmup, args.repeats),
+    }
     results["eval_img_s"] = 1.0 / results["eval_forward_s"]
     results["ratio_eval_vs_trunk"] = results["eval_forward_s"] / results["trunk_forward_s"]
     per_image = results["batched_eval_forward_s"] / args.batch
@@ -229,15 +270,34 @@ def bench_eval(args: argparse.Namespace, device: torch.device) -> dict[str, floa
 def synthetic_config(root: Path, size: int) -> dict:
     """A configuration (schema defaults elsewhere) whose loader keys point at a synthetic set
     generated under ``root``."""
-    return merge_sections(default_values(), {"dataset": "synthetic", "data_root": str(root / "data"),
-            "fold_folder": str(root / "folds"), "fold_name": None, "split": 0, "fold": 0,
-            "name_classes": "encoding.yaml", "model": {"num_classes": 2},
-            "crop_size": [size, size], "padding_size": [0.5, 0.5], "padding_mode": "reflect",
-            "up_scale_small_dim_to": None, "MYSEED": 0})
+    return merge_sections(
+        default_values(),
+        {
+            "dataset": "synthetic",
+            "data_root": str(root / "data"),
+            "fold_folder": str(root / "folds"),
+            "fold_name": None,
+            "split": 0,
+            "fold": 0,
+            "name_classes": "encoding.yaml",
+            "model": {"num_classes": 2},
+            "crop_size": [size, size],
+            "padding_size": [0.5, 0.5],
+            "padding_mode": "reflect",
+            "up_scale_small_dim_to": None,
+            "MYSEED": 0,
+        },
+    )
 
 
-def loader_rate(dataset: loader.PhotoDataset, batch: int, workers: int, device: torch.device,
-                warmup: int, repeats: int) -> float:
+def loader_rate(
+    dataset: loader.PhotoDataset,
+    batch: int,
+    workers: int,
+    device: torch.device,
+    warmup: int,
+    repeats: int,
+) -> float:
     """Images/s of whole training epochs (workers started each epoch, as in training)."""
     data = loader.make_loader(dataset, batch, workers, shuffle=True, seed=0)
     epoch = iter(range(warmup + repeats))
@@ -250,29 +310,34 @@ def loader_rate(dataset: loader.PhotoDataset, batch: int, workers: int, device: 
     return len(dataset) / timed(one_epoch, device, warmup, repeats)
 
 
-def bench_loader(args: argparse.Namespace, device: torch.device,
-                 consumed: float | None) -> dict[str, float]:
+def bench_loader(
+    args: argparse.Namespace, device: torch.device, consumed: float | None
+) -> dict[str, float]:
     """Training-loader images/s per worker count and preload setting (synthetic images)."""
     results = {}
     with tempfile.TemporaryDirectory() as folder:
         root = Path(folder)
-        ensure_synthetic_folds(root / "data", root / "folds",
-                               SyntheticSpec(image_size=args.size, n_train=args.loader_images,
-                                             n_test=4))
+        ensure_synthetic_folds(
+            root / "data",
+            root / "folds",
+            SyntheticSpec(image_size=args.size, n_train=args.loader_images, n_test=4),
+        )
         config = synthetic_config(root, args.size)
         for preload in (False, True):
             dataset = loader.build_dataset(config, "train", train=True, preload=preload)
             results["images"] = len(dataset)  # the same training fold for both settings
             for workers in args.loader_workers:
                 name = f"workers_{workers}_preload_{'on' if preload else 'off'}_img_s"
-                results[name] = loader_rate(dataset, args.batch, workers, device, args.warmup,
-                                            args.repeats)
+                results[name] = loader_rate(
+                    dataset, args.batch, workers, device, args.warmup, args.repeats
+                )
     if consumed is not None:
         results["training_consumes_img_s"] = consumed
         most = max(args.loader_workers)
         for preload in ("off", "on"):
             results[f"ratio_workers_{most}_preload_{preload}_vs_training"] = (
-                results[f"workers_{most}_preload_{preload}_img_s"] / consumed)
+                results[f"workers_{most}_preload_{preload}_img_s"] / consumed
+            )
     return results
 
 
@@ -289,21 +354,33 @@ def unary_energy(foreground: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(-np.log(probabilities).reshape(2, -1), dtype=np.float32)
 
 
-def raw_densecrf(image: np.ndarray, unary: np.ndarray, params: crf_params.CRFParams,
-                 gaussian_compat: int, bilateral_compat: int) -> np.ndarray:
+def raw_densecrf(
+    image: np.ndarray,
+    unary: np.ndarray,
+    params: crf_params.CRFParams,
+    gaussian_compat: int,
+    bilateral_compat: int,
+) -> np.ndarray:
     """The bare pydensecrf calls of ``tools.CRF`` (same parameters; no checks, no unary)."""
     from pydensecrf import densecrf
 
     height, width = image.shape[:2]
     model = densecrf.DenseCRF2D(width, height, 2)
     model.setUnaryEnergy(unary)
-    model.addPairwiseGaussian(sxy=params.sxy_gaussian, compat=gaussian_compat,
-                              kernel=densecrf.DIAG_KERNEL,
-                              normalization=densecrf.NORMALIZE_SYMMETRIC)
-    model.addPairwiseBilateral(sxy=params.sxy_bilateral, srgb=params.srgb_bilateral,
-                               rgbim=np.array(image, order="C"), compat=bilateral_compat,
-                               kernel=densecrf.DIAG_KERNEL,
-                               normalization=densecrf.NORMALIZE_SYMMETRIC)
+    model.addPairwiseGaussian(
+        sxy=params.sxy_gaussian,
+        compat=gaussian_compat,
+        kernel=densecrf.DIAG_KERNEL,
+        normalization=densecrf.NORMALIZE_SYMMETRIC,
+    )
+    model.addPairwiseBilateral(
+        sxy=params.sxy_bilateral,
+        srgb=params.srgb_bilateral,
+        rgbim=np.array(image, order="C"),
+        compat=bilateral_compat,
+        kernel=densecrf.DIAG_KERNEL,
+        normalization=densecrf.NORMALIZE_SYMMETRIC,
+    )
     return np.asarray(model.inference(params.n_iter), dtype=np.float32)
 
 
@@ -332,10 +409,15 @@ def bench_crf(args: argparse.Namespace, device: torch.device) -> dict[str, float
         raw_ms = per_image * timed(raw, device, args.warmup, args.repeats)
         wrapper_ms = per_image * timed(wrapper, device, args.warmup, args.repeats)
         pool_ms = per_image * timed(pool, device, args.warmup, args.repeats)
-        results.update({f"{size}_raw_ms": raw_ms, f"{size}_wrapper_ms": wrapper_ms,
-                        f"{size}_pool_{args.crf_workers}_ms": pool_ms,
-                        f"{size}_ratio_wrapper_vs_raw": wrapper_ms / raw_ms,
-                        f"{size}_pool_speedup": wrapper_ms / pool_ms})
+        results.update(
+            {
+                f"{size}_raw_ms": raw_ms,
+                f"{size}_wrapper_ms": wrapper_ms,
+                f"{size}_pool_{args.crf_workers}_ms": pool_ms,
+                f"{size}_ratio_wrapper_vs_raw": wrapper_ms / raw_ms,
+                f"{size}_pool_speedup": wrapper_ms / pool_ms,
+            }
+        )
     return results
 
 
@@ -349,35 +431,64 @@ def section_list(text: str) -> list[str]:
     names = [item.strip() for item in text.split(",") if item.strip()]
     unknown = [name for name in names if name not in SECTIONS]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"unknown sections {unknown}; expected some of "
-                                         f"{','.join(SECTIONS)}")
+        raise argparse.ArgumentTypeError(
+            f"unknown sections {unknown}; expected some of {','.join(SECTIONS)}"
+        )
     return names
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sections", type=section_list, default=list(SECTIONS),
-                        help=f"comma list of {','.join(SECTIONS)} (default: all)")
-    parser.add_argument("--yaml", default=DEFAULT_CONFIG,
-                        help=f"configuration whose setting is benchmarked (default: "
-                             f"{DEFAULT_CONFIG}); the flags below override it")
+    parser.add_argument(
+        "--sections",
+        type=section_list,
+        default=list(SECTIONS),
+        help=f"comma list of {','.join(SECTIONS)} (default: all)",
+    )
+    parser.add_argument(
+        "--yaml",
+        default=DEFAULT_CONFIG,
+        help=f"configuration whose setting is benchmarked (default: "
+        f"{DEFAULT_CONFIG}); the flags below override it",
+    )
     parser.add_argument("--model", default=None, help="model.name")
     parser.add_argument("--classes", type=int, default=None, help="model.num_classes")
     parser.add_argument("--batch", type=int, default=None, help="batch_size")
     parser.add_argument("--size", type=int, default=None, help="image side (crop_size)")
     parser.add_argument("--kmax", type=float, default=None, help="model.kmax and model.kmin")
     parser.add_argument("--dropout", type=float, default=None, help="model.dropout")
-    parser.add_argument("--erase", type=int, default=None,
-                        help=f"erasing passes of the erasing step (nbr_times_erase, or "
-                             f"{DEFAULT_ERASING_PASSES} when it is 0)")
-    parser.add_argument("--amp", choices=("bf16", "fp16"), default=None,
-                        help="autocast dtype of the step and eval sections")
-    parser.add_argument("--channels-last", action="store_const", const=True, default=None,
-                        help="model and images in channels-last memory format")
-    parser.add_argument("--compile", default=None, metavar="BACKEND",
-                        help="torch.compile the model with this backend (e.g. inductor)")
-    parser.add_argument("--loader-images", type=int, default=120,
-                        help="synthetic training images generated for the loader section")
+    parser.add_argument(
+        "--erase",
+        type=int,
+        default=None,
+        help=f"erasing passes of the erasing step (nbr_times_erase, or "
+        f"{DEFAULT_ERASING_PASSES} when it is 0)",
+    )
+    parser.add_argument(
+        "--amp",
+        choices=("bf16", "fp16"),
+        default=None,
+        help="autocast dtype of the step and eval sections",
+    )
+    parser.add_argument(
+        "--channels-last",
+        action="store_const",
+        const=True,
+        default=None,
+        help="model and images in channels-last memory format",
+    )
+    parser.add_argument(
+        "--compile",
+        default=None,
+        metavar="BACKEND",
+        help="torch.compile the model with this backend (e.g. inductor)",
+    )
+    parser.add_argument(
+        "--loader-images",
+        type=int,
+        default=120,
+        help="synthetic training images generated for the loader section",
+    )
     parser.add_argument("--loader-workers", type=int_list, default=[0, 1, 2])
     parser.add_argument("--crf-sizes", type=int_list, default=[480, 128])
     parser.add_argument("--crf-images", type=int, default=8, help="images per CRF size")
@@ -416,10 +527,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    setting = (f"{args.yaml}: {args.model}, batch {args.batch}, {args.size}x{args.size}, "
-               f"{args.device}, "
-               f"{torch.get_num_threads()} threads, amp {args.amp}, "
-               f"channels_last {args.channels_last}, compile {args.compile}")
+    setting = (
+        f"{args.yaml}: {args.model}, batch {args.batch}, {args.size}x{args.size}, "
+        f"{args.device}, "
+        f"{torch.get_num_threads()} threads, amp {args.amp}, "
+        f"channels_last {args.channels_last}, compile {args.compile}"
+    )
     results = run_sections(args, device)
     print(setting)
     for section, values in results.items():

@@ -3,6 +3,7 @@
 :func:`build_parser` and :func:`config_from_args` make ``tools.get_yaml_args``; the flags of the
 original driver (``FLAG_KEYS``) map to configuration keys and are validated like YAML values.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,9 +14,18 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
-from deepmil.config import (SCHEMA, SEED_LIMIT, ConfigError, check_value, display_path,
-                            load_config, override_values, parse_cudaid_text, parse_value,
-                            resolve_yaml_path)
+from deepmil.config import (
+    SCHEMA,
+    SEED_LIMIT,
+    ConfigError,
+    check_value,
+    display_path,
+    load_config,
+    override_values,
+    parse_cudaid_text,
+    parse_value,
+    resolve_yaml_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -59,12 +69,15 @@ def resolve_seed(config: dict) -> int:
     """
     raw = os.environ.get(SEED_ENV)
     if raw is None:
-        logger.warning("environment variable %s is not set; using seed MYSEED = %d",
-                       SEED_ENV, config["MYSEED"])
+        logger.warning(
+            "environment variable %s is not set; using seed MYSEED = %d", SEED_ENV, config["MYSEED"]
+        )
         return config["MYSEED"]
     if not re.fullmatch(r"[0-9]+", raw.strip()) or int(raw) >= SEED_LIMIT:
-        raise ConfigError(f"environment variable {SEED_ENV} = {raw!r} is not a valid seed "
-                          f"(expected an integer in [0, 2**32))")
+        raise ConfigError(
+            f"environment variable {SEED_ENV} = {raw!r} is not a valid seed "
+            f"(expected an integer in [0, 2**32))"
+        )
     config["MYSEED"] = int(raw)
     return config["MYSEED"]
 
@@ -88,7 +101,8 @@ def parse_bool(value: str) -> bool:
     if lowered in ("false", "0", "no"):
         return False
     raise argparse.ArgumentTypeError(
-        f"invalid boolean {value!r} (expected true/false, 1/0, yes/no)")
+        f"invalid boolean {value!r} (expected true/false, 1/0, yes/no)"
+    )
 
 
 def parse_cudaid(value: str) -> str:
@@ -96,7 +110,8 @@ def parse_cudaid(value: str) -> str:
     parsed = parse_cudaid_text(value)
     if parsed is None:
         raise argparse.ArgumentTypeError(
-            f"invalid device {value!r} (expected cpu, a GPU index or a comma list such as 0,1)")
+            f"invalid device {value!r} (expected cpu, a GPU index or a comma list such as 0,1)"
+        )
     return parsed
 
 
@@ -108,40 +123,72 @@ def parse_assignment(value: str) -> tuple[str, str]:
     return key.strip(), raw
 
 
-FLAG_TYPES: dict[str, Callable[[str], Any]] = {"int": int, "float": float, "str": str,
-                                               "bool": parse_bool}
+FLAG_TYPES: dict[str, Callable[[str], Any]] = {
+    "int": int,
+    "float": float,
+    "str": str,
+    "bool": parse_bool,
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The training command line: ``--yaml``, ``--cudaid``, the original override flags, ``--set``
     and the run options ``--data-root --exp-root --exp-name --quiet --overwrite --resume``."""
-    parser = argparse.ArgumentParser(description="Train / evaluate the min-max entropy model.",
-                                     allow_abbrev=False)
-    parser.add_argument("--yaml", default=None,
-                        help="config file name in config_yaml/ (or a path to a YAML file); "
-                             "required unless --resume is given")
-    parser.add_argument("--cudaid", type=parse_cudaid, default=None,
-                        help="cpu, a GPU index or a comma list (default: first GPU, else cpu)")
+    parser = argparse.ArgumentParser(
+        description="Train / evaluate the min-max entropy model.", allow_abbrev=False
+    )
+    parser.add_argument(
+        "--yaml",
+        default=None,
+        help="config file name in config_yaml/ (or a path to a YAML file); "
+        "required unless --resume is given",
+    )
+    parser.add_argument(
+        "--cudaid",
+        type=parse_cudaid,
+        default=None,
+        help="cpu, a GPU index or a comma list (default: first GPU, else cpu)",
+    )
     for flag, (dotted, kind) in FLAG_KEYS.items():
-        parser.add_argument(f"--{flag}", type=FLAG_TYPES[kind], default=None,
-                            help=f"overrides {dotted} ({kind})")
-    parser.add_argument("--set", action="append", type=parse_assignment, default=[],
-                        metavar="SECTION.KEY=VALUE",
-                        help="override any config key (value read as YAML); repeatable")
-    parser.add_argument("--data-root", default=None,
-                        help=f"parent folder of the datasets (else ${DATA_ROOT_ENV}, the config "
-                             f"key data_root, then {DEFAULT_DATA_ROOT})")
+        parser.add_argument(
+            f"--{flag}", type=FLAG_TYPES[kind], default=None, help=f"overrides {dotted} ({kind})"
+        )
+    parser.add_argument(
+        "--set",
+        action="append",
+        type=parse_assignment,
+        default=[],
+        metavar="SECTION.KEY=VALUE",
+        help="override any config key (value read as YAML); repeatable",
+    )
+    parser.add_argument(
+        "--data-root",
+        default=None,
+        help=f"parent folder of the datasets (else ${DATA_ROOT_ENV}, the config "
+        f"key data_root, then {DEFAULT_DATA_ROOT})",
+    )
     parser.add_argument("--exp-root", default=None, help="overrides the config key exp_root")
-    parser.add_argument("--exp-name", default=None, metavar="NAME",
-                        help="name of the experiment folder (default: config, model, fold, "
-                             "erasing, seed and start time)")
-    parser.add_argument("--crf", action="store_true",
-                        help="also score CRF-refined masks in the final evaluation (key crf)")
+    parser.add_argument(
+        "--exp-name",
+        default=None,
+        metavar="NAME",
+        help="name of the experiment folder (default: config, model, fold, "
+        "erasing, seed and start time)",
+    )
+    parser.add_argument(
+        "--crf",
+        action="store_true",
+        help="also score CRF-refined masks in the final evaluation (key crf)",
+    )
     parser.add_argument("--quiet", action="store_true", help="log warnings and errors only")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="replace the results of an existing experiment folder")
-    parser.add_argument("--resume", default=None, metavar="EXP_DIR",
-                        help="resume the experiment stored in EXP_DIR")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results of an existing experiment folder",
+    )
+    parser.add_argument(
+        "--resume", default=None, metavar="EXP_DIR", help="resume the experiment stored in EXP_DIR"
+    )
     return parser
 
 
@@ -156,15 +203,22 @@ def resumed_config(args: argparse.Namespace) -> dict:
         raise ConfigError(f"--resume {args.resume}: {path} not found; is it an experiment folder?")
     changed = [f"--{flag}" for flag in FLAG_KEYS if getattr(args, flag) is not None]
     if args.yaml or args.set or args.exp_root or changed:
-        raise ConfigError("--resume continues a run with its saved configuration; drop "
-                          + ", ".join(changed + ["--yaml"] * bool(args.yaml)
-                                      + ["--set"] * bool(args.set)
-                                      + ["--exp-root"] * bool(args.exp_root)))
+        raise ConfigError(
+            "--resume continues a run with its saved configuration; drop "
+            + ", ".join(
+                changed
+                + ["--yaml"] * bool(args.yaml)
+                + ["--set"] * bool(args.set)
+                + ["--exp-root"] * bool(args.exp_root)
+            )
+        )
     config = load_config(path)
     saved_seed = config["MYSEED"]
     if resolve_seed(config) != saved_seed:
-        raise ConfigError(f"--resume {args.resume}: the run used seed {saved_seed} but "
-                          f"{SEED_ENV} = {config['MYSEED']}; unset it or set it to {saved_seed}")
+        raise ConfigError(
+            f"--resume {args.resume}: the run used seed {saved_seed} but "
+            f"{SEED_ENV} = {config['MYSEED']}; unset it or set it to {saved_seed}"
+        )
     config["data_root"] = resolve_data_root(config, args.data_root)
     config["cudaid"] = args.cudaid
     if args.crf:
@@ -187,8 +241,11 @@ def config_from_args(args: argparse.Namespace) -> dict:
         raise ConfigError("--yaml NAME is required (a file of config_yaml/ or a path)")
     path = resolve_yaml_path(args.yaml)
     config = load_config(path)
-    changes = [(dotted, getattr(args, flag), f"command line (--{flag})")
-               for flag, (dotted, _) in FLAG_KEYS.items() if getattr(args, flag) is not None]
+    changes = [
+        (dotted, getattr(args, flag), f"command line (--{flag})")
+        for flag, (dotted, _) in FLAG_KEYS.items()
+        if getattr(args, flag) is not None
+    ]
     if args.crf:
         changes.append(("crf", True, "command line (--crf)"))
     origin = "command line (--set)"
@@ -197,12 +254,16 @@ def config_from_args(args: argparse.Namespace) -> dict:
     config = override_values(config, changes, f"{source} with command-line overrides")
     if args.strict is None:
         if not config["strict"]:
-            logger.warning("strict = false in %s is ignored: checkpoints load strictly unless "
-                           "--strict false is given", source)
+            logger.warning(
+                "strict = false in %s is ignored: checkpoints load strictly unless "
+                "--strict false is given",
+                source,
+            )
         config["strict"] = True
     if args.exp_root is not None:
-        config["exp_root"] = check_value("exp_root", args.exp_root, SCHEMA["exp_root"].check,
-                                          "command line (--exp-root)")
+        config["exp_root"] = check_value(
+            "exp_root", args.exp_root, SCHEMA["exp_root"].check, "command line (--exp-root)"
+        )
     config["data_root"] = resolve_data_root(config, args.data_root)
     config["cudaid"] = args.cudaid
     config["yaml"] = args.yaml

@@ -9,6 +9,7 @@ whose ``final_metrics.json`` exists is reused and an interrupted one is resumed,
 can be repeated. Finally ``deepmil.report`` prints the table and writes it, with the figure, to
 ``--out``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,12 +19,15 @@ import sys
 import time
 from pathlib import Path
 
-from deepmil.experiment import REPOSITORY
 from deepmil.errors import DeepMILError, RunError
+from deepmil.experiment import REPOSITORY
 
-TRAINED = (("cam", "synthetic-cam.yaml"), ("wildcat", "synthetic-wildcat.yaml"),
-           ("minmax-no-erasing", "synthetic-no-erasing.yaml"),
-           ("minmax-4-erasing", "synthetic-4-erasing.yaml"))
+TRAINED = (
+    ("cam", "synthetic-cam.yaml"),
+    ("wildcat", "synthetic-wildcat.yaml"),
+    ("minmax-no-erasing", "synthetic-no-erasing.yaml"),
+    ("minmax-4-erasing", "synthetic-4-erasing.yaml"),
+)
 POST_HOC = (("gradcam", "synthetic-gradcam.yaml"), ("allones", "synthetic-allones.yaml"))
 CLASSIFIER_RUN = "cam"
 REPORT_NAME = "synthetic-comparison"
@@ -38,8 +42,18 @@ def train_command(yaml_name: str, folder: Path, extra: list[str]) -> list[str]:
     """``train_deepmil.py`` arguments that start the run in ``folder``, or resume it."""
     if (folder / "checkpoint.pt").is_file():
         return ["--resume", str(folder), "--quiet", *device_options(extra)]
-    return ["--yaml", yaml_name, "--crf", "--exp-root", str(folder.parent),
-            "--exp-name", folder.name, "--overwrite", "--quiet", *extra]
+    return [
+        "--yaml",
+        yaml_name,
+        "--crf",
+        "--exp-root",
+        str(folder.parent),
+        "--exp-name",
+        folder.name,
+        "--overwrite",
+        "--quiet",
+        *extra,
+    ]
 
 
 def device_options(extra: list[str]) -> list[str]:
@@ -55,11 +69,19 @@ def run_training(arguments: list[str], seed: int, log: Path) -> None:
     """Run ``train_deepmil.py`` with ``MYSEED = seed``; its output goes to ``log``."""
     env = dict(os.environ, MYSEED=str(seed))
     with open(log, "a", encoding="utf-8") as stream:
-        result = subprocess.run([sys.executable, "train_deepmil.py", *arguments], cwd=REPOSITORY,
-                                env=env, stdout=stream, stderr=subprocess.STDOUT, check=False)
+        result = subprocess.run(
+            [sys.executable, "train_deepmil.py", *arguments],
+            cwd=REPOSITORY,
+            env=env,
+            stdout=stream,
+            stderr=subprocess.STDOUT,
+            check=False,
+        )
     if result.returncode != 0:
-        raise RunError(f"train_deepmil.py {' '.join(arguments)} failed with exit code "
-                           f"{result.returncode}; see {log}")
+        raise RunError(
+            f"train_deepmil.py {' '.join(arguments)} failed with exit code "
+            f"{result.returncode}; see {log}"
+        )
 
 
 def run_setting(setting: str, yaml_name: str, seed: int, root: Path, extra: list[str]) -> Path:
@@ -79,13 +101,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The comparison's command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--exp-root", type=Path, default=Path("exps/compare"),
-                        help="where the runs go (default: exps/compare)")
-    parser.add_argument("--out", type=Path, default=REPOSITORY / "doc",
-                        help="folder of the table (.md, .tex) and figure (.png)")
+    parser.add_argument(
+        "--exp-root",
+        type=Path,
+        default=Path("exps/compare"),
+        help="where the runs go (default: exps/compare)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=REPOSITORY / "doc",
+        help="folder of the table (.md, .tex) and figure (.png)",
+    )
     parser.add_argument("--data-root", default=None, help="passed on to train_deepmil.py")
-    parser.add_argument("--cudaid", default="cpu",
-                        help="device of the runs, passed on to train_deepmil.py (default: cpu)")
+    parser.add_argument(
+        "--cudaid",
+        default="cpu",
+        help="device of the runs, passed on to train_deepmil.py (default: cpu)",
+    )
     return parser.parse_args(argv)
 
 
@@ -106,10 +139,18 @@ def main(argv: list[str] | None = None) -> int:
             folders.append(run_setting(setting, yaml_name, seed, root, post_hoc))
     print(f"all runs: {time.perf_counter() - began:.0f} s", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
-    report = [sys.executable, "-m", "deepmil.report", *map(str, folders),
-              "--markdown", str(args.out / f"{REPORT_NAME}.md"),
-              "--latex", str(args.out / f"{REPORT_NAME}.tex"),
-              "--figure", str(args.out / f"{REPORT_NAME}.png")]
+    report = [
+        sys.executable,
+        "-m",
+        "deepmil.report",
+        *map(str, folders),
+        "--markdown",
+        str(args.out / f"{REPORT_NAME}.md"),
+        "--latex",
+        str(args.out / f"{REPORT_NAME}.tex"),
+        "--figure",
+        str(args.out / f"{REPORT_NAME}.png"),
+    ]
     return subprocess.run(report, cwd=REPOSITORY, check=False).returncode
 
 

@@ -11,6 +11,7 @@ checked) so that those files load unchanged, then ignored: :data:`IGNORED_KEYS` 
 Run-specific keys (seed, paths, workers, speed options: ``Field.run_option``) do not change
 what a run computes; ``deepmil.report`` groups runs that differ only in them.
 """
+
 from __future__ import annotations
 
 import copy
@@ -27,8 +28,15 @@ import yaml
 
 from deepmil.errors import ConfigError
 from deepmil.files import atomic_write
-from deepmil.registry import (DATASET_NAMES, MASK_NORMALIZATIONS, METHOD_NAMES, METHODS,
-                              MODEL_NAMES, dataset_spec, feature_map_size)
+from deepmil.registry import (
+    DATASET_NAMES,
+    MASK_NORMALIZATIONS,
+    METHOD_NAMES,
+    METHODS,
+    MODEL_NAMES,
+    dataset_spec,
+    feature_map_size,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -109,15 +117,23 @@ def _range_text(low: float | None, high: float | None, low_open: bool, high_open
     return ""
 
 
-def _in_range(value: float, low: float | None, high: float | None, low_open: bool,
-              high_open: bool) -> bool:
+def _in_range(
+    value: float, low: float | None, high: float | None, low_open: bool, high_open: bool
+) -> bool:
     above = low is None or (value > low if low_open else value >= low)
     below = high is None or (value < high if high_open else value <= high)
     return above and below
 
 
-def _numeric(noun: str, accepts: Callable[[Any], bool], low: float | None, high: float | None,
-             low_open: bool, high_open: bool, nullable: bool) -> Check:
+def _numeric(
+    noun: str,
+    accepts: Callable[[Any], bool],
+    low: float | None,
+    high: float | None,
+    low_open: bool,
+    high_open: bool,
+    nullable: bool,
+) -> Check:
     expected = noun + _range_text(low, high, low_open, high_open)
     if nullable:
         expected = "null or " + expected
@@ -139,14 +155,20 @@ def integer(low: int | None = None, high: int | None = None, nullable: bool = Fa
     return _numeric("an integer", _is_int, low, high, False, False, nullable)
 
 
-def number(low: float | None = None, high: float | None = None, low_open: bool = False,
-           high_open: bool = False, nullable: bool = False) -> Check:
+def number(
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+    nullable: bool = False,
+) -> Check:
     """A finite int or float (kept as given: WILDCAT's ``get_k`` tells ``1`` from ``1.0``)."""
     return _numeric("a number", _is_number, low, high, low_open, high_open, nullable)
 
 
 def boolean() -> Check:
     """``true`` or ``false``."""
+
     def normalise(value: Any) -> bool:
         if not isinstance(value, bool):
             raise _Reject("has the wrong type")
@@ -157,6 +179,7 @@ def boolean() -> Check:
 
 def choice(*options: Any) -> Check:
     """One of ``options``."""
+
     def normalise(value: Any) -> Any:
         if not any(value == option and type(value) is type(option) for option in options):
             raise _Reject("is not an allowed value")
@@ -167,6 +190,7 @@ def choice(*options: Any) -> Check:
 
 def text(nullable: bool = False) -> Check:
     """A non-empty string."""
+
     def normalise(value: Any) -> str | None:
         if value is None and nullable:
             return None
@@ -195,6 +219,7 @@ def pair(item: Check, names: str, nullable: bool = False) -> Check:
 
 def int_list() -> Check:
     """A strictly increasing list of integers >= 0 (scheduler milestones)."""
+
     def normalise(value: Any) -> list[int] | None:
         if value is None:
             return None
@@ -209,6 +234,7 @@ def int_list() -> Check:
 
 def class_names() -> Check:
     """A mapping class name -> id (ids 0..n-1, each once) or an encoding file name."""
+
     def normalise(value: Any) -> dict | str:
         if isinstance(value, str) and value:
             return value
@@ -220,12 +246,14 @@ def class_names() -> Check:
             raise _Reject("is not an allowed value")
         return {str(name): index for name, index in value.items()}
 
-    return Check("an encoding file name or a mapping class name -> id using each id "
-                 "0..n-1 once", normalise)
+    return Check(
+        "an encoding file name or a mapping class name -> id using each id 0..n-1 once", normalise
+    )
 
 
 def device_id() -> Check:
     """``cpu``, a GPU index or a comma-separated list of indices (null = automatic)."""
+
     def normalise(value: Any) -> str | None:
         if value is None:
             return None
@@ -331,8 +359,9 @@ SCHEMA: dict[str, Any] = {
     "num_workers": Field(8, integer(0), run_option=True),
     "amp": Field(None, choice(None, "bf16", "fp16")),
     "channels_last": Field(False, boolean(), run_option=True),
-    "compile": Field(None, choice(None, "inductor", "cudagraphs", "aot_eager", "eager"),
-                     run_option=True),
+    "compile": Field(
+        None, choice(None, "inductor", "cudagraphs", "aot_eager", "eager"), run_option=True
+    ),
     "eval_batch_size": Field(1, integer(1), run_option=True),
     "max_epochs": Field(400, integer(-1)),
     "nbr_times_erase": Field(0, integer(0)),
@@ -353,8 +382,7 @@ SCHEMA: dict[str, Any] = {
     "show_hists": Field(False, boolean(), ignored=True),
     "bins": Field(100, integer(1), ignored=True),
     "rangeh": Field([0, 1], pair(number(), "low, high"), ignored=True),
-    "extension": Field(["jpeg", "JPEG"], pair(text(), "file extension, PIL format"),
-                       ignored=True),
+    "extension": Field(["jpeg", "JPEG"], pair(text(), "file extension, PIL format"), ignored=True),
     "exp_root": Field("exps", text(), run_option=True),
     "cudaid": Field(None, device_id(), run_option=True),
     "yaml": Field(None, text(nullable=True), run_option=True),
@@ -365,7 +393,9 @@ SCHEMA: dict[str, Any] = {
 }
 
 
-def _flagged_keys(flag: str, schema: Mapping[str, Any] = SCHEMA, prefix: str = "") -> tuple[str, ...]:
+def _flagged_keys(
+    flag: str, schema: Mapping[str, Any] = SCHEMA, prefix: str = ""
+) -> tuple[str, ...]:
     """Dotted keys of the schema whose field has ``flag`` set."""
     keys: list[str] = []
     for key, entry in schema.items():
@@ -389,15 +419,18 @@ class _Loader(yaml.SafeLoader):
     def compose_node(self, parent: Any, index: Any) -> Any:
         event = self.peek_event()
         if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None) is not None:
-            raise yaml.YAMLError(f"anchors and aliases (&name, *name) are not allowed in a "
-                                 f"configuration (line {event.start_mark.line + 1})")
+            raise yaml.YAMLError(
+                f"anchors and aliases (&name, *name) are not allowed in a "
+                f"configuration (line {event.start_mark.line + 1})"
+            )
         return super().compose_node(parent, index)
 
 
 _Loader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9][0-9_]*)[eE][-+]?[0-9]+$"),
-    list("-+0123456789."))
+    list("-+0123456789."),
+)
 
 
 def parse_yaml(text_value: str) -> Any:
@@ -408,29 +441,33 @@ def parse_yaml(text_value: str) -> Any:
 # ----------------------------------------------------------------------------- validation
 
 
-def _unknown_key_error(source: str, prefix: str, key: Any,
-                       section: Mapping[str, Any]) -> ConfigError:
+def _unknown_key_error(
+    source: str, prefix: str, key: Any, section: Mapping[str, Any]
+) -> ConfigError:
     dotted = prefix + str(key)
     close = difflib.get_close_matches(str(key), list(section), n=3, cutoff=0.6)
     hint = f" (did you mean {', '.join(prefix + c for c in close)}?)" if close else ""
     where = f"in {prefix[:-1]}" if prefix else "at the top level"
-    return ConfigError(f"{source}: unknown key {dotted}{hint}; allowed keys {where}: "
-                       f"{', '.join(section)}")
+    return ConfigError(
+        f"{source}: unknown key {dotted}{hint}; allowed keys {where}: {', '.join(section)}"
+    )
 
 
 def check_value(dotted: str, value: Any, check: Check, source: str) -> Any:
     try:
         return check.normalise(value)
     except _Reject as reject:
-        raise ConfigError(f"{source}: {dotted} = {_show(value)} {reject} "
-                          f"(expected {check.expected})") from None
+        raise ConfigError(
+            f"{source}: {dotted} = {_show(value)} {reject} (expected {check.expected})"
+        ) from None
 
 
 def _normalise_section(raw: Any, schema: Mapping[str, Any], prefix: str, source: str) -> dict:
     if not isinstance(raw, dict):
         name = prefix[:-1] or "the configuration"
-        raise ConfigError(f"{source}: {name} = {_show(raw)} has the wrong type "
-                          f"(expected a mapping)")
+        raise ConfigError(
+            f"{source}: {name} = {_show(raw)} has the wrong type (expected a mapping)"
+        )
     for key in raw:
         if key not in schema:
             raise _unknown_key_error(source, prefix, key, schema)
@@ -451,20 +488,26 @@ def _normalise_section(raw: Any, schema: Mapping[str, Any], prefix: str, source:
 def _check_class_counts(config: dict, source: str) -> None:
     nbr, model_classes = config["nbr_classes"], config["model"]["num_classes"]
     if nbr != model_classes:
-        raise ConfigError(f"{source}: nbr_classes = {nbr} and model.num_classes = {model_classes} "
-                          f"differ (expected the same number)")
+        raise ConfigError(
+            f"{source}: nbr_classes = {nbr} and model.num_classes = {model_classes} "
+            f"differ (expected the same number)"
+        )
     dataset = config["dataset"]
     allowed = dataset_spec(dataset).class_counts or (config["synthetic"]["num_classes"],)
     if nbr not in allowed:
         expected = " or ".join(str(a) for a in allowed)
         if dataset == "synthetic":
             expected = f"synthetic.num_classes = {expected}"
-        raise ConfigError(f"{source}: nbr_classes = {nbr} is not allowed for dataset {dataset} "
-                          f"(expected {expected})")
+        raise ConfigError(
+            f"{source}: nbr_classes = {nbr} is not allowed for dataset {dataset} "
+            f"(expected {expected})"
+        )
     names = config["name_classes"]
     if isinstance(names, dict) and len(names) != nbr:
-        raise ConfigError(f"{source}: name_classes = {_show(names)} has {len(names)} classes "
-                          f"(expected nbr_classes = {nbr})")
+        raise ConfigError(
+            f"{source}: name_classes = {_show(names)} has {len(names)} classes "
+            f"(expected nbr_classes = {nbr})"
+        )
 
 
 def _classifier_map(crop: list[int], scale: list[float]) -> tuple[list[int], list[int]]:
@@ -489,8 +532,9 @@ def _check_wildcat_k(config: dict, source: str) -> None:
         return
     size, (height, width) = _classifier_map(crop, scale)
     n = height * width
-    larger = next((c for c in range(32, 8193, 32) if _selected_positions(kmax, [c, c], scale) > 0),
-                  None)
+    larger = next(
+        (c for c in range(32, 8193, 32) if _selected_positions(kmax, [c, c], scale) > 0), None
+    )
     crop_hint = "a larger crop_size"
     if larger:
         crop_hint += f" (e.g. [{larger}, {larger}])"
@@ -500,45 +544,60 @@ def _check_wildcat_k(config: dict, source: str) -> None:
         f"crop_size = {_show(crop)} scaled by model.scale = {_show(scale)} gives a "
         f"{size[0]}x{size[1]} classifier input, a {height}x{width} map (n = {n}) and "
         f"round({kmax} * {n}) = 0, while WILDCAT pooling needs at least one position. "
-        f"Use {crop_hint}{kmax_hint}.")
+        f"Use {crop_hint}{kmax_hint}."
+    )
 
 
 def _check_optimizer(config: dict, source: str) -> None:
     optimizer = config["optimizer"]
-    if optimizer["name"] == "sgd" and optimizer["nesterov"] and (
-            optimizer["momentum"] <= 0 or optimizer["dampening"] != 0):
+    if (
+        optimizer["name"] == "sgd"
+        and optimizer["nesterov"]
+        and (optimizer["momentum"] <= 0 or optimizer["dampening"] != 0)
+    ):
         raise ConfigError(
             f"{source}: optimizer.nesterov = true needs optimizer.momentum > 0 and "
             f"optimizer.dampening = 0 (got momentum = {optimizer['momentum']}, "
-            f"dampening = {optimizer['dampening']})")
+            f"dampening = {optimizer['dampening']})"
+        )
     scheduler = optimizer["lr_scheduler"]
     if scheduler["name"] == "multistep" and not scheduler["milestones"]:
-        raise ConfigError(f"{source}: optimizer.lr_scheduler.milestones = "
-                          f"{_show(scheduler['milestones'])} is missing (expected a non-empty "
-                          f"list of epochs when optimizer.lr_scheduler.name = 'multistep')")
+        raise ConfigError(
+            f"{source}: optimizer.lr_scheduler.milestones = "
+            f"{_show(scheduler['milestones'])} is missing (expected a non-empty "
+            f"list of epochs when optimizer.lr_scheduler.name = 'multistep')"
+        )
 
 
 def _check_method_rules(config: dict, source: str) -> None:
     """Stain augmentation is for histology; recursive erasing for the methods that erase;
     ``max_epochs = -1`` (evaluate only) needs the weights to evaluate."""
     if config["stain_augmentation"] and not dataset_spec(config["dataset"]).histology:
-        raise ConfigError(f"{source}: stain_augmentation = true is for the GlaS histology images "
-                          f"only, not dataset {config['dataset']!r}")
+        raise ConfigError(
+            f"{source}: stain_augmentation = true is for the GlaS histology images "
+            f"only, not dataset {config['dataset']!r}"
+        )
     if not METHODS[config["method"]].erases and config["nbr_times_erase"] > 0:
-        raise ConfigError(f"{source}: nbr_times_erase = {config['nbr_times_erase']} is out of "
-                          f"range for method {config['method']!r} (expected 0: recursive erasing "
-                          f"belongs to the min-max entropy model)")
+        raise ConfigError(
+            f"{source}: nbr_times_erase = {config['nbr_times_erase']} is out of "
+            f"range for method {config['method']!r} (expected 0: recursive erasing "
+            f"belongs to the min-max entropy model)"
+        )
     if config["max_epochs"] == -1 and not config["path_pre_trained"]:
-        raise ConfigError(f"{source}: max_epochs = -1 evaluates a trained model: give its "
-                          f"weights with --path_pre_trained FILE")
+        raise ConfigError(
+            f"{source}: max_epochs = -1 evaluates a trained model: give its "
+            f"weights with --path_pre_trained FILE"
+        )
 
 
 def _check_synthetic_objects(config: dict, source: str) -> None:
     synthetic = config["synthetic"]
     if synthetic["min_objects"] > synthetic["max_objects"]:
-        raise ConfigError(f"{source}: synthetic.min_objects = {synthetic['min_objects']} is out "
-                          f"of range (expected at most synthetic.max_objects = "
-                          f"{synthetic['max_objects']})")
+        raise ConfigError(
+            f"{source}: synthetic.min_objects = {synthetic['min_objects']} is out "
+            f"of range (expected at most synthetic.max_objects = "
+            f"{synthetic['max_objects']})"
+        )
 
 
 def _check_synthetic_crop(config: dict, source: str) -> None:
@@ -549,8 +608,10 @@ def _check_synthetic_crop(config: dict, source: str) -> None:
     ratios = config["padding_size"] or [0, 0]
     padded = [size + 2 * int(ratio * size) for ratio in ratios]
     if any(c > p for c, p in zip(config["crop_size"], padded)):
-        raise ConfigError(f"{source}: crop_size = {_show(config['crop_size'])} is out of range "
-                          f"(expected at most the padded synthetic image size {_show(padded)})")
+        raise ConfigError(
+            f"{source}: crop_size = {_show(config['crop_size'])} is out of range "
+            f"(expected at most the padded synthetic image size {_show(padded)})"
+        )
 
 
 def validate_config(raw: Any, source: str) -> dict:
@@ -592,8 +653,10 @@ def resolve_yaml_path(name: str) -> Path:
             if candidate.name != path.name:
                 logger.info("%s is an alias of %s", name, candidate.name)
             return candidate
-    raise ConfigError(f"configuration {name!r} not found; tried {', '.join(map(str, candidates))}. "
-                      f"Available in {CONFIG_DIR}: {', '.join(available_configs())}")
+    raise ConfigError(
+        f"configuration {name!r} not found; tried {', '.join(map(str, candidates))}. "
+        f"Available in {CONFIG_DIR}: {', '.join(available_configs())}"
+    )
 
 
 def display_path(path: str | Path) -> str:
@@ -635,15 +698,18 @@ def read_raw_config(path: Path, chain: tuple[Path, ...] = ()) -> tuple[Any, list
     """
     source = display_path(path)
     if path.resolve() in chain:
-        raise ConfigError(f"{source}: base configurations form a cycle "
-                          f"({' -> '.join(display_path(link) for link in (*chain, path))})")
+        raise ConfigError(
+            f"{source}: base configurations form a cycle "
+            f"({' -> '.join(display_path(link) for link in (*chain, path))})"
+        )
     try:
         raw = parse_yaml(path.read_text(encoding="utf-8"))
     except OSError as error:
         raise ConfigError(f"{source}: cannot read the configuration ({error})") from None
     except UnicodeDecodeError as error:
-        raise ConfigError(f"{source}: the configuration is not UTF-8 text (byte "
-                          f"{error.start}: {error.reason})") from None
+        raise ConfigError(
+            f"{source}: the configuration is not UTF-8 text (byte {error.start}: {error.reason})"
+        ) from None
     except yaml.YAMLError as error:
         raise ConfigError(f"{source}: invalid YAML ({error})") from None
     if not isinstance(raw, dict) or "base" not in raw:
@@ -682,8 +748,9 @@ class _NoAliasDumper(yaml.SafeDumper):
 
 def save_config(config: Mapping[str, Any], path: str | Path) -> None:
     """Write ``config`` as YAML atomically, with the permissions of every other result file."""
-    text_value = yaml.dump(dict(config), Dumper=_NoAliasDumper, sort_keys=False,
-                           default_flow_style=None)
+    text_value = yaml.dump(
+        dict(config), Dumper=_NoAliasDumper, sort_keys=False, default_flow_style=None
+    )
     atomic_write(Path(path), lambda stream: stream.write(text_value.encode("utf-8")))
 
 
@@ -698,8 +765,10 @@ def _leaf_field(dotted: str, source: str) -> Field:
         if isinstance(section, Field) and depth < len(parts) - 1:
             raise ConfigError(f"{source}: {prefix + part} is not a section (cannot set {dotted})")
     if not isinstance(section, Field):
-        raise ConfigError(f"{source}: {dotted} is a section; set one of its keys "
-                          f"({', '.join(dotted + '.' + key for key in section)})")
+        raise ConfigError(
+            f"{source}: {dotted} is a section; set one of its keys "
+            f"({', '.join(dotted + '.' + key for key in section)})"
+        )
     return section
 
 
@@ -718,8 +787,9 @@ def _set(config: dict, dotted: str, value: Any) -> None:
     target[leaf] = value
 
 
-def override_values(config: Mapping[str, Any], changes: list[tuple[str, Any, str]],
-                    source: str) -> dict:
+def override_values(
+    config: Mapping[str, Any], changes: list[tuple[str, Any, str]], source: str
+) -> dict:
     """Apply already-typed ``(dotted key, value, origin)`` changes and revalidate the result.
 
     Each value is checked against the schema with ``origin`` in the message; the cross-key rules
@@ -740,8 +810,9 @@ def apply_overrides(config: Mapping[str, Any], overrides: Mapping[str, str], sou
 
     Returns a new, validated dict; each change is logged as ``key: old -> new``.
     """
-    changes = [(dotted, parse_value(dotted, raw, source), source)
-               for dotted, raw in overrides.items()]
+    changes = [
+        (dotted, parse_value(dotted, raw, source), source) for dotted, raw in overrides.items()
+    ]
     return override_values(config, changes, source)
 
 
@@ -750,5 +821,6 @@ def parse_value(dotted: str, raw: str, source: str) -> Any:
     try:
         return parse_yaml(raw)
     except yaml.YAMLError as error:
-        raise ConfigError(f"{source}: {dotted} = {clip(repr(raw))} is not valid YAML "
-                          f"({error})") from None
+        raise ConfigError(
+            f"{source}: {dotted} = {clip(repr(raw))} is not valid YAML ({error})"
+        ) from None

@@ -4,6 +4,7 @@ process or over a stream of images in worker processes.
 Imports only NumPy and ``crf_params`` (pydensecrf when a CRF runs), so worker processes that
 unpickle a :class:`CRF` stay light.
 """
+
 from __future__ import annotations
 
 from collections import deque
@@ -49,32 +50,43 @@ class CRF:
         image = np.asarray(image)
         probabilities = np.asarray(probabilities, dtype=np.float64)
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-            raise ValueError(f"CRF: image must be an HxWx3 uint8 array, got shape {image.shape} "
-                             f"dtype {image.dtype}")
+            raise ValueError(
+                f"CRF: image must be an HxWx3 uint8 array, got shape {image.shape} "
+                f"dtype {image.dtype}"
+            )
         fits = probabilities.ndim == 3 and probabilities.shape[1:] == image.shape[:2]
         if not fits or len(probabilities) < 2:
-            raise ValueError(f"CRF: probabilities of shape {probabilities.shape} do not fit an "
-                             f"image of size {image.shape[:2]} (need c >= 2 x H x W)")
+            raise ValueError(
+                f"CRF: probabilities of shape {probabilities.shape} do not fit an "
+                f"image of size {image.shape[:2]} (need c >= 2 x H x W)"
+            )
         n_labels, height, width = probabilities.shape
         total = probabilities.sum(axis=0)
         if not (probabilities.min() >= 0 and np.abs(total - 1).max() <= self.SUM_TOLERANCE):
-            raise ValueError(f"CRF: probabilities must be >= 0 and sum to 1 over classes "
-                             f"(sums in [{total.min()}, {total.max()}])")
+            raise ValueError(
+                f"CRF: probabilities must be >= 0 and sum to 1 over classes "
+                f"(sums in [{total.min()}, {total.max()}])"
+            )
         probabilities = np.clip(probabilities / total, self.PROB_FLOOR, 1.0)
-        unary = np.ascontiguousarray(-np.log(probabilities).reshape(n_labels, -1),
-                                     dtype=np.float32)
+        unary = np.ascontiguousarray(-np.log(probabilities).reshape(n_labels, -1), dtype=np.float32)
         from pydensecrf import densecrf  # imported here: training does not need it
 
         model = densecrf.DenseCRF2D(width, height, n_labels)
         model.setUnaryEnergy(unary)
-        model.addPairwiseGaussian(sxy=self.params.sxy_gaussian, compat=self.GAUSSIAN_COMPAT,
-                                  kernel=densecrf.DIAG_KERNEL,
-                                  normalization=densecrf.NORMALIZE_SYMMETRIC)
-        model.addPairwiseBilateral(sxy=self.params.sxy_bilateral,
-                                   srgb=self.params.srgb_bilateral,
-                                   rgbim=np.array(image, order="C"),  # writable copy
-                                   compat=self.BILATERAL_COMPAT, kernel=densecrf.DIAG_KERNEL,
-                                   normalization=densecrf.NORMALIZE_SYMMETRIC)
+        model.addPairwiseGaussian(
+            sxy=self.params.sxy_gaussian,
+            compat=self.GAUSSIAN_COMPAT,
+            kernel=densecrf.DIAG_KERNEL,
+            normalization=densecrf.NORMALIZE_SYMMETRIC,
+        )
+        model.addPairwiseBilateral(
+            sxy=self.params.sxy_bilateral,
+            srgb=self.params.srgb_bilateral,
+            rgbim=np.array(image, order="C"),  # writable copy
+            compat=self.BILATERAL_COMPAT,
+            kernel=densecrf.DIAG_KERNEL,
+            normalization=densecrf.NORMALIZE_SYMMETRIC,
+        )
         refined = np.asarray(model.inference(self.params.n_iter), dtype=np.float32)
         return refined.reshape(n_labels, height, width)
 
@@ -83,14 +95,18 @@ class CRF:
         ``H x W x 3`` uint8 image; returns the refined ``H x W`` float32 foreground map."""
         foreground = np.asarray(foreground, dtype=np.float64)
         if foreground.ndim != 2 or not (foreground.min() >= 0 and foreground.max() <= 1):
-            raise ValueError(f"CRF: the foreground map must be HxW with values in [0, 1], got "
-                             f"shape {foreground.shape}")
+            raise ValueError(
+                f"CRF: the foreground map must be HxW with values in [0, 1], got "
+                f"shape {foreground.shape}"
+            )
         return self.infer(image, np.stack([1 - foreground, foreground]))[1]
 
 
-def refine_with_crf(crf: Callable[[np.ndarray, np.ndarray], np.ndarray],
-                    items: Iterable[tuple[Key, np.ndarray, np.ndarray]],
-                    workers: int = 0) -> Iterator[tuple[Key, np.ndarray]]:
+def refine_with_crf(
+    crf: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    items: Iterable[tuple[Key, np.ndarray, np.ndarray]],
+    workers: int = 0,
+) -> Iterator[tuple[Key, np.ndarray]]:
     """Apply ``crf(image, mask)`` (e.g. :class:`CRF`) to ``(key, image, mask)`` items.
 
     Yields ``(key, refined_mask)`` in input order. ``workers = 0`` runs in this process;

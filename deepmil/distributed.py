@@ -9,13 +9,15 @@ under ``no_sync`` and its accumulated gradients are averaged once with
 only when no sample of any process is still trusted, as it would on the whole batch in one
 process, so every process runs the same number of passes (SyncBN needs that).
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -111,7 +113,9 @@ def wrap_model(model: nn.Module, context: DistributedContext, device: torch.devi
 
 def no_sync(model: nn.Module) -> contextlib.AbstractContextManager:
     """DDP's ``no_sync`` for a wrapped model, a no-op otherwise."""
-    return model.no_sync() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
+    return (
+        model.no_sync() if isinstance(model, DistributedDataParallel) else contextlib.nullcontext()
+    )
 
 
 def average_gradients(model: nn.Module) -> None:
@@ -124,7 +128,7 @@ def average_gradients(model: nn.Module) -> None:
     flat /= dist.get_world_size()
     offset = 0
     for grad in grads:
-        grad.copy_(flat[offset:offset + grad.numel()].view_as(grad))
+        grad.copy_(flat[offset : offset + grad.numel()].view_as(grad))
         offset += grad.numel()
 
 

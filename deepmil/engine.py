@@ -1,8 +1,10 @@
 """Training step (with recursive erasing), training epoch and evaluation loop."""
+
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, NamedTuple
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
@@ -12,8 +14,16 @@ from deepmil.distributed import all_reduce_sum, any_process, broadcast_buffers, 
 from deepmil.errors import NonFiniteLossError
 from deepmil.geometry import restore_mask_geometry
 from deepmil.losses import classifier_loss, localizer_loss, negative_loss, positive_loss
-from deepmil.metrics import (LocalizationMeter, PxAPMeter, ThresholdSweepMeter, all_ones_f1,
-                             error_rate, f1_pos_neg, iou_at, misclassified)
+from deepmil.metrics import (
+    LocalizationMeter,
+    PxAPMeter,
+    ThresholdSweepMeter,
+    all_ones_f1,
+    error_rate,
+    f1_pos_neg,
+    iou_at,
+    misclassified,
+)
 from deepmil.precision import FLOAT32, Precision
 from reproducibility import iteration_seed
 
@@ -32,8 +42,13 @@ def seeded_forward(model: nn.Module, seed: int, *args, **kwargs):
     return model(*args, **kwargs)
 
 
-def plain_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int,
-               precision: Precision = FLOAT32) -> dict[str, torch.Tensor]:
+def plain_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    seed: int,
+    precision: Precision = FLOAT32,
+) -> dict[str, torch.Tensor]:
     """One localizer pass and two region passes; backward of ``L_seg + L_pos + L_neg``.
 
     The forward pass runs under ``precision``'s autocast and the losses in float32.
@@ -44,14 +59,24 @@ def plain_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, see
     loss_pos = positive_loss(out.pos_scores.float(), labels)
     loss_neg = negative_loss(out.neg_scores.float())
     precision.backward(loss_seg + loss_pos + loss_neg)
-    return {"loss_seg": loss_seg.detach(), "loss_seg_pass_mean": loss_seg.detach(),
-            "loss_pos": loss_pos.detach(), "loss_neg": loss_neg.detach(),
-            "scores": out.pos_scores.detach().float()}
+    return {
+        "loss_seg": loss_seg.detach(),
+        "loss_seg_pass_mean": loss_seg.detach(),
+        "loss_pos": loss_pos.detach(),
+        "loss_neg": loss_neg.detach(),
+        "scores": out.pos_scores.detach().float(),
+    }
 
 
-def erasing_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int,
-                 nbr_times_erase: int, sigma_erase: float, precision: Precision = FLOAT32
-                 ) -> dict[str, torch.Tensor]:
+def erasing_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    seed: int,
+    nbr_times_erase: int,
+    sigma_erase: float,
+    precision: Precision = FLOAT32,
+) -> dict[str, torch.Tensor]:
     """Recursive (accumulative) erasing for one mini-batch; gradients accumulate, no step.
 
     Up to ``nbr_times_erase`` localizer passes run on progressively erased images. A sample's
@@ -102,14 +127,23 @@ def erasing_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, s
     loss_neg = negative_loss(neg_scores.float())
     precision.backward(loss_pos + loss_neg)
     seg_losses = torch.stack(seg_losses)
-    return {"loss_seg": seg_losses.sum() / (nbr_times_erase + 1),
-            "loss_seg_pass_mean": seg_losses.mean(), "loss_pos": loss_pos.detach(),
-            "loss_neg": loss_neg.detach(), "scores": pos_scores.detach(),
-            "erasing_passes": torch.tensor(len(seg_losses))}
+    return {
+        "loss_seg": seg_losses.sum() / (nbr_times_erase + 1),
+        "loss_seg_pass_mean": seg_losses.mean(),
+        "loss_pos": loss_pos.detach(),
+        "loss_neg": loss_neg.detach(),
+        "scores": pos_scores.detach(),
+        "erasing_passes": torch.tensor(len(seg_losses)),
+    }
 
 
-def classifier_step(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, seed: int,
-                    precision: Precision = FLOAT32) -> dict[str, torch.Tensor]:
+def classifier_step(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    seed: int,
+    precision: Precision = FLOAT32,
+) -> dict[str, torch.Tensor]:
     """A baseline's step: backward of the cross-entropy ``L_cl`` of its class scores."""
     with precision.autocast():
         out = seeded_forward(model, seed, images)
@@ -123,8 +157,9 @@ def check_finite(values: list[float], epoch: int, batch: int, names: tuple[str, 
     """Stop on a NaN/inf loss term, naming the epoch, the batch and every term's value."""
     if not all(math.isfinite(value) for value in values):
         terms = ", ".join(f"{name}={value:.4g}" for name, value in zip(names, values))
-        raise NonFiniteLossError(f"non-finite training loss at epoch {epoch}, batch {batch}: "
-                                 f"{terms}")
+        raise NonFiniteLossError(
+            f"non-finite training loss at epoch {epoch}, batch {batch}: {terms}"
+        )
 
 
 def check_finite_weights(model: nn.Module, epoch: int) -> None:
@@ -133,23 +168,32 @@ def check_finite_weights(model: nn.Module, epoch: int) -> None:
     finite = torch.stack([parameter.detach().isfinite().all() for _, parameter in parameters])
     if not bool(finite.all()):
         names = [name for (name, _), ok in zip(parameters, finite.tolist()) if not ok]
-        raise NonFiniteLossError(f"non-finite weights after epoch {epoch} (training diverged): "
-                                 f"{', '.join(names[:5])}" + (" ..." if len(names) > 5 else ""))
+        raise NonFiniteLossError(
+            f"non-finite weights after epoch {epoch} (training diverged): "
+            f"{', '.join(names[:5])}" + (" ..." if len(names) > 5 else "")
+        )
 
 
-def check_finite_outputs(scores: torch.Tensor, masks: torch.Tensor, source: object,
-                         batch: int) -> None:
+def check_finite_outputs(
+    scores: torch.Tensor, masks: torch.Tensor, source: object, batch: int
+) -> None:
     """Stop when an evaluated batch (of the images listed in ``source``) has NaN/inf class
     scores or mask values."""
     if not bool(scores.isfinite().all() & masks.isfinite().all()):
-        raise NonFiniteLossError(f"non-finite class scores or mask values when evaluating "
-                                 f"{source}, batch {batch} (training diverged)")
+        raise NonFiniteLossError(
+            f"non-finite class scores or mask values when evaluating "
+            f"{source}, batch {batch} (training diverged)"
+        )
 
 
-def train_one_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.optim.Optimizer,
-                    epoch: int, run: RunSettings,
-                    on_batch: Callable[[dict[str, float]], None] | None = None
-                    ) -> dict[str, float]:
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable[dict],
+    optimizer: torch.optim.Optimizer,
+    epoch: int,
+    run: RunSettings,
+    on_batch: Callable[[dict[str, float]], None] | None = None,
+) -> dict[str, float]:
     """Train for one epoch with ``run``'s method, precision and erasing; returns the epoch's mean
     losses, the other logged values and the training error (%)."""
     model.train()
@@ -164,20 +208,27 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict], optimizer: torch.o
         optimizer.zero_grad(set_to_none=True)
         stats = method.train_step(model, images, labels, seed_i, precision, erasing)
         logged = torch.stack([stats[name] for name in names + extras])
-        values = logged.tolist()[:len(names)]
+        values = logged.tolist()[: len(names)]
         check_finite(values, epoch, batch_index, names)
         precision.step(optimizer)
         errors = misclassified(stats["scores"], labels)
-        loss = logged[:len(names)].sum().view(1)
-        totals += torch.cat([torch.cat([loss, logged]) * labels.numel(),
-                             errors.view(1), torch.ones(1, device=device) * labels.numel()])
+        loss = logged[: len(names)].sum().view(1)
+        totals += torch.cat(
+            [
+                torch.cat([loss, logged]) * labels.numel(),
+                errors.view(1),
+                torch.ones(1, device=device) * labels.numel(),
+            ]
+        )
         if on_batch is not None:
             on_batch({"loss": sum(values)})
     check_finite_weights(model, epoch)
     loss, *logged_sums, errors, samples = all_reduce_sum(totals).tolist()
-    return {"loss": loss / samples,
-            **{name: total / samples for name, total in zip(names + extras, logged_sums)},
-            "cl_error": error_rate(errors, samples)}
+    return {
+        "loss": loss / samples,
+        **{name: total / samples for name, total in zip(names + extras, logged_sums)},
+        "cl_error": error_rate(errors, samples),
+    }
 
 
 class Evaluation(NamedTuple):
@@ -217,19 +268,26 @@ def predictions(network: nn.Module, loader: Iterable[dict], run: RunSettings) ->
         for row, label in enumerate(labels.tolist()):
             index = int(batch["index"][row])
             shape = geometry[index]
-            yield {"index": index, "label": label, "predicted": predicted[row],
-                   "probability": confidence[row],
-                   "losses": {name: values[row] for name, values in per_image.items()},
-                   "mask": restore_mask_geometry(masks[row], shape.padded, shape.upscaled,
-                                                 shape.original, exact=run.exact_crop),
-                   "truth": batch["mask"][row].to(device)}
+            yield {
+                "index": index,
+                "label": label,
+                "predicted": predicted[row],
+                "probability": confidence[row],
+                "losses": {name: values[row] for name, values in per_image.items()},
+                "mask": restore_mask_geometry(
+                    masks[row], shape.padded, shape.upscaled, shape.original, exact=run.exact_crop
+                ),
+                "truth": batch["mask"][row].to(device),
+            }
 
 
 def with_crf(stream: Iterable[dict], loader, crf: Callable, workers: int) -> Iterator[dict]:
     """Add ``crf_mask`` (the CRF-refined ``R+``) to each prediction, CRF in worker processes."""
     dataset = loader.dataset
-    items = ((item, dataset.original_image(item["index"]), item["mask"][0].cpu().numpy())
-             for item in stream)
+    items = (
+        (item, dataset.original_image(item["index"]), item["mask"][0].cpu().numpy())
+        for item in stream
+    )
     for item, refined in refine_with_crf(crf, items, workers):
         item["crf_mask"] = torch.from_numpy(refined)[None].to(item["mask"].device)
         yield item
@@ -248,14 +306,22 @@ def image_row(item: dict, empty: float = 1.0) -> tuple:
     ``empty`` is the Dice and IoU of two empty sets."""
     f1_pos, f1_neg = f1_pos_neg(item["mask"], item["truth"], empty=empty)
     ones_pos, _ = all_ones_f1(item["truth"], empty)
-    row = {"f1_pos": float(f1_pos), "f1_neg": float(f1_neg),
-           "iou": float(iou_at(item["mask"], item["truth"], empty=empty)),
-           "f1_pos_all_ones": float(ones_pos), "empty_dice": empty_dice_cases(item),
-           "correct": item["predicted"] == item["label"], "losses": item["losses"]}
+    row = {
+        "f1_pos": float(f1_pos),
+        "f1_neg": float(f1_neg),
+        "iou": float(iou_at(item["mask"], item["truth"], empty=empty)),
+        "f1_pos_all_ones": float(ones_pos),
+        "empty_dice": empty_dice_cases(item),
+        "correct": item["predicted"] == item["label"],
+        "losses": item["losses"],
+    }
     if "crf_mask" in item:
         crf_pos, crf_neg = f1_pos_neg(item["crf_mask"], item["truth"], empty=empty)
-        row.update(crf_f1_pos=float(crf_pos), crf_f1_neg=float(crf_neg),
-                   crf_iou=float(iou_at(item["crf_mask"], item["truth"], empty=empty)))
+        row.update(
+            crf_f1_pos=float(crf_pos),
+            crf_f1_neg=float(crf_neg),
+            crf_iou=float(iou_at(item["crf_mask"], item["truth"], empty=empty)),
+        )
     return item["index"], row
 
 
@@ -265,11 +331,18 @@ def summarise(rows: Iterable[tuple]) -> dict[str, float]:
     meter, crf_meter = LocalizationMeter(), LocalizationMeter()
     rows = sorted(gather_objects(list(rows)), key=lambda item: item[0])
     for _, row in rows:
-        meter.update(row["f1_pos"], row["f1_neg"], row["correct"], row["losses"],
-                     f1_pos_all_ones=row["f1_pos_all_ones"], iou=row["iou"])
+        meter.update(
+            row["f1_pos"],
+            row["f1_neg"],
+            row["correct"],
+            row["losses"],
+            f1_pos_all_ones=row["f1_pos_all_ones"],
+            iou=row["iou"],
+        )
         if "crf_f1_pos" in row:
-            crf_meter.update(row["crf_f1_pos"], row["crf_f1_neg"], row["correct"],
-                             iou=row["crf_iou"])
+            crf_meter.update(
+                row["crf_f1_pos"], row["crf_f1_neg"], row["correct"], iou=row["crf_iou"]
+            )
     summary = meter.compute()
     summary["n_empty_dice"] = sum(row["empty_dice"] for _, row in rows)
     if crf_meter.n_images:
@@ -278,8 +351,14 @@ def summarise(rows: Iterable[tuple]) -> dict[str, float]:
     return summary
 
 
-def evaluate(model: nn.Module, loader: Iterable[dict], run: RunSettings, keep: int = 0,
-             crf: Callable | None = None, crf_workers: int = 0) -> Evaluation:
+def evaluate(
+    model: nn.Module,
+    loader: Iterable[dict],
+    run: RunSettings,
+    keep: int = 0,
+    crf: Callable | None = None,
+    crf_workers: int = 0,
+) -> Evaluation:
     """Evaluate (no erasing) with ``run``'s method, image by image or in batches of same-size
     images (with per-image mask normalisation: the same results).
 
@@ -306,8 +385,13 @@ def evaluate(model: nn.Module, loader: Iterable[dict], run: RunSettings, keep: i
         pxap.update(item["mask"], item["truth"])
         sweep.update(item["mask"], item["truth"])
         if len(records) < keep:
-            records.append({key: value.cpu() if torch.is_tensor(value) else value
-                            for key, value in item.items()} | dict(rows[-1][1]))
+            records.append(
+                {
+                    key: value.cpu() if torch.is_tensor(value) else value
+                    for key, value in item.items()
+                }
+                | dict(rows[-1][1])
+            )
     pxap.reduce(all_reduce_sum)
     sweep.reduce(all_reduce_sum)
     summary = summarise(rows)

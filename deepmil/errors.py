@@ -4,6 +4,7 @@ Entry points turn a :class:`DeepMILError` (and an ``OSError``) into a one-line m
 code 1; anything else is a bug and keeps its traceback. Each subclass also derives from the
 built-in error it stands for, so ``except ValueError`` still catches a bad value.
 """
+
 from __future__ import annotations
 
 

@@ -1,4 +1,5 @@
 """The experiment folder: its name, logs, records of the run and result files."""
+
 from __future__ import annotations
 
 import contextlib
@@ -10,9 +11,9 @@ import platform
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import PIL
@@ -20,15 +21,26 @@ import torch
 import torchvision
 import yaml
 
-from deepmil.files import atomic_write, write_json
 from deepmil.config import SCHEMA
 from deepmil.errors import ConfigError, RunError
+from deepmil.files import atomic_write, write_json
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 REPOSITORY = Path(__file__).resolve().parents[1]
-RUN_FILES = ("config.yaml", "environment.json", "training.log", "metrics.jsonl", "checkpoint.pt",
-             "best_model.pt", "final_metrics.json", "results.md", "learning_curves.png",
-             "test_predictions.png", "test_predictions.npz", "test_mask_histograms.png")
+RUN_FILES = (
+    "config.yaml",
+    "environment.json",
+    "training.log",
+    "metrics.jsonl",
+    "checkpoint.pt",
+    "best_model.pt",
+    "final_metrics.json",
+    "results.md",
+    "learning_curves.png",
+    "test_predictions.png",
+    "test_predictions.npz",
+    "test_mask_histograms.png",
+)
 LOCK_FILE = ".lock"
 
 
@@ -39,8 +51,10 @@ def experiment_name(config: Mapping[str, Any]) -> str:
     method = config["method"]
     default = method == SCHEMA["method"].default
     method = "" if default or method in config_name.split("-") else f"-{method}"
-    return (f"{config_name}{method}-{config['model']['name']}-s{config['split']}f{config['fold']}"
-            f"-erase{config['nbr_times_erase']}-seed{config['MYSEED']}-{stamp}")
+    return (
+        f"{config_name}{method}-{config['model']['name']}-s{config['split']}f{config['fold']}"
+        f"-erase{config['nbr_times_erase']}-seed{config['MYSEED']}-{stamp}"
+    )
 
 
 def experiment_folder(root: Path, name: str, overwrite: bool) -> Path:
@@ -50,8 +64,10 @@ def experiment_folder(root: Path, name: str, overwrite: bool) -> Path:
         raise ConfigError(f"experiment name {name!r} is not a plain folder name")
     folder = Path(root) / name
     if folder.exists() and not overwrite:
-        raise FileExistsError(f"experiment folder {folder} already exists; use --overwrite to "
-                              f"replace its results or --resume {folder} to continue it")
+        raise FileExistsError(
+            f"experiment folder {folder} already exists; use --overwrite to "
+            f"replace its results or --resume {folder} to continue it"
+        )
     return folder
 
 
@@ -73,9 +89,11 @@ def folder_lock(folder: Path) -> Iterator[None]:
         except BlockingIOError:
             handle.seek(0)
             owner = handle.read().strip() or "unknown"
-            raise RunError(f"experiment folder {folder} is in use by another run (process "
-                               f"{owner}); wait for it to end, or choose another "
-                               f"--exp-name") from None
+            raise RunError(
+                f"experiment folder {folder} is in use by another run (process "
+                f"{owner}); wait for it to end, or choose another "
+                f"--exp-name"
+            ) from None
         handle.seek(0)
         handle.truncate()
         handle.write(f"{os.getpid()}\n")
@@ -129,8 +147,9 @@ def file_logging(log_file: Path) -> Iterator[None]:
 def git(*args: str) -> str | None:
     """Output of ``git args`` in the repository, or None outside a git checkout."""
     try:
-        result = subprocess.run(["git", *args], cwd=REPOSITORY, text=True, capture_output=True,
-                                check=True, timeout=10)
+        result = subprocess.run(
+            ["git", *args], cwd=REPOSITORY, text=True, capture_output=True, check=True, timeout=10
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return result.stdout.strip()
@@ -150,13 +169,22 @@ def git_dirty() -> bool | None:
 def environment_record(config: Mapping[str, Any], argv: list[str]) -> dict[str, Any]:
     """Seed, command line, library versions, device, CPU threads (CPU results depend on their
     number) and git commit of this run."""
-    return {"seed": config["MYSEED"], "command": [sys.executable, *argv],
-            "python": platform.python_version(), "platform": platform.platform(),
-            "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "numpy": np.__version__, "pillow": PIL.__version__, "pyyaml": yaml.__version__,
-            "cuda": torch.version.cuda, "cuda_available": torch.cuda.is_available(),
-            "torch_threads": torch.get_num_threads(),
-            "git_commit": git_commit(), "git_dirty": git_dirty()}
+    return {
+        "seed": config["MYSEED"],
+        "command": [sys.executable, *argv],
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "torchvision": torchvision.__version__,
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+        "pyyaml": yaml.__version__,
+        "cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "torch_threads": torch.get_num_threads(),
+        "git_commit": git_commit(),
+        "git_dirty": git_dirty(),
+    }
 
 
 def add_resume_record(record: Mapping[str, Any], path: Path) -> None:
@@ -166,17 +194,26 @@ def add_resume_record(record: Mapping[str, Any], path: Path) -> None:
     write_json(data, path)
 
 
-TABLE_COLUMNS = (("cl_error", "cl. error (%)"), ("f1_pos", "F1+ (%)"), ("f1_neg", "F1- (%)"),
-                 ("iou", "IoU (%)"), ("pxap", "PxAP (%)"), ("f1_pos_all_ones", "F1+ all-ones (%)"),
-                 ("crf_f1_pos", "CRF F1+ (%)"), ("crf_f1_neg", "CRF F1- (%)"))
+TABLE_COLUMNS = (
+    ("cl_error", "cl. error (%)"),
+    ("f1_pos", "F1+ (%)"),
+    ("f1_neg", "F1- (%)"),
+    ("iou", "IoU (%)"),
+    ("pxap", "PxAP (%)"),
+    ("f1_pos_all_ones", "F1+ all-ones (%)"),
+    ("crf_f1_pos", "CRF F1+ (%)"),
+    ("crf_f1_neg", "CRF F1- (%)"),
+)
 
 
 def results_table(final: Mapping[str, Mapping[str, Any]]) -> str:
     """Markdown table of the final metrics of each evaluated set (CRF columns when present)."""
     first = next(iter(final.values()))
     columns = [(key, title) for key, title in TABLE_COLUMNS if key in first]
-    lines = ["| set | images | " + " | ".join(title for _, title in columns) + " |",
-             "|---|---|" + "---|" * len(columns)]
+    lines = [
+        "| set | images | " + " | ".join(title for _, title in columns) + " |",
+        "|---|---|" + "---|" * len(columns),
+    ]
     for name, metrics in final.items():
         values = " | ".join(f"{metrics[key]:.2f}" for key, _ in columns)
         lines.append(f"| {name} | {metrics['n_images']} | {values} |")
@@ -189,11 +226,18 @@ SAMPLE_ARRAYS = ("image", "gt_mask", "pred_mask", "crf_mask")
 def save_prediction_samples(samples: list[dict], path: Path) -> None:
     """Store a few test predictions (see ``train_deepmil.prediction_samples``) as ``.npz``, for
     figures that compare methods on the same images."""
-    arrays: dict[str, np.ndarray] = {"index": np.array([sample["index"] for sample in samples]),
-                                     "caption": np.array([sample["caption"] for sample in samples])}
+    arrays: dict[str, np.ndarray] = {
+        "index": np.array([sample["index"] for sample in samples]),
+        "caption": np.array([sample["caption"] for sample in samples]),
+    }
     for number, sample in enumerate(samples):
-        arrays.update({f"{name}_{number}": np.asarray(sample[name])
-                       for name in SAMPLE_ARRAYS if name in sample})
+        arrays.update(
+            {
+                f"{name}_{number}": np.asarray(sample[name])
+                for name in SAMPLE_ARRAYS
+                if name in sample
+            }
+        )
     atomic_write(path, lambda stream: np.savez_compressed(stream, **arrays))
 
 
@@ -203,7 +247,12 @@ def load_prediction_samples(path: Path) -> list[dict]:
         samples = []
         for number, (index, caption) in enumerate(zip(data["index"], data["caption"])):
             sample = {"index": int(index), "caption": str(caption)}
-            sample.update({name: data[f"{name}_{number}"] for name in SAMPLE_ARRAYS
-                           if f"{name}_{number}" in data})
+            sample.update(
+                {
+                    name: data[f"{name}_{number}"]
+                    for name in SAMPLE_ARRAYS
+                    if f"{name}_{number}" in data
+                }
+            )
             samples.append(sample)
     return samples

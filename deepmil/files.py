@@ -2,6 +2,7 @@
 
 Torch-free, so that the configuration can be saved without importing torch.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -48,8 +49,10 @@ def signals_deferred() -> Iterator[None]:
         yield
         return
     received: list[int] = []
-    previous = {signum: signal.signal(signum, lambda number, _: received.append(number))
-                for signum in DEFERRED_SIGNALS}
+    previous = {
+        signum: signal.signal(signum, lambda number, _: received.append(number))
+        for signum in DEFERRED_SIGNALS
+    }
     try:
         yield
     finally:

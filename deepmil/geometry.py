@@ -13,6 +13,7 @@ padding ended, undoing the padding to the pixel; the default reproduces the upst
 one pixel later when the kept length is odd and the padded one even. The resize is an
 interpolation, not an exact inverse of the upscaling.
 """
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -84,7 +85,7 @@ def center_crop(mask: torch.Tensor, size: Size, exact: bool = False) -> torch.Te
         raise ValueError(f"cannot crop a mask of size {(src_h, src_w)} to the larger size {size}")
     top = _crop_start(src_h, h, exact)
     left = _crop_start(src_w, w, exact)
-    return mask[..., top:top + h, left:left + w]
+    return mask[..., top : top + h, left : left + w]
 
 
 def resize_bilinear(mask: torch.Tensor, size: Size) -> torch.Tensor:
@@ -95,8 +96,9 @@ def resize_bilinear(mask: torch.Tensor, size: Size) -> torch.Tensor:
     return out.reshape(*lead, *size)
 
 
-def restore_mask_geometry(mask: torch.Tensor, padded_hw: Size, upscaled_hw: Size,
-                          original_hw: Size, exact: bool = False) -> torch.Tensor:
+def restore_mask_geometry(
+    mask: torch.Tensor, padded_hw: Size, upscaled_hw: Size, original_hw: Size, exact: bool = False
+) -> torch.Tensor:
     """Map a mask predicted on the padded evaluation input back to the ground-truth geometry.
 
     ``mask`` has shape ``(..., h_p, w_p)`` (e.g. ``1 x h_p x w_p``). When the image was upscaled
@@ -108,8 +110,9 @@ def restore_mask_geometry(mask: torch.Tensor, padded_hw: Size, upscaled_hw: Size
     """
     padded_hw, upscaled_hw, original_hw = tuple(padded_hw), tuple(upscaled_hw), tuple(original_hw)
     if mask.dim() < 2 or tuple(mask.shape[-2:]) != padded_hw:
-        raise ValueError(f"mask of shape {tuple(mask.shape)} does not end with padded size "
-                         f"{padded_hw}")
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not end with padded size {padded_hw}"
+        )
     out = mask if mask.is_floating_point() else mask.float()
     if upscaled_hw != original_hw:
         out = resize_bilinear(center_crop(out, upscaled_hw, exact), original_hw)

@@ -1,18 +1,21 @@
 """The three terms of the min-max entropy objective, and the baselines' classification loss."""
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 
-def localizer_loss(seg_scores: torch.Tensor, labels: torch.Tensor,
-                   reduction: str = "mean") -> torch.Tensor:
+def localizer_loss(
+    seg_scores: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
     """``L_seg``: cross-entropy of the localizer head's scores."""
     return F.cross_entropy(seg_scores, labels, reduction=reduction)
 
 
-def positive_loss(pos_scores: torch.Tensor, labels: torch.Tensor,
-                  reduction: str = "mean") -> torch.Tensor:
+def positive_loss(
+    pos_scores: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
     """``L_pos``: cross-entropy of the positive region, low conditional entropy for ``y``."""
     return F.cross_entropy(pos_scores, labels, reduction=reduction)
 
@@ -30,7 +33,8 @@ def negative_loss(neg_scores: torch.Tensor, reduction: str = "mean") -> torch.Te
     return per_sample if reduction == "none" else per_sample.mean()
 
 
-def classifier_loss(scores: torch.Tensor, labels: torch.Tensor,
-                    reduction: str = "mean") -> torch.Tensor:
+def classifier_loss(
+    scores: torch.Tensor, labels: torch.Tensor, reduction: str = "mean"
+) -> torch.Tensor:
     """``L_cl``: cross-entropy of a baseline network's class scores."""
     return F.cross_entropy(scores, labels, reduction=reduction)

@@ -6,6 +6,7 @@ driver, the engine and the benchmark find it, so the loops never branch on a met
 Adding a baseline means one class (here or in its own module) and one line in :data:`METHODS`,
 plus its row in the registry.
 """
+
 from __future__ import annotations
 
 import logging
@@ -17,15 +18,15 @@ from torch import nn
 
 import reproducibility
 from deepmil import engine
+from deepmil.backbone import load_pretrained_trunk, torchvision_weights
 from deepmil.baselines import CAMNet, WildcatNet, class_map_mask, grad_cam
 from deepmil.checkpoint import load_model_weights
 from deepmil.distributed import average_gradients, no_sync
 from deepmil.losses import classifier_loss, localizer_loss, negative_loss, positive_loss
-from deepmil.backbone import load_pretrained_trunk, torchvision_weights
 from deepmil.model import ModelOutput, build_model
 from deepmil.precision import Precision
-from deepmil.registry import METHODS as METHOD_INFO
 from deepmil.registry import DEEP_STEM_MODELS, MethodInfo
+from deepmil.registry import METHODS as METHOD_INFO
 
 LOGGER = logging.getLogger("train_deepmil")
 
@@ -68,15 +69,22 @@ class Method:
         """The network it trains, from the validated ``model`` section (weights not loaded)."""
         raise NotImplementedError
 
-    def train_step(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                   seed: int, precision: Precision, erasing: Erasing | None
-                   ) -> dict[str, torch.Tensor]:
+    def train_step(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        seed: int,
+        precision: Precision,
+        erasing: Erasing | None,
+    ) -> dict[str, torch.Tensor]:
         """Forward and backward of one mini-batch (no optimizer step); ``erasing`` is set in the
         epochs where recursive erasing runs. Returns the logged values and ``scores``."""
         return engine.classifier_step(model, images, labels, seed, precision)
 
-    def outputs(self, network: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                batched: bool) -> Outputs:
+    def outputs(
+        self, network: nn.Module, images: torch.Tensor, labels: torch.Tensor, batched: bool
+    ) -> Outputs:
         """Class scores, the localisation map in [0, 1] at the input size and the per-image
         losses of ``images``, in evaluation; ``batched`` when a batch holds several images."""
         raise NotImplementedError
@@ -93,20 +101,28 @@ class MinMaxEntropy(Method):
     def build(self, model_config: dict) -> nn.Module:
         return build_model(model_config)
 
-    def train_step(self, model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                   seed: int, precision: Precision, erasing: Erasing | None
-                   ) -> dict[str, torch.Tensor]:
+    def train_step(
+        self,
+        model: nn.Module,
+        images: torch.Tensor,
+        labels: torch.Tensor,
+        seed: int,
+        precision: Precision,
+        erasing: Erasing | None,
+    ) -> dict[str, torch.Tensor]:
         """The plain step, or recursive erasing (gradients averaged once, after every pass)."""
         if erasing is None:
             return engine.plain_step(model, images, labels, seed, precision)
         with no_sync(model):
-            stats = engine.erasing_step(model, images, labels, seed, erasing.passes,
-                                        erasing.sigma, precision)
+            stats = engine.erasing_step(
+                model, images, labels, seed, erasing.passes, erasing.sigma, precision
+            )
         average_gradients(model)
         return stats
 
-    def outputs(self, network: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                batched: bool) -> Outputs:
+    def outputs(
+        self, network: nn.Module, images: torch.Tensor, labels: torch.Tensor, batched: bool
+    ) -> Outputs:
         """Scores of ``R+``, the mask ``R+`` and the per-image ``L_seg``, ``L_pos``, ``L_neg``.
 
         The mask is min-max normalised per image, as in a batch of one, whatever the batch
@@ -115,9 +131,11 @@ class MinMaxEntropy(Method):
         """
         out = network(images, mask_normalization="sample", fused_regions=batched)
         out = ModelOutput(*(tensor.float() for tensor in out))
-        losses = {"loss_seg": localizer_loss(out.seg_scores, labels, reduction="none"),
-                  "loss_pos": positive_loss(out.pos_scores, labels, reduction="none"),
-                  "loss_neg": negative_loss(out.neg_scores, reduction="none")}
+        losses = {
+            "loss_seg": localizer_loss(out.seg_scores, labels, reduction="none"),
+            "loss_pos": positive_loss(out.pos_scores, labels, reduction="none"),
+            "loss_neg": negative_loss(out.neg_scores, reduction="none"),
+        }
         return out.pos_scores, out.mask, losses
 
 
@@ -125,19 +143,23 @@ class ClassifierBaseline(Method):
     """A classifier trained with cross-entropy ``L_cl`` and localised by its own map."""
 
     def build(self, model_config: dict) -> nn.Module:
-        return CAMNet(model_config["name"], model_config["num_classes"],
-                      torchvision_weights=torchvision_weights(model_config))
+        return CAMNet(
+            model_config["name"],
+            model_config["num_classes"],
+            torchvision_weights=torchvision_weights(model_config),
+        )
 
-    def localize(self, network: nn.Module, images: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def localize(
+        self, network: nn.Module, images: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Class scores and the predicted class's map, upsampled and normalised per image."""
         output = network(images)
         classes = output.scores.argmax(dim=1)
-        return output.scores, class_map_mask(output.maps.float(), classes,
-                                             tuple(images.shape[-2:]))
+        return output.scores, class_map_mask(output.maps.float(), classes, tuple(images.shape[-2:]))
 
-    def outputs(self, network: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-                batched: bool) -> Outputs:
+    def outputs(
+        self, network: nn.Module, images: torch.Tensor, labels: torch.Tensor, batched: bool
+    ) -> Outputs:
         scores, mask = self.localize(network, images)
         scores = scores.float()
         return scores, mask, {"loss_cl": classifier_loss(scores, labels, reduction="none")}
@@ -155,11 +177,17 @@ class WILDCAT(ClassifierBaseline):
     name = "wildcat"
 
     def build(self, model_config: dict) -> nn.Module:
-        return WildcatNet(model_config["name"], model_config["num_classes"],
-                          model_config["modalities"], model_config["kmax"],
-                          model_config["kmin"], model_config["alpha"], model_config["dropout"],
-                          model_config["apply_min_term"],
-                          torchvision_weights=torchvision_weights(model_config))
+        return WildcatNet(
+            model_config["name"],
+            model_config["num_classes"],
+            model_config["modalities"],
+            model_config["kmax"],
+            model_config["kmin"],
+            model_config["alpha"],
+            model_config["dropout"],
+            model_config["apply_min_term"],
+            torchvision_weights=torchvision_weights(model_config),
+        )
 
 
 class GradCAM(ClassifierBaseline):
@@ -168,8 +196,9 @@ class GradCAM(ClassifierBaseline):
     name = "gradcam"
     eval_autocast = False
 
-    def localize(self, network: nn.Module, images: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def localize(
+        self, network: nn.Module, images: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return grad_cam(network, images)
 
 
@@ -178,14 +207,16 @@ class AllOnes(ClassifierBaseline):
 
     name = "allones"
 
-    def localize(self, network: nn.Module, images: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    def localize(
+        self, network: nn.Module, images: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         ones = torch.ones(images.shape[0], 1, *images.shape[-2:], device=images.device)
         return network(images).scores, ones
 
 
-METHODS: dict[str, Method] = {method.name: method for method in (
-    AllOnes(), CAM(), GradCAM(), WILDCAT(), MinMaxEntropy())}
+METHODS: dict[str, Method] = {
+    method.name: method for method in (AllOnes(), CAM(), GradCAM(), WILDCAT(), MinMaxEntropy())
+}
 
 
 def get_method(name: str) -> Method:

@@ -15,6 +15,7 @@ Every meter has ``update(...)`` (add images), ``compute()`` (the result) and
 ``reduce(all_reduce)`` (sum its state over processes in place, with a function such as
 ``deepmil.distributed.all_reduce_sum`` that returns the sum over processes of a tensor).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
@@ -42,12 +43,15 @@ class MetricSettings:
         return cls(EMPTY_DICE[str(section["empty_dice"])], float(section["cam_curve_interval"]))
 
 
-def _overlap(pred: torch.Tensor, target: torch.Tensor, name: str
-             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _overlap(
+    pred: torch.Tensor, target: torch.Tensor, name: str
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(|P n G|, |P|, |G|)`` per image over the last two dimensions, in float64."""
     if pred.shape != target.shape or pred.dim() < 2:
-        raise ValueError(f"{name} needs two masks of equal shape (>= 2 dims), got "
-                         f"{tuple(pred.shape)} and {tuple(target.shape)}")
+        raise ValueError(
+            f"{name} needs two masks of equal shape (>= 2 dims), got "
+            f"{tuple(pred.shape)} and {tuple(target.shape)}"
+        )
     p = (pred != 0).to(torch.float64)
     t = (target != 0).to(torch.float64)
     return (p * t).sum(dim=(-2, -1)), p.sum(dim=(-2, -1)), t.sum(dim=(-2, -1))
@@ -75,8 +79,12 @@ def iou(pred: torch.Tensor, target: torch.Tensor, empty: float = 1.0) -> torch.T
     return torch.where(union > 0, inter / union.clamp_min(1), torch.full_like(union, empty))
 
 
-def f1_pos_neg(pred_mask_continuous: torch.Tensor, gt_mask: torch.Tensor,
-               threshold: float = 0.5, empty: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+def f1_pos_neg(
+    pred_mask_continuous: torch.Tensor,
+    gt_mask: torch.Tensor,
+    threshold: float = 0.5,
+    empty: float = 1.0,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image (F1+, F1-): prediction binarised ``>= threshold``, ground truth ``>= 0.5``.
 
     F1+ is the Dice of the foregrounds, F1- the Dice of the backgrounds (complements); ``empty``
@@ -96,14 +104,19 @@ def all_ones_f1(gt_mask: torch.Tensor, empty: float = 1.0) -> tuple[torch.Tensor
     return f1_pos_neg(torch.ones_like(gt_mask, dtype=torch.float32), gt_mask, empty=empty)
 
 
-def iou_at(pred_mask_continuous: torch.Tensor, gt_mask: torch.Tensor,
-           threshold: float = 0.5, empty: float = 1.0) -> torch.Tensor:
+def iou_at(
+    pred_mask_continuous: torch.Tensor,
+    gt_mask: torch.Tensor,
+    threshold: float = 0.5,
+    empty: float = 1.0,
+) -> torch.Tensor:
     """Per-image IoU of the prediction binarised ``>= threshold`` (ground truth ``>= 0.5``)."""
     return iou(pred_mask_continuous >= threshold, gt_mask >= 0.5, empty)
 
 
-def top1_localization(correct: torch.Tensor | bool, iou_value: torch.Tensor | float,
-                      min_iou: float = 0.5) -> torch.Tensor:
+def top1_localization(
+    correct: torch.Tensor | bool, iou_value: torch.Tensor | float, min_iou: float = 0.5
+) -> torch.Tensor:
     """Top-1 localisation hit per image: class correct and IoU ``>= min_iou``."""
     return torch.as_tensor(correct, dtype=torch.bool) & (torch.as_tensor(iou_value) >= min_iou)
 
@@ -112,8 +125,10 @@ def misclassified(scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The number of rows of ``scores`` (n x classes) whose highest score is not at the row's
     label in ``labels`` (n), as an int64 scalar tensor on the device of the inputs."""
     if scores.dim() != 2 or labels.shape != scores.shape[:1]:
-        raise ValueError(f"misclassified needs n x classes scores and n labels of equal size, "
-                         f"got shapes {tuple(scores.shape)} and {tuple(labels.shape)}")
+        raise ValueError(
+            f"misclassified needs n x classes scores and n labels of equal size, "
+            f"got shapes {tuple(scores.shape)} and {tuple(labels.shape)}"
+        )
     return (scores.argmax(dim=1) != labels).sum()
 
 
@@ -143,19 +158,31 @@ class LocalizationMeter:
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
 
-    def update(self, f1_pos: float, f1_neg: float, correct: bool,
-               losses: Mapping[str, float] | None = None,
-               f1_pos_all_ones: float | None = None, iou: float | None = None) -> None:
+    def update(
+        self,
+        f1_pos: float,
+        f1_neg: float,
+        correct: bool,
+        losses: Mapping[str, float] | None = None,
+        f1_pos_all_ones: float | None = None,
+        iou: float | None = None,
+    ) -> None:
         """Record one image: its F1+/F1- (fractions), whether its label was right, its losses
         (e.g. ``{"loss": .., "loss_pos": .., "loss_neg": .., "loss_seg": ..}``; names other than
         those of ``METRICS``) and optionally the F1+ of an all-ones prediction and the IoU of the
         prediction (fraction)."""
         clashing = set(losses or {}) & set(self.METRICS)
         if clashing:
-            raise ValueError(f"LocalizationMeter.update: loss names {sorted(clashing)} are "
-                             f"metric names")
-        values = {"f1_pos": f1_pos, "f1_neg": f1_neg, "f1_pos_all_ones": f1_pos_all_ones,
-                  "iou": iou, **(losses or {})}
+            raise ValueError(
+                f"LocalizationMeter.update: loss names {sorted(clashing)} are metric names"
+            )
+        values = {
+            "f1_pos": f1_pos,
+            "f1_neg": f1_neg,
+            "f1_pos_all_ones": f1_pos_all_ones,
+            "iou": iou,
+            **(losses or {}),
+        }
         for name, value in values.items():
             if value is not None:
                 self.sums[name] = self.sums.get(name, 0.0) + float(value)
@@ -174,42 +201,51 @@ class LocalizationMeter:
             raise ValueError("LocalizationMeter.compute: no image was recorded")
         for name, count in self.counts.items():
             if count != n:
-                raise ValueError(f"LocalizationMeter.compute: '{name}' given for {count} "
-                                 f"of {n} images")
+                raise ValueError(
+                    f"LocalizationMeter.compute: '{name}' given for {count} of {n} images"
+                )
         out: dict[str, float | int | None] = {
             "cl_error": error_rate(self.errors, n),
             "f1_pos": 100.0 * self.sums["f1_pos"] / n,
             "f1_neg": 100.0 * self.sums["f1_neg"] / n,
-            "f1_pos_all_ones": (100.0 * self.sums["f1_pos_all_ones"] / n
-                                if "f1_pos_all_ones" in self.sums else None),
+            "f1_pos_all_ones": (
+                100.0 * self.sums["f1_pos_all_ones"] / n if "f1_pos_all_ones" in self.sums else None
+            ),
         }
         if "iou" in self.sums:
             out["iou"] = 100.0 * self.sums["iou"] / n
             out["top1_loc"] = 100.0 * (self.hits / n)
-        out.update({name: total / n for name, total in self.sums.items()
-                    if name not in self.METRICS})
+        out.update(
+            {name: total / n for name, total in self.sums.items() if name not in self.METRICS}
+        )
         out["n_images"] = n
         return out
 
     def reduce(self, all_reduce: AllReduce) -> None:
         """Sum the state over processes; every process must have recorded the same quantities
         (names, in the same order)."""
-        state = torch.tensor([self.n_images, self.errors, self.hits, *self.sums.values(),
-                              *self.counts.values()], dtype=torch.float64)
+        state = torch.tensor(
+            [self.n_images, self.errors, self.hits, *self.sums.values(), *self.counts.values()],
+            dtype=torch.float64,
+        )
         n_images, errors, hits, *rest = all_reduce(state).tolist()
         self.n_images, self.errors, self.hits = int(n_images), int(errors), int(hits)
         names = list(self.sums)
-        self.sums = dict(zip(names, rest[:len(names)]))
-        self.counts = {name: int(count) for name, count in zip(names, rest[len(names):])}
+        self.sums = dict(zip(names, rest[: len(names)]))
+        self.counts = {name: int(count) for name, count in zip(names, rest[len(names) :])}
 
 
 def _check_scores(mask: torch.Tensor, gt: torch.Tensor, name: str) -> None:
     if mask.shape != gt.shape or mask.dim() < 2:
-        raise ValueError(f"{name}: mask and ground truth need equal shapes (>= 2 dims), got "
-                         f"{tuple(mask.shape)} and {tuple(gt.shape)}")
+        raise ValueError(
+            f"{name}: mask and ground truth need equal shapes (>= 2 dims), got "
+            f"{tuple(mask.shape)} and {tuple(gt.shape)}"
+        )
     if mask.numel() and not (mask.min() >= 0 and mask.max() <= 1):
-        raise ValueError(f"{name}: mask values must lie in [0, 1], got "
-                         f"[{mask.min().item()}, {mask.max().item()}]")
+        raise ValueError(
+            f"{name}: mask values must lie in [0, 1], got "
+            f"[{mask.min().item()}, {mask.max().item()}]"
+        )
 
 
 def pxap_bin_edges(interval: float) -> torch.Tensor:
@@ -313,8 +349,9 @@ class ThresholdSweepMeter:
         both = predicted + true
         neither = 2 * n_pixels - both
         f1_pos = torch.where(both > 0, 2 * hits / both.clamp_min(1), self.empty)
-        f1_neg = torch.where(neither > 0, 2 * (n_pixels - both + hits) / neither.clamp_min(1),
-                             self.empty)
+        f1_neg = torch.where(
+            neither > 0, 2 * (n_pixels - both + hits) / neither.clamp_min(1), self.empty
+        )
         union = both - hits
         iou_value = torch.where(union > 0, hits / union.clamp_min(1), self.empty)
         per_image = torch.stack([f1_pos, f1_neg, iou_value])
@@ -340,8 +377,9 @@ class ThresholdSweepMeter:
         self.n_images = int(all_reduce(torch.tensor(self.n_images)))
 
 
-def best_threshold_report(valid: ThresholdSweepMeter,
-                          test: ThresholdSweepMeter) -> dict[str, float]:
+def best_threshold_report(
+    valid: ThresholdSweepMeter, test: ThresholdSweepMeter
+) -> dict[str, float]:
     """Pick the threshold maximising the mean validation F1+ (lowest on ties) and report the
     test F1+, F1- and IoU (x100) at it, with the validation F1+ and the threshold."""
     if not torch.equal(valid.thresholds, test.thresholds):

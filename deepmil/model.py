@@ -1,5 +1,6 @@
 """The min-max entropy model: a shared ResNet trunk, a WILDCAT localizer head and a WILDCAT
 classifier head applied to the positive and negative regions of the image."""
+
 from __future__ import annotations
 
 from typing import NamedTuple
@@ -12,17 +13,28 @@ from deepmil.backbone import ResNetTrunk, torchvision_weights
 from deepmil.pooling import ClassWisePool, WildcatPool2d
 from deepmil.registry import MASK_NORMALIZATIONS
 
+
 class WildcatHead(nn.Module):
     """1x1 convolution to ``C*M`` modality maps, class-wise averaging, WILDCAT spatial pooling.
 
     Returns ``(scores B x C, class maps B x C x h x w)``.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, modalities: int, kmax: float,
-                 kmin: float, alpha: float, dropout: float, apply_min_term: bool = False) -> None:
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        modalities: int,
+        kmax: float,
+        kmin: float,
+        alpha: float,
+        dropout: float,
+        apply_min_term: bool = False,
+    ) -> None:
         super().__init__()
-        self.to_modalities = nn.Conv2d(in_channels, num_classes * modalities, kernel_size=1,
-                                       bias=True)
+        self.to_modalities = nn.Conv2d(
+            in_channels, num_classes * modalities, kernel_size=1, bias=True
+        )
         self.to_maps = ClassWisePool(modalities)
         self.wildcat = WildcatPool2d(kmax, kmin, alpha, dropout, apply_min_term)
 
@@ -58,8 +70,9 @@ def minmax_normalise(maps: torch.Tensor, per_sample: bool, eps: float = 1e-8) ->
 def check_mask_normalization(normalization: str) -> None:
     """Refuse a mask normalization other than ``batch`` or ``sample``."""
     if normalization not in MASK_NORMALIZATIONS:
-        raise ValueError(f"unknown mask normalization {normalization!r}; "
-                         f"expected one of {MASK_NORMALIZATIONS}")
+        raise ValueError(
+            f"unknown mask normalization {normalization!r}; expected one of {MASK_NORMALIZATIONS}"
+        )
 
 
 class MinMaxEntropyNet(ResNetTrunk):
@@ -73,19 +86,38 @@ class MinMaxEntropyNet(ResNetTrunk):
 
     head_prefixes = ("headseg.", "cl32.")
 
-    def __init__(self, name: str, num_classes: int, modalities: int = 5, kmax: float = 0.09,
-                 kmin: float = 0.09, alpha: float = 0.0, dropout: float = 0.0,
-                 sigma: float = 0.5, w: float = 8.0, scale: tuple[float, float] = (0.5, 0.5),
-                 mask_normalization: str = "batch", apply_min_term: bool = False,
-                 torchvision_weights: str | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        num_classes: int,
+        modalities: int = 5,
+        kmax: float = 0.09,
+        kmin: float = 0.09,
+        alpha: float = 0.0,
+        dropout: float = 0.0,
+        sigma: float = 0.5,
+        w: float = 8.0,
+        scale: tuple[float, float] = (0.5, 0.5),
+        mask_normalization: str = "batch",
+        apply_min_term: bool = False,
+        torchvision_weights: str | None = None,
+    ) -> None:
         check_mask_normalization(mask_normalization)
         super().__init__(name, torchvision_weights)
         self.scale = tuple(scale)
         self.mask_normalization = mask_normalization
         self.register_buffer("sigma", torch.tensor([float(sigma)]))
         self.register_buffer("w", torch.tensor([float(w)]))
-        head_args = (self.trunk_channels, num_classes, modalities, kmax, kmin, alpha, dropout,
-                     apply_min_term)
+        head_args = (
+            self.trunk_channels,
+            num_classes,
+            modalities,
+            kmax,
+            kmin,
+            alpha,
+            dropout,
+            apply_min_term,
+        )
         self.headseg = WildcatHead(*head_args)
         self.cl32 = WildcatHead(*head_args)
 
@@ -94,12 +126,14 @@ class MinMaxEntropyNet(ResNetTrunk):
         scores, maps = self.headseg(self.trunk(x))
         posterior = torch.softmax(scores, dim=1)
         positive_map = torch.einsum("bc,bchw->bhw", posterior, maps).unsqueeze(1)
-        upsampled = F.interpolate(positive_map, size=x.shape[-2:], mode="bilinear",
-                                  align_corners=True)
+        upsampled = F.interpolate(
+            positive_map, size=x.shape[-2:], mode="bilinear", align_corners=True
+        )
         return upsampled.detach(), scores, maps
 
-    def pseudo_binary_mask(self, continuous_map: torch.Tensor, eps: float = 1e-8,
-                           normalization: str | None = None) -> torch.Tensor:
+    def pseudo_binary_mask(
+        self, continuous_map: torch.Tensor, eps: float = 1e-8, normalization: str | None = None
+    ) -> torch.Tensor:
         """``sigmoid(w * (normalised map - sigma))``; min-max over the batch or per sample
         (``normalization``, by default the model's ``mask_normalization``)."""
         normalization = normalization or self.mask_normalization
@@ -114,9 +148,9 @@ class MinMaxEntropyNet(ResNetTrunk):
         resized = F.interpolate(x, size=size, mode="bilinear", align_corners=True)
         return self.cl32(self.trunk(resized))
 
-    def classify_regions(self, x: torch.Tensor, mask: torch.Tensor, fused: bool = False,
-                         seed: int | None = None
-                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    def classify_regions(
+        self, x: torch.Tensor, mask: torch.Tensor, fused: bool = False, seed: int | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Classify ``x * mask`` then ``x * (1 - mask)``: ``(pos scores, pos maps, neg ...)``.
 
         ``fused`` sends both regions through the network as one batch: faster, and equal up to
@@ -126,8 +160,10 @@ class MinMaxEntropyNet(ResNetTrunk):
         """
         if fused:
             if self.training:
-                raise ValueError("fused region passes are for evaluation: in training they "
-                                 "would mix the BatchNorm statistics of the two regions")
+                raise ValueError(
+                    "fused region passes are for evaluation: in training they "
+                    "would mix the BatchNorm statistics of the two regions"
+                )
             scores, maps = self.classify(torch.cat([x * mask, x * (1 - mask)]))
             count = x.shape[0]
             return scores[:count], maps[:count], scores[count:], maps[count:]
@@ -139,9 +175,15 @@ class MinMaxEntropyNet(ResNetTrunk):
         neg_scores, neg_maps = self.classify(x * (1 - mask))
         return pos_scores, pos_maps, neg_scores, neg_maps
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, mode: str = "full",
-                mask_normalization: str | None = None, fused_regions: bool = False,
-                seed: int | None = None):
+    def forward(
+        self,
+        x: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        mode: str = "full",
+        mask_normalization: str | None = None,
+        fused_regions: bool = False,
+        seed: int | None = None,
+    ):
         """``full`` -> :class:`ModelOutput`; ``segment`` -> :meth:`segment`;
         ``regions`` -> :meth:`classify_regions` of ``x`` with ``mask`` (and ``seed``).
 
@@ -166,11 +208,17 @@ def build_model(model_config: dict) -> MinMaxEntropyNet:
     loaded)."""
     name = model_config["name"]
     return MinMaxEntropyNet(
-        name=name, num_classes=model_config["num_classes"],
-        modalities=model_config["modalities"], kmax=model_config["kmax"],
-        kmin=model_config["kmin"], alpha=model_config["alpha"],
-        dropout=model_config["dropout"], sigma=model_config["sigma"], w=model_config["w"],
+        name=name,
+        num_classes=model_config["num_classes"],
+        modalities=model_config["modalities"],
+        kmax=model_config["kmax"],
+        kmin=model_config["kmin"],
+        alpha=model_config["alpha"],
+        dropout=model_config["dropout"],
+        sigma=model_config["sigma"],
+        w=model_config["w"],
         scale=tuple(model_config["scale"]),
         mask_normalization=model_config["mask_normalization"],
         apply_min_term=model_config["apply_min_term"],
-        torchvision_weights=torchvision_weights(model_config))
+        torchvision_weights=torchvision_weights(model_config),
+    )

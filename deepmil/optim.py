@@ -1,4 +1,5 @@
 """Optimizer construction and the per-epoch learning-rate schedule."""
+
 from __future__ import annotations
 
 import bisect
@@ -12,17 +13,23 @@ def build_optimizer(model: nn.Module, optimizer_config: dict) -> torch.optim.Opt
     validated ``optimizer`` section."""
     name = optimizer_config["name"]
     if name == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=optimizer_config["lr"],
-                               momentum=optimizer_config["momentum"],
-                               dampening=optimizer_config["dampening"],
-                               weight_decay=optimizer_config["weight_decay"],
-                               nesterov=optimizer_config["nesterov"])
+        return torch.optim.SGD(
+            model.parameters(),
+            lr=optimizer_config["lr"],
+            momentum=optimizer_config["momentum"],
+            dampening=optimizer_config["dampening"],
+            weight_decay=optimizer_config["weight_decay"],
+            nesterov=optimizer_config["nesterov"],
+        )
     if name == "adam":
-        return torch.optim.Adam(model.parameters(), lr=optimizer_config["lr"],
-                                betas=tuple(optimizer_config["betas"]),
-                                eps=optimizer_config["eps"],
-                                weight_decay=optimizer_config["weight_decay"],
-                                amsgrad=optimizer_config["amsgrad"])
+        return torch.optim.Adam(
+            model.parameters(),
+            lr=optimizer_config["lr"],
+            betas=tuple(optimizer_config["betas"]),
+            eps=optimizer_config["eps"],
+            weight_decay=optimizer_config["weight_decay"],
+            amsgrad=optimizer_config["amsgrad"],
+        )
     raise ValueError(f"unknown optimizer {name!r}; expected 'sgd' or 'adam'")
 
 
@@ -39,8 +46,9 @@ def learning_rate(epoch: int, base_lr: float, scheduler_config: dict) -> float:
     name = scheduler_config["name"]
     gamma = scheduler_config["gamma"]
     if name == "mystep":
-        return max(base_lr * gamma ** (k // scheduler_config["step_size"]),
-                   scheduler_config["min_lr"])
+        return max(
+            base_lr * gamma ** (k // scheduler_config["step_size"]), scheduler_config["min_lr"]
+        )
     if name == "step":
         return base_lr * gamma ** (k // scheduler_config["step_size"])
     if name == "multistep":

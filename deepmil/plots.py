@@ -3,6 +3,7 @@
 Figures are built with ``matplotlib.figure.Figure`` (rendered by Agg, never registered with
 pyplot), so no global backend or figure state is touched and nothing stays open after saving.
 """
+
 from __future__ import annotations
 
 import textwrap
@@ -56,7 +57,7 @@ def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
     """Trailing mean over up to ``window`` previous values (NaNs ignored)."""
     out = np.full_like(values, np.nan)
     for i in range(len(values)):
-        chunk = values[max(0, i - window + 1):i + 1]
+        chunk = values[max(0, i - window + 1) : i + 1]
         if np.isfinite(chunk).any():
             out[i] = np.nanmean(chunk)
     return out
@@ -80,8 +81,11 @@ def plot_learning_curves(history: Sequence[Mapping[str, object]], path: str | Pa
             groups.setdefault(index, []).append(key)
     if not groups:
         raise ValueError(f"plot_learning_curves: no plottable key among {keys} for {path}")
-    epochs = (_series(history, "epoch") if all("epoch" in entry for entry in history)
-              else np.arange(len(history), dtype=float))
+    epochs = (
+        _series(history, "epoch")
+        if all("epoch" in entry for entry in history)
+        else np.arange(len(history), dtype=float)
+    )
     fig = Figure(figsize=(8, 3 * len(groups)), layout="constrained")
     axes = fig.subplots(len(groups), 1, sharex=True, squeeze=False)
     for ax, index in zip(axes[:, 0], sorted(groups)):
@@ -89,10 +93,15 @@ def plot_learning_curves(history: Sequence[Mapping[str, object]], path: str | Pa
         smooth = len(history) > MOVING_AVERAGE and index != LR_GROUP
         for key in groups[index]:
             values = _series(history, key)
-            line, = ax.plot(epochs, values, marker="." if len(values) < 50 else None, label=key)
+            (line,) = ax.plot(epochs, values, marker="." if len(values) < 50 else None, label=key)
             if smooth:
-                ax.plot(epochs, _moving_average(values, MOVING_AVERAGE), linestyle="--",
-                        color=line.get_color(), linewidth=1)
+                ax.plot(
+                    epochs,
+                    _moving_average(values, MOVING_AVERAGE),
+                    linestyle="--",
+                    color=line.get_color(),
+                    linewidth=1,
+                )
         if index == LR_GROUP:
             ax.set_yscale("log")
         if smooth:
@@ -119,22 +128,28 @@ def _check_sample(index: int, sample: Mapping[str, object]) -> None:
         raise ValueError(f"save_mask_panels: sample {index} lacks keys {missing}")
     image = np.asarray(sample["image"])
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"save_mask_panels: sample {index} image must be an HxWx3 uint8 array, "
-                         f"got shape {image.shape} dtype {image.dtype}")
+        raise ValueError(
+            f"save_mask_panels: sample {index} image must be an HxWx3 uint8 array, "
+            f"got shape {image.shape} dtype {image.dtype}"
+        )
     for key in ("gt_mask", "pred_mask", "crf_mask"):
         if key in sample and np.asarray(sample[key]).shape != image.shape[:2]:
-            raise ValueError(f"save_mask_panels: sample {index} {key} has shape "
-                             f"{np.asarray(sample[key]).shape}, image is {image.shape[:2]}")
+            raise ValueError(
+                f"save_mask_panels: sample {index} {key} has shape "
+                f"{np.asarray(sample[key]).shape}, image is {image.shape[:2]}"
+            )
 
 
 def _overlay(ax: Axes, image: np.ndarray, mask: np.ndarray) -> None:
     ax.imshow(image)
-    ax.imshow(mask, cmap="seismic", vmin=0.0, vmax=1.0, alpha=OVERLAY_ALPHA,
-              interpolation="nearest")
+    ax.imshow(
+        mask, cmap="seismic", vmin=0.0, vmax=1.0, alpha=OVERLAY_ALPHA, interpolation="nearest"
+    )
 
 
-def save_mask_panels(samples: Sequence[Mapping[str, object]], path: str | Path,
-                     title: str | None = None) -> Path:
+def save_mask_panels(
+    samples: Sequence[Mapping[str, object]], path: str | Path, title: str | None = None
+) -> Path:
     """One row per sample: image, ground-truth overlay, thresholded prediction overlay and
     continuous prediction overlay ('seismic' colormap, alpha 128/255: blue = 0, red = 1), with
     the sample's caption above the row. When the samples carry a ``crf_mask`` (all of them or
@@ -145,14 +160,18 @@ def save_mask_panels(samples: Sequence[Mapping[str, object]], path: str | Path,
         _check_sample(index, sample)
     with_crf = ["crf_mask" in sample for sample in samples]
     if any(with_crf) and not all(with_crf):
-        raise ValueError(f"save_mask_panels: 'crf_mask' given for {sum(with_crf)} of "
-                         f"{len(samples)} samples; give it for all or none")
+        raise ValueError(
+            f"save_mask_panels: 'crf_mask' given for {sum(with_crf)} of "
+            f"{len(samples)} samples; give it for all or none"
+        )
     titles = PANEL_TITLES + ((CRF_TITLE,) if all(with_crf) else ())
     height, width = np.asarray(samples[0]["image"]).shape[:2]
     panel_w = 3.0
     panel_h = max(1.5, min(6.0, panel_w * height / width)) + 0.6
-    fig = Figure(figsize=(len(titles) * panel_w, panel_h * len(samples) + (0.5 if title else 0)),
-                 layout="constrained")
+    fig = Figure(
+        figsize=(len(titles) * panel_w, panel_h * len(samples) + (0.5 if title else 0)),
+        layout="constrained",
+    )
     rows = np.atleast_1d(fig.subfigures(len(samples), 1))
     for row, sample in zip(rows, samples):
         image = np.asarray(sample["image"])
@@ -176,19 +195,28 @@ def save_mask_panels(samples: Sequence[Mapping[str, object]], path: str | Path,
     return _save(fig, path)
 
 
-def _region_overlay(ax: Axes, image: np.ndarray, region: np.ndarray,
-                    truth: np.ndarray) -> None:
+def _region_overlay(ax: Axes, image: np.ndarray, region: np.ndarray, truth: np.ndarray) -> None:
     """``image`` with ``region`` (a binary mask) tinted red and the outline of ``truth``."""
     ax.imshow(image)
-    ax.imshow(np.ma.masked_where(region < 0.5, region), cmap=REGION_COLORMAP, vmin=0.0, vmax=1.0,
-              alpha=REGION_ALPHA, interpolation="nearest")
+    ax.imshow(
+        np.ma.masked_where(region < 0.5, region),
+        cmap=REGION_COLORMAP,
+        vmin=0.0,
+        vmax=1.0,
+        alpha=REGION_ALPHA,
+        interpolation="nearest",
+    )
     if truth.min() != truth.max():
         ax.contour(truth, levels=[0.5], colors=TRUTH_OUTLINE, linewidths=1.0)
 
 
-def save_method_comparison(images: Sequence[np.ndarray], truths: Sequence[np.ndarray],
-                           methods: Sequence[tuple[str, Sequence[np.ndarray]]],
-                           path: str | Path, title: str | None = None) -> Path:
+def save_method_comparison(
+    images: Sequence[np.ndarray],
+    truths: Sequence[np.ndarray],
+    methods: Sequence[tuple[str, Sequence[np.ndarray]]],
+    path: str | Path,
+    title: str | None = None,
+) -> Path:
     """One row per test image: the image, its ground truth, then each method's map thresholded
     at 0.5, tinted red over the image with the ground truth outlined in yellow. ``methods``
     holds ``(label, maps)`` with one map per image. Returns the written PNG path."""
@@ -196,18 +224,22 @@ def save_method_comparison(images: Sequence[np.ndarray], truths: Sequence[np.nda
         raise ValueError(f"save_method_comparison: no image to draw into {path}")
     for label, maps in methods:
         if len(maps) != len(images):
-            raise ValueError(f"save_method_comparison: {label} has {len(maps)} maps for "
-                             f"{len(images)} images")
+            raise ValueError(
+                f"save_method_comparison: {label} has {len(maps)} maps for {len(images)} images"
+            )
     titles = ["image", "ground truth", *(label for label, _ in methods)]
     height, width = np.asarray(images[0]).shape[:2]
     panel = 2.2
-    fig = Figure(figsize=(panel * len(titles), panel * height / width * len(images) + 0.6),
-                 layout="constrained")
+    fig = Figure(
+        figsize=(panel * len(titles), panel * height / width * len(images) + 0.6),
+        layout="constrained",
+    )
     axes = np.atleast_2d(fig.subplots(len(images), len(titles)))
     for row, (image, truth) in enumerate(zip(images, truths)):
         image, truth = np.asarray(image), np.asarray(truth, dtype=float)
-        regions = [None, truth] + [(np.asarray(maps[row], dtype=float) >= 0.5).astype(float)
-                                   for _, maps in methods]
+        regions = [None, truth] + [
+            (np.asarray(maps[row], dtype=float) >= 0.5).astype(float) for _, maps in methods
+        ]
         for column, region in enumerate(regions):
             ax = axes[row, column]
             if region is None:
@@ -223,9 +255,14 @@ def save_method_comparison(images: Sequence[np.ndarray], truths: Sequence[np.nda
     return _save(fig, path)
 
 
-def plot_mask_histograms(inside_values: np.ndarray | torch.Tensor,
-                         outside_values: np.ndarray | torch.Tensor, path: str | Path,
-                         bins: int = 50, log_y: bool = False, title: str | None = None) -> Path:
+def plot_mask_histograms(
+    inside_values: np.ndarray | torch.Tensor,
+    outside_values: np.ndarray | torch.Tensor,
+    path: str | Path,
+    bins: int = 50,
+    log_y: bool = False,
+    title: str | None = None,
+) -> Path:
     """Density-normalised histograms, on [0, 1], of predicted mask values at pixels inside and
     outside the ground-truth foreground (log y axis with ``log_y``). Returns the PNG path."""
     edges = np.linspace(0.0, 1.0, bins + 1)
@@ -233,29 +270,40 @@ def plot_mask_histograms(inside_values: np.ndarray | torch.Tensor,
     for name, group in (("outside", outside_values), ("inside", inside_values)):
         array = np.asarray(torch.as_tensor(group).detach().cpu(), dtype=float).ravel()
         if array.size == 0 or not ((array >= 0) & (array <= 1)).all():
-            raise ValueError(f"plot_mask_histograms: values {name} the ground truth must be "
-                             f"non-empty and in [0, 1] ({array.size} given) for {path}")
+            raise ValueError(
+                f"plot_mask_histograms: values {name} the ground truth must be "
+                f"non-empty and in [0, 1] ({array.size} given) for {path}"
+            )
         counts.append(np.histogram(array, bins=edges)[0])
     return plot_score_histograms(np.stack(counts), path, log_y=log_y, title=title)
 
 
-def plot_score_histograms(counts: np.ndarray | torch.Tensor, path: str | Path,
-                          log_y: bool = False, title: str | None = None) -> Path:
+def plot_score_histograms(
+    counts: np.ndarray | torch.Tensor,
+    path: str | Path,
+    log_y: bool = False,
+    title: str | None = None,
+) -> Path:
     """Density-normalised histograms from pixel counts per bin of [0, 1]: row 0 for pixels
     outside the ground-truth foreground, row 1 inside (the state of ``PxAPMeter``)."""
     counts = np.asarray(torch.as_tensor(counts).cpu(), dtype=float)
     if counts.ndim != 2 or len(counts) != 2 or (counts.sum(axis=1) == 0).any():
-        raise ValueError(f"plot_score_histograms: need 2 x bins counts with pixels in both rows "
-                         f"for {path}, got shape {counts.shape}")
+        raise ValueError(
+            f"plot_score_histograms: need 2 x bins counts with pixels in both rows "
+            f"for {path}, got shape {counts.shape}"
+        )
     edges = np.linspace(0.0, 1.0, counts.shape[1] + 1)
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.subplots()
-    rows = (("inside the ground truth", counts[1], "tab:red"),
-            ("outside the ground truth", counts[0], "tab:blue"))
+    rows = (
+        ("inside the ground truth", counts[1], "tab:red"),
+        ("outside the ground truth", counts[0], "tab:blue"),
+    )
     for name, row, color in rows:
         density = row / (row.sum() * np.diff(edges))
-        ax.stairs(density, edges, fill=True, alpha=0.4, color=color,
-                  label=f"{name} ({int(row.sum())} px)")
+        ax.stairs(
+            density, edges, fill=True, alpha=0.4, color=color, label=f"{name} ({int(row.sum())} px)"
+        )
         ax.stairs(density, edges, color=color)
     if log_y:
         ax.set_yscale("log")

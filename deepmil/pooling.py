@@ -1,4 +1,5 @@
 """WILDCAT pooling: class-wise modality averaging and spatial top-k pooling."""
+
 from __future__ import annotations
 
 import torch
@@ -32,7 +33,9 @@ class ClassWisePool(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
         if channels % self.num_modalities:
-            raise ValueError(f"{channels} channels are not divisible by {self.num_modalities} modalities")
+            raise ValueError(
+                f"{channels} channels are not divisible by {self.num_modalities} modalities"
+            )
         grouped = x.view(batch, channels // self.num_modalities, self.num_modalities, height, width)
         return grouped.mean(dim=2)
 
@@ -45,8 +48,9 @@ class WildcatPool2d(nn.Module):
     off by default, matching the published method where the minimum term has no effect.
     """
 
-    def __init__(self, kmax: float, kmin: float, alpha: float, dropout: float,
-                 apply_min_term: bool = False) -> None:
+    def __init__(
+        self, kmax: float, kmin: float, alpha: float, dropout: float, apply_min_term: bool = False
+    ) -> None:
         super().__init__()
         self.kmax = kmax
         self.kmin = kmin
@@ -65,7 +69,7 @@ class WildcatPool2d(nn.Module):
             ordered, _ = torch.sort(flat, dim=2, descending=True)
             ordered = F.dropout(ordered, p=self.dropout, training=True)
             top = ordered[:, :, :k_max]
-            bottom = ordered[:, :, n - k_min:] if use_min else None
+            bottom = ordered[:, :, n - k_min :] if use_min else None
         else:
             top = torch.topk(flat, k_max, dim=2).values
             bottom = torch.topk(flat, k_min, dim=2, largest=False).values if use_min else None
@@ -75,5 +79,7 @@ class WildcatPool2d(nn.Module):
         return scores
 
     def extra_repr(self) -> str:
-        return (f"kmax={self.kmax}, kmin={self.kmin}, alpha={self.alpha}, dropout={self.dropout}, "
-                f"apply_min_term={self.apply_min_term}")
+        return (
+            f"kmax={self.kmax}, kmin={self.kmin}, alpha={self.alpha}, dropout={self.dropout}, "
+            f"apply_min_term={self.apply_min_term}"
+        )

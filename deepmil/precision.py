@@ -1,11 +1,12 @@
 """Numerical precision of a run, built once: autocast, the fp16 gradient scaler, memory format."""
+
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import ContextManager
 
 import torch
+
 from deepmil.errors import ConfigError
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -14,11 +15,14 @@ AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 def check_amp(amp: str | None, device: torch.device) -> None:
     """Refuse an unknown ``amp`` value, and ``fp16`` off CUDA (CPU autocast lacks fp16 ops)."""
     if amp is not None and amp not in AMP_DTYPES:
-        raise ConfigError(f"amp = {amp!r} is not an allowed value (expected null, 'bf16' or "
-                         f"'fp16')")
+        raise ConfigError(
+            f"amp = {amp!r} is not an allowed value (expected null, 'bf16' or 'fp16')"
+        )
     if amp == "fp16" and device.type != "cuda":
-        raise ConfigError(f"amp = 'fp16' needs a CUDA device (float16 autocast is not supported "
-                         f"for all operations on {device.type}); use amp: bf16 or null")
+        raise ConfigError(
+            f"amp = 'fp16' needs a CUDA device (float16 autocast is not supported "
+            f"for all operations on {device.type}); use amp: bf16 or null"
+        )
 
 
 @dataclass(frozen=True)
@@ -36,14 +40,13 @@ class Precision:
     scaler: torch.amp.GradScaler | None = field(default=None, compare=False)
 
     @classmethod
-    def build(cls, amp: str | None, device: torch.device,
-              channels_last: bool = False) -> Precision:
+    def build(cls, amp: str | None, device: torch.device, channels_last: bool = False) -> Precision:
         """The precision of ``amp`` on ``device``, with a fresh scaler for ``fp16``."""
         check_amp(amp, device)
         scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
         return cls(amp, device.type, channels_last, scaler)
 
-    def autocast(self, enabled: bool = True) -> ContextManager:
+    def autocast(self, enabled: bool = True) -> contextlib.AbstractContextManager:
         """``torch.autocast`` to the dtype of ``amp``; nothing for float32 or ``enabled=False``."""
         if self.amp is None or not enabled:
             return contextlib.nullcontext()

@@ -4,9 +4,11 @@ Torch-free, so that a configuration is validated without importing torch. A meth
 lives in ``deepmil.methods`` (keyed by the same names), a dataset's image pipeline in
 ``loader.py`` and its fold builder in ``create_folds.py`` (keyed by ``DatasetSpec.folds``).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 from deepmil.errors import ConfigError
 
 
@@ -21,13 +23,16 @@ class MethodInfo:
 
 
 # In the paper's table order.
-METHODS = {info.name: info for info in (
-    MethodInfo("allones", "All-ones"),
-    MethodInfo("cam", "CAM"),
-    MethodInfo("gradcam", "Grad-CAM"),
-    MethodInfo("wildcat", "WILDCAT"),
-    MethodInfo("minmax", "Min-max entropy", erases=True),
-)}
+METHODS = {
+    info.name: info
+    for info in (
+        MethodInfo("allones", "All-ones"),
+        MethodInfo("cam", "CAM"),
+        MethodInfo("gradcam", "Grad-CAM"),
+        MethodInfo("wildcat", "WILDCAT"),
+        MethodInfo("minmax", "Min-max entropy", erases=True),
+    )
+}
 METHOD_NAMES = tuple(METHODS)
 
 DEEP_STEM_MODELS = ("resnet18", "resnet50", "resnet101")
@@ -64,19 +69,51 @@ class DatasetSpec:
     mask_threshold: float | None = None
 
 
-DATASETS = {spec.name: spec for spec in (
-    DatasetSpec("glas", "GlaS-2015/Warwick QU Dataset (Released 2016_07_08)", (2,), jitter=True,
-                histology=True, crf="glas", folds={"glas": "glas"}),
-    DatasetSpec("Caltech-UCSD-Birds-200-2011", "Caltech-UCSD-Birds-200-2011", (200, 5),
-                jitter=False, histology=False, crf="cub",
-                folds={"cub": "Caltech-UCSD-Birds-200-2011",
-                       "cub5": "Caltech-UCSD-Birds-200-2011-CUB5"},
-                mask_threshold=127.5),
-    DatasetSpec("Oxford-flowers-102", "Oxford-flowers-102", (102,), jitter=False,
-                histology=False, crf="cub", folds={"oxf": "Oxford-flowers-102"}),
-    DatasetSpec("synthetic", "synthetic", None, jitter=True, histology=False, crf="cub",
-                folds={"synthetic": "synthetic"}),
-)}
+DATASETS = {
+    spec.name: spec
+    for spec in (
+        DatasetSpec(
+            "glas",
+            "GlaS-2015/Warwick QU Dataset (Released 2016_07_08)",
+            (2,),
+            jitter=True,
+            histology=True,
+            crf="glas",
+            folds={"glas": "glas"},
+        ),
+        DatasetSpec(
+            "Caltech-UCSD-Birds-200-2011",
+            "Caltech-UCSD-Birds-200-2011",
+            (200, 5),
+            jitter=False,
+            histology=False,
+            crf="cub",
+            folds={
+                "cub": "Caltech-UCSD-Birds-200-2011",
+                "cub5": "Caltech-UCSD-Birds-200-2011-CUB5",
+            },
+            mask_threshold=127.5,
+        ),
+        DatasetSpec(
+            "Oxford-flowers-102",
+            "Oxford-flowers-102",
+            (102,),
+            jitter=False,
+            histology=False,
+            crf="cub",
+            folds={"oxf": "Oxford-flowers-102"},
+        ),
+        DatasetSpec(
+            "synthetic",
+            "synthetic",
+            None,
+            jitter=True,
+            histology=False,
+            crf="cub",
+            folds={"synthetic": "synthetic"},
+        ),
+    )
+}
 DATASET_NAMES = tuple(DATASETS)
 # ``create_folds.py --dataset`` value -> the dataset it belongs to.
 FOLD_BUILDERS = {builder: spec for spec in DATASETS.values() for builder in spec.folds}

@@ -9,6 +9,7 @@ workers...) form one setting: its row gives the mean ± sample standard deviatio
 were evaluated with the CRF, F1+ and F1- after the CRF. One table per dataset; rows follow the
 order all-ones, CAM, Grad-CAM, WILDCAT, min-max entropy (by number of erasing passes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,15 +29,27 @@ from deepmil.errors import DeepMILError
 from deepmil.experiment import load_prediction_samples
 from deepmil.registry import METHOD_NAMES, METHODS
 
-COLUMNS = (("cl_error", "cl. error (%)", r"cl. error (\%)"), ("f1_pos", "F1+ (%)", r"F1$^+$ (\%)"),
-           ("f1_neg", "F1- (%)", r"F1$^-$ (\%)"), ("pxap", "PxAP (%)", r"PxAP (\%)"),
-           ("crf_f1_pos", "CRF F1+ (%)", r"CRF F1$^+$ (\%)"),
-           ("crf_f1_neg", "CRF F1- (%)", r"CRF F1$^-$ (\%)"))
+COLUMNS = (
+    ("cl_error", "cl. error (%)", r"cl. error (\%)"),
+    ("f1_pos", "F1+ (%)", r"F1$^+$ (\%)"),
+    ("f1_neg", "F1- (%)", r"F1$^-$ (\%)"),
+    ("pxap", "PxAP (%)", r"PxAP (\%)"),
+    ("crf_f1_pos", "CRF F1+ (%)", r"CRF F1$^+$ (\%)"),
+    ("crf_f1_neg", "CRF F1- (%)", r"CRF F1$^-$ (\%)"),
+)
 NOT_COMPARED = frozenset(RUN_OPTIONS + IGNORED_KEYS)
 FIGURE_IMAGES = 4
 STORED_IMAGES = 6
-LATEX_SPECIALS = {"\\": r"\textbackslash{}", "_": r"\_", "%": r"\%", "&": r"\&", "#": r"\#",
-                  "$": r"\$", "{": r"\{", "}": r"\}"}
+LATEX_SPECIALS = {
+    "\\": r"\textbackslash{}",
+    "_": r"\_",
+    "%": r"\%",
+    "&": r"\&",
+    "#": r"\#",
+    "$": r"\$",
+    "{": r"\{",
+    "}": r"\}",
+}
 
 
 class ReportError(DeepMILError, ValueError):
@@ -76,8 +89,10 @@ def read_run(folder: Path, split: str) -> Run:
     config = yaml.safe_load(files["config.yaml"].read_text(encoding="utf-8"))
     final = json.loads(files["final_metrics.json"].read_text(encoding="utf-8"))
     if split not in final:
-        raise ReportError(f"{files['final_metrics.json']}: no '{split}' metrics "
-                          f"(found {', '.join(sorted(final))})")
+        raise ReportError(
+            f"{files['final_metrics.json']}: no '{split}' metrics "
+            f"(found {', '.join(sorted(final))})"
+        )
     return Run(folder, merge_sections(default_values(), config), final[split])
 
 
@@ -98,8 +113,12 @@ def setting_key(config: dict) -> str:
 def row_rank(setting: Setting) -> tuple:
     """Sort key: dataset, then the paper's row order, then the number of erasing passes."""
     config = setting.runs[0].config
-    return (setting.dataset, METHOD_NAMES.index(config["method"]), config["nbr_times_erase"],
-            setting.label)
+    return (
+        setting.dataset,
+        METHOD_NAMES.index(config["method"]),
+        config["nbr_times_erase"],
+        setting.label,
+    )
 
 
 def flatten(config: dict, prefix: str = "") -> dict[str, Any]:
@@ -162,8 +181,11 @@ def cell(setting: Setting, key: str, latex: bool) -> str:
 
 def shown_columns(settings: list[Setting]) -> list[tuple[str, str, str]]:
     """The columns, without the CRF ones when no run was evaluated with the CRF."""
-    return [column for column in COLUMNS
-            if any(column[0] in run.metrics for setting in settings for run in setting.runs)]
+    return [
+        column
+        for column in COLUMNS
+        if any(column[0] in run.metrics for setting in settings for run in setting.runs)
+    ]
 
 
 def by_dataset(settings: list[Setting]) -> dict[str, list[Setting]]:
@@ -184,9 +206,12 @@ def markdown_tables(settings: list[Setting], split: str) -> str:
     parts = []
     for dataset, rows in by_dataset(settings).items():
         columns = shown_columns(rows)
-        lines = [f"### {dataset}: {split} set, mean ± std over seeds", "",
-                 "| method | seeds | " + " | ".join(title for _, title, _ in columns) + " |",
-                 "|---|---|" + "---:|" * len(columns)]
+        lines = [
+            f"### {dataset}: {split} set, mean ± std over seeds",
+            "",
+            "| method | seeds | " + " | ".join(title for _, title, _ in columns) + " |",
+            "|---|---|" + "---:|" * len(columns),
+        ]
         for setting in rows:
             cells = " | ".join(cell(setting, key, latex=False) for key, _, _ in columns)
             lines.append(f"| {setting.label} | {seeds_text(setting)} | {cells} |")
@@ -204,16 +229,23 @@ def latex_tables(settings: list[Setting], split: str) -> str:
     parts = []
     for dataset, rows in by_dataset(settings).items():
         columns = shown_columns(rows)
-        lines = [r"\begin{table}[t]", r"\centering",
-                 r"\begin{tabular}{ll" + "r" * len(columns) + "}", r"\toprule",
-                 "Method & Seeds & " + " & ".join(title for _, _, title in columns) + r" \\",
-                 r"\midrule"]
+        lines = [
+            r"\begin{table}[t]",
+            r"\centering",
+            r"\begin{tabular}{ll" + "r" * len(columns) + "}",
+            r"\toprule",
+            "Method & Seeds & " + " & ".join(title for _, _, title in columns) + r" \\",
+            r"\midrule",
+        ]
         for setting in rows:
             cells = " & ".join(cell(setting, key, latex=True) for key, _, _ in columns)
             lines.append(f"{latex_text(setting.label)} & {seeds_text(setting)} & {cells} \\\\")
-        lines += [r"\bottomrule", r"\end{tabular}",
-                  f"\\caption{{{dataset}: {split} set, mean $\\pm$ standard deviation over "
-                  f"seeds.}}", r"\end{table}"]
+        lines += [
+            r"\bottomrule",
+            r"\end{tabular}",
+            f"\\caption{{{dataset}: {split} set, mean $\\pm$ standard deviation over seeds.}}",
+            r"\end{table}",
+        ]
         parts.append("\n".join(lines) + "\n")
     return "\n".join(parts)
 
@@ -222,8 +254,10 @@ def figure_samples(setting: Setting) -> list[dict]:
     """The stored test predictions of the setting's first run (lowest seed)."""
     path = setting.runs[0].folder / "test_predictions.npz"
     if not path.is_file():
-        raise ReportError(f"{setting.runs[0].folder}: {path.name} not found (written by the "
-                          f"final evaluation); cannot draw the comparison figure")
+        raise ReportError(
+            f"{setting.runs[0].folder}: {path.name} not found (written by the "
+            f"final evaluation); cannot draw the comparison figure"
+        )
     return load_prediction_samples(path)
 
 
@@ -238,13 +272,22 @@ def comparison_figure(settings: list[Setting], path: Path, images: int) -> list[
         indices = [sample["index"] for sample in reference]
         for label, chosen in samples.items():
             if [sample["index"] for sample in chosen] != indices:
-                raise ReportError(f"{label}: its stored test images {[s['index'] for s in chosen]}"
-                                  f" differ from {indices}; the runs used different test sets")
-        methods = [(label, [sample["pred_mask"] for sample in chosen])
-                   for label, chosen in samples.items()]
-        written.append(plots.save_method_comparison(
-            [sample["image"] for sample in reference], [sample["gt_mask"] for sample in reference],
-            methods, target, title=f"{dataset}: test images, masks thresholded at 0.5"))
+                raise ReportError(
+                    f"{label}: its stored test images {[s['index'] for s in chosen]}"
+                    f" differ from {indices}; the runs used different test sets"
+                )
+        methods = [
+            (label, [sample["pred_mask"] for sample in chosen]) for label, chosen in samples.items()
+        ]
+        written.append(
+            plots.save_method_comparison(
+                [sample["image"] for sample in reference],
+                [sample["gt_mask"] for sample in reference],
+                methods,
+                target,
+                title=f"{dataset}: test images, masks thresholded at 0.5",
+            )
+        )
     return written
 
 
@@ -256,10 +299,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--markdown", type=Path, help="write the Markdown table(s) here")
     parser.add_argument("--latex", type=Path, help="write the LaTeX table(s) here")
     parser.add_argument("--figure", type=Path, help="write the comparison figure (PNG) here")
-    parser.add_argument("--images", type=int, default=FIGURE_IMAGES,
-                        choices=range(1, STORED_IMAGES + 1), metavar=f"1..{STORED_IMAGES}",
-                        help=f"test images in the figure (default {FIGURE_IMAGES}; each run "
-                             f"stores {STORED_IMAGES})")
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=FIGURE_IMAGES,
+        choices=range(1, STORED_IMAGES + 1),
+        metavar=f"1..{STORED_IMAGES}",
+        help=f"test images in the figure (default {FIGURE_IMAGES}; each run "
+        f"stores {STORED_IMAGES})",
+    )
     return parser.parse_args(argv)
 
 

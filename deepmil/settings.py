@@ -1,5 +1,6 @@
 """The settings of a run that the training and evaluation loops read, built once from the
 validated configuration."""
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -31,18 +32,24 @@ class RunSettings:
     exact_crop: bool = False
 
     @classmethod
-    def from_config(cls, config: Mapping[str, Any], device: torch.device,
-                    precision: Precision | None = None) -> RunSettings:
+    def from_config(
+        cls, config: Mapping[str, Any], device: torch.device, precision: Precision | None = None
+    ) -> RunSettings:
         """The settings of a validated configuration on ``device``; ``precision`` (built once
         per run, since it holds the fp16 scaler) defaults to the configuration's."""
         if precision is None:
             precision = Precision.build(config["amp"], device, config["channels_last"])
-        return cls(method=get_method(config["method"]), device=device, seed=config["MYSEED"],
-                   precision=precision,
-                   erasing=Erasing(config["nbr_times_erase"], config["sigma_erase"],
-                                   config["epoch_start_erasing"]),
-                   metrics=MetricSettings.from_config(config["metrics"]),
-                   exact_crop=config["exact_eval_crop"])
+        return cls(
+            method=get_method(config["method"]),
+            device=device,
+            seed=config["MYSEED"],
+            precision=precision,
+            erasing=Erasing(
+                config["nbr_times_erase"], config["sigma_erase"], config["epoch_start_erasing"]
+            ),
+            metrics=MetricSettings.from_config(config["metrics"]),
+            exact_crop=config["exact_eval_crop"],
+        )
 
     def erasing_at(self, epoch: int) -> Erasing | None:
         """The erasing settings in ``epoch``, or None when erasing does not run then."""

@@ -5,6 +5,7 @@ Images are ``H x W x 3`` uint8 RGB arrays. A stain matrix is ``2 x 3``: one unit
 density (OD) vector per stain, hematoxylin (the larger red OD) first. Concentrations are
 ``H x W x 2`` and ``OD = concentrations @ stain_matrix``.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -21,8 +22,10 @@ PERCENTILE = 99
 def _check_image(image: np.ndarray) -> np.ndarray:
     image = np.asarray(image)
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
-        raise ValueError(f"stain tools need an HxWx3 uint8 RGB image, got shape {image.shape} "
-                         f"dtype {image.dtype}")
+        raise ValueError(
+            f"stain tools need an HxWx3 uint8 RGB image, got shape {image.shape} "
+            f"dtype {image.dtype}"
+        )
     return image
 
 
@@ -53,9 +56,18 @@ def vahadane_stain_matrix(image: np.ndarray) -> np.ndarray:
     od = rgb_to_od(image)[tissue_mask(image)]
     if len(od) < 2:
         raise ValueError("vahadane_stain_matrix: fewer than 2 tissue pixels")
-    dictionary = spams.trainDL(np.asfortranarray(od.T), K=2, lambda1=DICTIONARY_LAMBDA, mode=2,
-                               modeD=0, posAlpha=True, posD=True, iter=DICTIONARY_ITERATIONS,
-                               numThreads=1, verbose=False)
+    dictionary = spams.trainDL(
+        np.asfortranarray(od.T),
+        K=2,
+        lambda1=DICTIONARY_LAMBDA,
+        mode=2,
+        modeD=0,
+        posAlpha=True,
+        posD=True,
+        iter=DICTIONARY_ITERATIONS,
+        numThreads=1,
+        verbose=False,
+    )
     stains = dictionary.T / np.linalg.norm(dictionary.T, axis=1, keepdims=True)
     return stains[np.argsort(-stains[:, 0], kind="stable")]
 
@@ -63,9 +75,14 @@ def vahadane_stain_matrix(image: np.ndarray) -> np.ndarray:
 def stain_concentrations(image: np.ndarray, stain_matrix: np.ndarray) -> np.ndarray:
     """``H x W x 2`` non-negative concentrations by SPAMS positive Lasso (lambda 0.01)."""
     od = rgb_to_od(image)
-    codes = spams.lasso(np.asfortranarray(od.reshape(-1, 3).T),
-                        D=np.asfortranarray(np.asarray(stain_matrix, dtype=np.float64).T),
-                        mode=2, lambda1=LASSO_LAMBDA, pos=True, numThreads=1)
+    codes = spams.lasso(
+        np.asfortranarray(od.reshape(-1, 3).T),
+        D=np.asfortranarray(np.asarray(stain_matrix, dtype=np.float64).T),
+        mode=2,
+        lambda1=LASSO_LAMBDA,
+        pos=True,
+        numThreads=1,
+    )
     return codes.toarray().T.reshape(*od.shape[:2], 2)
 
 

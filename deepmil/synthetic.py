@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 from scipy import ndimage
+
 from deepmil.errors import DataError
 
 GENERATOR_VERSION = 1
@@ -384,8 +385,10 @@ def ensure_synthetic_dataset(root: Path, spec: SyntheticSpec) -> bool:
     except BaseException as error:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(error, OSError):
-            raise OSError(error.errno, f"cannot write the synthetic dataset into {root}: "
-                                       f"{error.strerror or error}") from error
+            raise OSError(
+                error.errno,
+                f"cannot write the synthetic dataset into {root}: {error.strerror or error}",
+            ) from error
         raise
     _replace_folder(root, staging)
     return True

@@ -1,6 +1,7 @@
 """Fixtures shared by the test modules: the tiny synthetic dataset of the command-line tests,
 one reference training run on it, and the in-process command line. Plain helpers live in
 tests/helpers.py."""
+
 import logging
 import shutil
 import signal
@@ -22,8 +23,9 @@ def dataset(tmp_path_factory) -> Path:
     """A folder holding ``data/`` and ``folds/`` of the tiny synthetic dataset."""
     root = tmp_path_factory.mktemp("dataset")
     config, _ = get_yaml_args(tiny_args(root))
-    ensure_synthetic_folds(root / "data", root / "folds",
-                           SyntheticSpec.from_config(config["synthetic"]), "synthetic")
+    ensure_synthetic_folds(
+        root / "data", root / "folds", SyntheticSpec.from_config(config["synthetic"]), "synthetic"
+    )
     return root
 
 
@@ -60,8 +62,10 @@ def cli(monkeypatch, capsys):
     handlers = {signum: signal.getsignal(signum) for signum in (signal.SIGINT, signal.SIGTERM)}
     root = logging.getLogger()
     log_handlers, log_level = root.handlers[:], root.level
-    deterministic = (torch.are_deterministic_algorithms_enabled(),
-                     torch.is_deterministic_algorithms_warn_only_enabled())
+    deterministic = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
 
     def call(args: list[str]) -> tuple[int, str]:
         code = train_deepmil.main(args)

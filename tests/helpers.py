@@ -1,5 +1,6 @@
 """Shared test helpers: the repository root, the tiny runs of ``train_deepmil.py`` and what they
 write, a tiny model and a tiny synthetic dataset."""
+
 import json
 import os
 import subprocess
@@ -25,13 +26,42 @@ BATCH = 4
 
 def tiny_args(root: Path, *extra: str, exp_root: str = "exps") -> list[str]:
     """Three epochs (erasing from epoch 2) on the dataset of ``root``; ``extra`` can override."""
-    return ["--yaml", "synthetic-4-erasing.yaml", "--cudaid", "cpu", "--epoch", "3",
-            "--nbrerase", "2", "--epocherase", "2", "--bsize", str(BATCH), "--kmax", "1.0",
-            "--kmin", "1.0", "--set", "synthetic.image_size=64", "--set", "crop_size=[64, 64]",
-            "--set", "synthetic.n_train=16", "--set", "synthetic.n_test=6",
-            "--set", "num_workers=0", "--set", f"fold_folder={root / 'folds'}",
-            "--data-root", str(root / "data"), "--exp-root", str(root / exp_root), "--quiet",
-            *extra]
+    return [
+        "--yaml",
+        "synthetic-4-erasing.yaml",
+        "--cudaid",
+        "cpu",
+        "--epoch",
+        "3",
+        "--nbrerase",
+        "2",
+        "--epocherase",
+        "2",
+        "--bsize",
+        str(BATCH),
+        "--kmax",
+        "1.0",
+        "--kmin",
+        "1.0",
+        "--set",
+        "synthetic.image_size=64",
+        "--set",
+        "crop_size=[64, 64]",
+        "--set",
+        "synthetic.n_train=16",
+        "--set",
+        "synthetic.n_test=6",
+        "--set",
+        "num_workers=0",
+        "--set",
+        f"fold_folder={root / 'folds'}",
+        "--data-root",
+        str(root / "data"),
+        "--exp-root",
+        str(root / exp_root),
+        "--quiet",
+        *extra,
+    ]
 
 
 def command(args: list[str]) -> list[str]:
@@ -46,16 +76,29 @@ def clean_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_cli(args: list[str], env: dict[str, str] | None = None,
-            timeout: float = 600) -> subprocess.CompletedProcess:
+def run_cli(
+    args: list[str], env: dict[str, str] | None = None, timeout: float = 600
+) -> subprocess.CompletedProcess:
     """``train_deepmil.py args`` in a subprocess (MYSEED unset unless ``env`` sets it)."""
-    return subprocess.run(command(args), cwd=REPO, env=clean_env(**(env or {})),
-                          capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(
+        command(args),
+        cwd=REPO,
+        env=clean_env(**(env or {})),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def start_cli(args: list[str]) -> subprocess.Popen:
-    return subprocess.Popen(command(args), cwd=REPO, env=clean_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+        command(args),
+        cwd=REPO,
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
 
 
 def wait_for_epochs(process: subprocess.Popen, metrics: Path, count: int) -> None:
@@ -104,10 +147,24 @@ def tiny_net(k: float = 0.5) -> MinMaxEntropyNet:
 def tiny_synthetic_config(root: Path, n_train: int = 8, n_test: int = 5) -> dict:
     """Generate a 64-px synthetic dataset under ``root`` and return a configuration (schema
     defaults elsewhere) whose loader keys point at it."""
-    ensure_synthetic_folds(root / "data", root / "folds",
-                           SyntheticSpec(image_size=64, n_train=n_train, n_test=n_test))
-    return merge_sections(default_values(), {"dataset": "synthetic", "data_root": str(root / "data"),
-            "fold_folder": str(root / "folds"), "fold_name": None, "split": 0, "fold": 0,
-            "name_classes": "encoding.yaml", "model": {"num_classes": 2}, "crop_size": [64, 64],
-            "padding_size": [0.5, 0.5], "padding_mode": "reflect", "up_scale_small_dim_to": None,
-            "MYSEED": 0})
+    ensure_synthetic_folds(
+        root / "data", root / "folds", SyntheticSpec(image_size=64, n_train=n_train, n_test=n_test)
+    )
+    return merge_sections(
+        default_values(),
+        {
+            "dataset": "synthetic",
+            "data_root": str(root / "data"),
+            "fold_folder": str(root / "folds"),
+            "fold_name": None,
+            "split": 0,
+            "fold": 0,
+            "name_classes": "encoding.yaml",
+            "model": {"num_classes": 2},
+            "crop_size": [64, 64],
+            "padding_size": [0.5, 0.5],
+            "padding_mode": "reflect",
+            "up_scale_small_dim_to": None,
+            "MYSEED": 0,
+        },
+    )

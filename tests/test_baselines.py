@@ -1,22 +1,35 @@
 """Baselines: CAM / WILDCAT / Grad-CAM / all-ones maps, training step and evaluation."""
+
 import cv2
 import numpy as np
 import pytest
 import torch
 
 import loader
+from deepmil.backbone import load_trunk_weights
 from deepmil.baselines import CAMNet, WildcatNet, class_map_mask, grad_cam
 from deepmil.engine import classifier_step, evaluate, train_one_epoch
 from deepmil.methods import METHODS, get_method
-from deepmil.backbone import load_trunk_weights
 from deepmil.model import MinMaxEntropyNet, minmax_normalise
 from deepmil.registry import METHOD_NAMES
 from deepmil.settings import RunSettings
 from helpers import tiny_synthetic_config
 
-MODEL_CONFIG = {"name": "resnet18", "num_classes": 3, "modalities": 2, "kmax": 1.0, "kmin": 1.0,
-                "alpha": 0.0, "dropout": 0.0, "sigma": 0.5, "w": 8.0, "scale": [0.5, 0.5],
-                "pretrained": False, "apply_min_term": False, "mask_normalization": "batch"}
+MODEL_CONFIG = {
+    "name": "resnet18",
+    "num_classes": 3,
+    "modalities": 2,
+    "kmax": 1.0,
+    "kmin": 1.0,
+    "alpha": 0.0,
+    "dropout": 0.0,
+    "sigma": 0.5,
+    "w": 8.0,
+    "scale": [0.5, 0.5],
+    "pretrained": False,
+    "apply_min_term": False,
+    "mask_normalization": "batch",
+}
 
 
 def cam_net() -> CAMNet:
@@ -43,8 +56,9 @@ def test_cam_map_is_the_weighted_sum_of_feature_maps():
     assert torch.allclose(out.maps[0, 0], expected_class0.float())
     assert torch.allclose(out.maps[0, 1], expected_class1.float())
     means = torch.tensor([7 / 4, 6 / 4])
-    expected_scores = torch.tensor([2 * means[0] - means[1] + 0.25,
-                                    0.5 * means[0] + 3 * means[1] - 0.5])
+    expected_scores = torch.tensor(
+        [2 * means[0] - means[1] + 0.25, 0.5 * means[0] + 3 * means[1] - 0.5]
+    )
     assert torch.allclose(out.scores[0], expected_scores)
 
 
@@ -57,8 +71,9 @@ def test_class_map_mask_picks_the_class_and_normalises_each_image():
     assert torch.allclose(mask[1, 0], torch.tensor([[0.0, 0.5], [0.5, 1.0]]))
     upsampled = class_map_mask(maps, torch.tensor([1, 0]), (3, 3))
     assert torch.allclose(upsampled[0, 0, 1, 1], torch.tensor(0.5))
-    assert torch.equal(minmax_normalise(torch.full((1, 1, 2, 2), 5.0), per_sample=True),
-                       torch.zeros(1, 1, 2, 2))
+    assert torch.equal(
+        minmax_normalise(torch.full((1, 1, 2, 2), 5.0), per_sample=True), torch.zeros(1, 1, 2, 2)
+    )
 
 
 def test_grad_cam_of_a_gap_linear_classifier_is_the_rectified_cam():
@@ -89,9 +104,16 @@ def test_grad_cam_localises_the_predicted_class_by_default():
     assert not torch.equal(masks, other)
 
 
-@pytest.mark.parametrize("method, network_type", [
-    ("cam", CAMNet), ("wildcat", WildcatNet), ("gradcam", CAMNet), ("allones", CAMNet),
-    ("minmax", MinMaxEntropyNet)])
+@pytest.mark.parametrize(
+    "method, network_type",
+    [
+        ("cam", CAMNet),
+        ("wildcat", WildcatNet),
+        ("gradcam", CAMNet),
+        ("allones", CAMNet),
+        ("minmax", MinMaxEntropyNet),
+    ],
+)
 def test_each_method_builds_its_network(method, network_type):
     assert type(get_method(method).build(MODEL_CONFIG)) is network_type
 
@@ -135,8 +157,11 @@ def test_classifier_step_trains_the_baseline(method):
 
 def test_baselines_load_imagenet_trunk_weights_without_their_heads():
     source = MinMaxEntropyNet("resnet18", 2).state_dict()
-    trunk_only = {key: value for key, value in source.items()
-                  if not key.startswith(("headseg.", "cl32.")) and key not in ("sigma", "w")}
+    trunk_only = {
+        key: value
+        for key, value in source.items()
+        if not key.startswith(("headseg.", "cl32.")) and key not in ("sigma", "w")
+    }
     trunk_only["fc.weight"] = torch.zeros(1000, 512)
     for network in (CAMNet("resnet18", 3), get_method("wildcat").build(MODEL_CONFIG)):
         load_trunk_weights(network, trunk_only)
@@ -148,8 +173,10 @@ def synthetic_loaders(tmp_path_factory):
     config = tiny_synthetic_config(tmp_path_factory.mktemp("baselines"), n_test=4)
     train_set = loader.build_dataset(config, "train", train=True)
     test_set = loader.build_dataset(config, "test", train=False)
-    return (loader.make_loader(train_set, 4, 0, shuffle=True, seed=0),
-            loader.make_loader(test_set, 1, 0, shuffle=False, seed=0))
+    return (
+        loader.make_loader(train_set, 4, 0, shuffle=True, seed=0),
+        loader.make_loader(test_set, 1, 0, shuffle=False, seed=0),
+    )
 
 
 @pytest.mark.parametrize("method", ["cam", "wildcat", "gradcam", "allones"])
@@ -171,6 +198,5 @@ def test_baselines_train_an_epoch_and_evaluate(method, synthetic_loaders):
         assert record["mask"].shape == record["truth"].shape
         assert 0 <= record["mask"].min() and record["mask"].max() <= 1
     if method == "allones":
-        assert evaluation.summary["f1_pos"] == pytest.approx(
-            evaluation.summary["f1_pos_all_ones"])
+        assert evaluation.summary["f1_pos"] == pytest.approx(evaluation.summary["f1_pos_all_ones"])
         assert evaluation.summary["f1_neg"] == 0.0

@@ -1,4 +1,5 @@
 """Configuration: shipped files, schema errors, command-line overrides, seed and data root."""
+
 import logging
 import subprocess
 import sys
@@ -23,16 +24,22 @@ from deepmil.config import (
     validate_config,
 )
 
-PAPER_CONFIGS = [f"{name}-{tag}.yaml" for name in ("glas", "cub5", "cuball", "oxford-flowers")
-                 for tag in ("no-erasing", "4-erasing")]
+PAPER_CONFIGS = [
+    f"{name}-{tag}.yaml"
+    for name in ("glas", "cub5", "cuball", "oxford-flowers")
+    for tag in ("no-erasing", "4-erasing")
+]
 SYNTHETIC_CONFIGS = ["synthetic-no-erasing.yaml", "synthetic-4-erasing.yaml"]
 BASELINES = ("cam", "wildcat", "gradcam", "allones")
 DATASET_PREFIXES = ("glas", "cub5", "cuball", "oxford-flowers", "synthetic")
-BASELINE_CONFIGS = [f"{prefix}-{method}.yaml" for prefix in DATASET_PREFIXES
-                    for method in BASELINES]
-README_COMMAND = ("--cudaid 1 --yaml glas-no-erase.yaml --kmin 0.09 --kmax 0.09 --dout 0.0 "
-                  "--epoch 2 --nbrerase 0 --epocherase 1 --stepsize 40 --bsize 8 --modalities 5 "
-                  "--lr 0.001 --fold 0 --wdecay 1e-05 --alpha 0.2")
+BASELINE_CONFIGS = [
+    f"{prefix}-{method}.yaml" for prefix in DATASET_PREFIXES for method in BASELINES
+]
+README_COMMAND = (
+    "--cudaid 1 --yaml glas-no-erase.yaml --kmin 0.09 --kmax 0.09 --dout 0.0 "
+    "--epoch 2 --nbrerase 0 --epocherase 1 --stepsize 40 --bsize 8 --modalities 5 "
+    "--lr 0.001 --fold 0 --wdecay 1e-05 --alpha 0.2"
+)
 
 
 @pytest.fixture(autouse=True)
@@ -76,38 +83,97 @@ def test_every_config_loads(name):
 
 
 COMMON_VALUES = {
-    "MYSEED": 0, "split": 0, "fold": 0, "fold_folder": "./folds", "resize": None,
-    "crop_size": [480, 480], "pad_eval": False, "padding_mode": "reflect", "batch_size": 8,
-    "num_workers": 8, "amp": None, "channels_last": False, "max_epochs": 400,
-    "epoch_start_erasing": 1, "sigma_erase": 10,
-    "alpha": 128, "height_tag": 50, "bins": 100, "rangeh": [0, 1], "extension": ["jpeg", "JPEG"],
-    "model.name": "resnet101", "model.pretrained": True, "model.num_masks": 1,
-    "model.scale": [0.5, 0.5], "model.modalities": 5, "model.kmax": 0.09, "model.kmin": 0.09,
-    "model.alpha": 0.0, "model.sigma": 0.5, "model.w": 8, "optimizer.name": "sgd",
-    "optimizer.lr": 0.001, "optimizer.momentum": 0.9, "optimizer.nesterov": True,
-    "optimizer.dampening": 0.0, "optimizer.weight_decay": 1e-5,
-    "optimizer.lr_scheduler.name": "mystep", "optimizer.lr_scheduler.step_size": 40,
-    "optimizer.lr_scheduler.gamma": 0.1, "optimizer.lr_scheduler.min_lr": 1e-7,
+    "MYSEED": 0,
+    "split": 0,
+    "fold": 0,
+    "fold_folder": "./folds",
+    "resize": None,
+    "crop_size": [480, 480],
+    "pad_eval": False,
+    "padding_mode": "reflect",
+    "batch_size": 8,
+    "num_workers": 8,
+    "amp": None,
+    "channels_last": False,
+    "max_epochs": 400,
+    "epoch_start_erasing": 1,
+    "sigma_erase": 10,
+    "alpha": 128,
+    "height_tag": 50,
+    "bins": 100,
+    "rangeh": [0, 1],
+    "extension": ["jpeg", "JPEG"],
+    "model.name": "resnet101",
+    "model.pretrained": True,
+    "model.num_masks": 1,
+    "model.scale": [0.5, 0.5],
+    "model.modalities": 5,
+    "model.kmax": 0.09,
+    "model.kmin": 0.09,
+    "model.alpha": 0.0,
+    "model.sigma": 0.5,
+    "model.w": 8,
+    "optimizer.name": "sgd",
+    "optimizer.lr": 0.001,
+    "optimizer.momentum": 0.9,
+    "optimizer.nesterov": True,
+    "optimizer.dampening": 0.0,
+    "optimizer.weight_decay": 1e-5,
+    "optimizer.lr_scheduler.name": "mystep",
+    "optimizer.lr_scheduler.step_size": 40,
+    "optimizer.lr_scheduler.gamma": 0.1,
+    "optimizer.lr_scheduler.min_lr": 1e-7,
     "optimizer.lr_scheduler.last_epoch": -1,
 }
 DATASET_VALUES = {
-    "glas": {"dataset": "glas", "fold_name": None, "img_extension": "bmp",
-             "name_classes": {"benign": 0, "malignant": 1}, "nbr_classes": 2,
-             "model.num_classes": 2, "up_scale_small_dim_to": None, "padding_size": [0.5, 0.5],
-             "model.dropout": 0.75, "path_pre_trained": None},
-    "cub5": {"dataset": "Caltech-UCSD-Birds-200-2011",
-             "fold_name": "Caltech-UCSD-Birds-200-2011-CUB5", "img_extension": "bmp",
-             "name_classes": "encoding.yaml", "nbr_classes": 5, "model.num_classes": 5,
-             "up_scale_small_dim_to": 500, "padding_size": None, "model.dropout": 0.85,
-             "path_pre_trained": None},
-    "cuball": {"dataset": "Caltech-UCSD-Birds-200-2011", "fold_name": None,
-               "img_extension": "bmp", "name_classes": "encoding.yaml", "nbr_classes": 200,
-               "model.num_classes": 200, "up_scale_small_dim_to": 500, "padding_size": None,
-               "model.dropout": 0.85, "path_pre_trained": None},
-    "oxford-flowers": {"dataset": "Oxford-flowers-102", "fold_name": None, "img_extension": "jpg",
-                       "name_classes": "encoding.yaml", "nbr_classes": 102,
-                       "model.num_classes": 102, "up_scale_small_dim_to": 500,
-                       "padding_size": None, "model.dropout": 0.85, "path_pre_trained": None},
+    "glas": {
+        "dataset": "glas",
+        "fold_name": None,
+        "img_extension": "bmp",
+        "name_classes": {"benign": 0, "malignant": 1},
+        "nbr_classes": 2,
+        "model.num_classes": 2,
+        "up_scale_small_dim_to": None,
+        "padding_size": [0.5, 0.5],
+        "model.dropout": 0.75,
+        "path_pre_trained": None,
+    },
+    "cub5": {
+        "dataset": "Caltech-UCSD-Birds-200-2011",
+        "fold_name": "Caltech-UCSD-Birds-200-2011-CUB5",
+        "img_extension": "bmp",
+        "name_classes": "encoding.yaml",
+        "nbr_classes": 5,
+        "model.num_classes": 5,
+        "up_scale_small_dim_to": 500,
+        "padding_size": None,
+        "model.dropout": 0.85,
+        "path_pre_trained": None,
+    },
+    "cuball": {
+        "dataset": "Caltech-UCSD-Birds-200-2011",
+        "fold_name": None,
+        "img_extension": "bmp",
+        "name_classes": "encoding.yaml",
+        "nbr_classes": 200,
+        "model.num_classes": 200,
+        "up_scale_small_dim_to": 500,
+        "padding_size": None,
+        "model.dropout": 0.85,
+        "path_pre_trained": None,
+    },
+    "oxford-flowers": {
+        "dataset": "Oxford-flowers-102",
+        "fold_name": None,
+        "img_extension": "jpg",
+        "name_classes": "encoding.yaml",
+        "nbr_classes": 102,
+        "model.num_classes": 102,
+        "up_scale_small_dim_to": 500,
+        "padding_size": None,
+        "model.dropout": 0.85,
+        "path_pre_trained": None,
+    },
 }
 
 
@@ -115,8 +181,11 @@ DATASET_VALUES = {
 def test_paper_values(name):
     config = load_config(resolve_yaml_path(name))
     prefix = name.rsplit("-", 2)[0]
-    expected = {**COMMON_VALUES, **DATASET_VALUES[prefix],
-                "nbr_times_erase": 0 if "no-erasing" in name else 4}
+    expected = {
+        **COMMON_VALUES,
+        **DATASET_VALUES[prefix],
+        "nbr_times_erase": 0 if "no-erasing" in name else 4,
+    }
     for key, value in expected.items():
         assert get(config, key) == value, key
 
@@ -129,23 +198,39 @@ def test_upstream_keys_are_accepted_and_ignored_without_warnings(caplog):
     assert config["show_hists"] is True and config["floating"] == 3
     assert caplog.text == ""
     assert IGNORED_KEYS == (
-        "img_extension", "erase_in_inference", "normalize", "alpha", "floating", "height_tag",
-        "use_tags", "show_hists", "bins", "rangeh", "extension", "model.num_masks",
-        "model.smooth_out", "optimizer.lr_scheduler.last_epoch")
+        "img_extension",
+        "erase_in_inference",
+        "normalize",
+        "alpha",
+        "floating",
+        "height_tag",
+        "use_tags",
+        "show_hists",
+        "bins",
+        "rangeh",
+        "extension",
+        "model.num_masks",
+        "model.smooth_out",
+        "optimizer.lr_scheduler.last_epoch",
+    )
     with pytest.raises(ConfigError, match="show_hists = 'yes' has the wrong type"):
         validate_config({**raw, "show_hists": "yes"}, "test")
 
 
 def test_unsupported_upstream_options_are_refused_by_the_schema():
     raw = raw_config("synthetic-no-erasing.yaml")
-    with pytest.raises(ConfigError, match=r"resize = 100 is not an allowed value \(expected one of null\)"):
+    with pytest.raises(
+        ConfigError, match=r"resize = 100 is not an allowed value \(expected one of null\)"
+    ):
         validate_config({**raw, "resize": 100}, "test")
     with pytest.raises(ConfigError, match=r"pad_eval = true is not an allowed value"):
         validate_config({**raw, "pad_eval": True}, "test")
     with pytest.raises(ConfigError, match="max_epochs = -1 evaluates a trained model"):
         validate_config({**raw, "max_epochs": -1}, "test")
-    assert validate_config({**raw, "max_epochs": -1, "path_pre_trained": "w.pt"},
-                           "test")["max_epochs"] == -1
+    assert (
+        validate_config({**raw, "max_epochs": -1, "path_pre_trained": "w.pt"}, "test")["max_epochs"]
+        == -1
+    )
 
 
 def test_run_options_are_flagged_in_the_schema():
@@ -155,11 +240,18 @@ def test_run_options_are_flagged_in_the_schema():
 
 
 def test_validating_a_config_does_not_import_torch():
-    code = ("import sys, deepmil.config as c; "
-            "c.load_config(c.resolve_yaml_path('glas-4-erasing.yaml')); "
-            "print('torch' in sys.modules)")
-    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            cwd=Path(__file__).resolve().parents[1], check=True)
+    code = (
+        "import sys, deepmil.config as c; "
+        "c.load_config(c.resolve_yaml_path('glas-4-erasing.yaml')); "
+        "print('torch' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        cwd=Path(__file__).resolve().parents[1],
+        check=True,
+    )
     assert result.stdout.strip() == "False"
 
 
@@ -169,13 +261,15 @@ def test_erasing_pairs_differ_only_in_nbr_times_erase(prefix):
     erasing = load_config(CONFIG_DIR / f"{prefix}-4-erasing.yaml")
     assert (plain["nbr_times_erase"], erasing["nbr_times_erase"]) == (0, 4)
     assert without(plain, "nbr_times_erase") == without(erasing, "nbr_times_erase")
-    assert raw_config(f"{prefix}-4-erasing.yaml") == {"base": f"{prefix}-no-erasing.yaml",
-                                                      "nbr_times_erase": 4}
+    assert raw_config(f"{prefix}-4-erasing.yaml") == {
+        "base": f"{prefix}-no-erasing.yaml",
+        "nbr_times_erase": 4,
+    }
 
 
 @pytest.mark.parametrize("name", BASELINE_CONFIGS)
 def test_baseline_configs_are_the_no_erasing_settings_with_their_method(name):
-    prefix, method = name[:-len(".yaml")].rsplit("-", 1)
+    prefix, method = name[: -len(".yaml")].rsplit("-", 1)
     config = load_config(CONFIG_DIR / name)
     reference = load_config(CONFIG_DIR / f"{prefix}-no-erasing.yaml")
     assert config["method"] == method and reference["method"] == "minmax"
@@ -183,10 +277,13 @@ def test_baseline_configs_are_the_no_erasing_settings_with_their_method(name):
 
 
 def test_base_file_is_merged_section_by_section(tmp_path):
-    write_config(tmp_path, {**raw_config("synthetic-no-erasing.yaml"), "max_epochs": 7},
-                 "parent.yaml")
-    child = write_config(tmp_path, {"base": "parent.yaml", "method": "cam",
-                                    "model": {"kmax": 1.0}, "optimizer": {"lr": 0.5}})
+    write_config(
+        tmp_path, {**raw_config("synthetic-no-erasing.yaml"), "max_epochs": 7}, "parent.yaml"
+    )
+    child = write_config(
+        tmp_path,
+        {"base": "parent.yaml", "method": "cam", "model": {"kmax": 1.0}, "optimizer": {"lr": 0.5}},
+    )
     config = load_config(child)
     assert (config["method"], config["max_epochs"]) == ("cam", 7)
     assert config["model"]["kmax"] == 1.0 and config["model"]["kmin"] == 0.5
@@ -212,23 +309,33 @@ def test_baselines_refuse_erasing(tmp_path):
 
 
 def test_errors_name_the_file_and_its_base_files(tmp_path):
-    write_config(tmp_path, {**raw_config("synthetic-no-erasing.yaml"), "batch_size": 0},
-                 "parent.yaml")
+    write_config(
+        tmp_path, {**raw_config("synthetic-no-erasing.yaml"), "batch_size": 0}, "parent.yaml"
+    )
     write_config(tmp_path, {"base": "parent.yaml", "max_epochs": 3}, "middle.yaml")
     child = write_config(tmp_path, {"base": "middle.yaml", "method": "cam"})
     with pytest.raises(ConfigError) as info:
         load_config(child)
     message = str(info.value)
-    assert message.startswith(f"{child} (over base {tmp_path / 'middle.yaml'}, "
-                              f"{tmp_path / 'parent.yaml'}): batch_size = 0")
+    assert message.startswith(
+        f"{child} (over base {tmp_path / 'middle.yaml'}, "
+        f"{tmp_path / 'parent.yaml'}): batch_size = 0"
+    )
     with pytest.raises(ConfigError, match="method"):
         tools.get_yaml_args(["--yaml", "synthetic-no-erasing.yaml", "--method", "gradcampp"])
 
 
 def test_synthetic_values():
     config = load_config(CONFIG_DIR / "synthetic-no-erasing.yaml")
-    assert config["synthetic"] == {"num_classes": 2, "image_size": 128, "n_train": 240,
-                                   "n_test": 100, "seed": 0, "min_objects": 1, "max_objects": 4}
+    assert config["synthetic"] == {
+        "num_classes": 2,
+        "image_size": 128,
+        "n_train": 240,
+        "n_test": 100,
+        "seed": 0,
+        "min_objects": 1,
+        "max_objects": 4,
+    }
     assert config["crop_size"] == [128, 128] and config["padding_size"] == [0.5, 0.5]
     assert (config["batch_size"], config["num_workers"], config["max_epochs"]) == (8, 2, 20)
     assert config["epoch_start_erasing"] == 10
@@ -273,8 +380,9 @@ def test_wrong_type_message(tmp_path):
     data = glas_raw()
     data["batch_size"] = "eight"
     message = error_of(tmp_path, data)
-    assert message == (f"{tmp_path / 'x.yaml'}: batch_size = 'eight' has the wrong type "
-                       f"(expected an integer >= 1)")
+    assert message == (
+        f"{tmp_path / 'x.yaml'}: batch_size = 'eight' has the wrong type (expected an integer >= 1)"
+    )
 
 
 def test_bool_is_not_an_integer(tmp_path):
@@ -294,26 +402,39 @@ def test_out_of_range_message(tmp_path):
     data = glas_raw()
     data["model"]["kmax"] = -1
     assert error_of(tmp_path, data) == (
-        f"{tmp_path / 'x.yaml'}: model.kmax = -1 is out of range (expected a number > 0)")
+        f"{tmp_path / 'x.yaml'}: model.kmax = -1 is out of range (expected a number > 0)"
+    )
 
 
-@pytest.mark.parametrize("dotted, value, expected", [
-    ("model.dropout", 1.0, "model.dropout = 1.0 is out of range (expected a number in [0, 1))"),
-    ("max_epochs", -2, "max_epochs = -2 is out of range (expected an integer >= -1)"),
-    ("nbr_times_erase", -1, "nbr_times_erase = -1 is out of range (expected an integer >= 0)"),
-    ("crop_size", [480, 0], "crop_size = [480, 0] is out of range (expected a list [h, w], each "
-                            "an integer >= 1)"),
-    ("crop_size", 480, "crop_size = 480 has the wrong type"),
-    ("model.num_masks", 2, "model.num_masks = 2 is not an allowed value (expected one of 1)"),
-    ("model.name", "vgg16", "model.name = 'vgg16' is not an allowed value (expected one of "
-                            "'resnet18'"),
-    ("optimizer.name", "rmsprop", "optimizer.name = 'rmsprop' is not an allowed value"),
-    ("optimizer.lr_scheduler.name", "cosine", "optimizer.lr_scheduler.name = 'cosine' is not"),
-    ("dataset", "imagenet", "dataset = 'imagenet' is not an allowed value"),
-    ("amp", "fp32", "amp = 'fp32' is not an allowed value (expected one of null, 'bf16', "
-                    "'fp16')"),
-    ("channels_last", 1, "channels_last = 1 has the wrong type (expected true or false)"),
-])
+@pytest.mark.parametrize(
+    "dotted, value, expected",
+    [
+        ("model.dropout", 1.0, "model.dropout = 1.0 is out of range (expected a number in [0, 1))"),
+        ("max_epochs", -2, "max_epochs = -2 is out of range (expected an integer >= -1)"),
+        ("nbr_times_erase", -1, "nbr_times_erase = -1 is out of range (expected an integer >= 0)"),
+        (
+            "crop_size",
+            [480, 0],
+            "crop_size = [480, 0] is out of range (expected a list [h, w], each an integer >= 1)",
+        ),
+        ("crop_size", 480, "crop_size = 480 has the wrong type"),
+        ("model.num_masks", 2, "model.num_masks = 2 is not an allowed value (expected one of 1)"),
+        (
+            "model.name",
+            "vgg16",
+            "model.name = 'vgg16' is not an allowed value (expected one of 'resnet18'",
+        ),
+        ("optimizer.name", "rmsprop", "optimizer.name = 'rmsprop' is not an allowed value"),
+        ("optimizer.lr_scheduler.name", "cosine", "optimizer.lr_scheduler.name = 'cosine' is not"),
+        ("dataset", "imagenet", "dataset = 'imagenet' is not an allowed value"),
+        (
+            "amp",
+            "fp32",
+            "amp = 'fp32' is not an allowed value (expected one of null, 'bf16', 'fp16')",
+        ),
+        ("channels_last", 1, "channels_last = 1 has the wrong type (expected true or false)"),
+    ],
+)
 def test_value_errors(tmp_path, dotted, value, expected):
     data = glas_raw()
     *sections, leaf = dotted.split(".")
@@ -385,8 +506,12 @@ def test_nesterov_needs_momentum(tmp_path):
 
 
 def test_defaults_fill_omitted_keys(tmp_path):
-    data = {"dataset": "glas", "name_classes": {"benign": 0, "malignant": 1}, "nbr_classes": 2,
-            "model": {"num_classes": 2}}
+    data = {
+        "dataset": "glas",
+        "name_classes": {"benign": 0, "malignant": 1},
+        "nbr_classes": 2,
+        "model": {"num_classes": 2},
+    }
     config = load_config(write_config(tmp_path, data))
     assert config["optimizer"]["lr_scheduler"]["step_size"] == 40
     assert config["model"]["mask_normalization"] == "batch"
@@ -396,8 +521,9 @@ def test_defaults_fill_omitted_keys(tmp_path):
 
 
 def test_gpu_flags_can_be_set_on_the_command_line():
-    config = tools.get_yaml_args(["--yaml", "synthetic-4-erasing.yaml", "--set", "amp=bf16",
-                                  "--set", "channels_last=true"])[0]
+    config = tools.get_yaml_args(
+        ["--yaml", "synthetic-4-erasing.yaml", "--set", "amp=bf16", "--set", "channels_last=true"]
+    )[0]
     assert config["amp"] == "bf16" and config["channels_last"] is True
 
 
@@ -413,15 +539,28 @@ def test_readme_command_verbatim():
 
 
 def test_readme_command_maps_every_flag():
-    argv = ("--cudaid 1 --yaml glas-no-erase.yaml --kmin 0.07 --kmax 0.08 --dout 0.1 --epoch 2 "
-            "--nbrerase 3 --epocherase 5 --stepsize 30 --bsize 4 --modalities 6 --lr 0.002 "
-            "--fold 1 --wdecay 2e-05 --alpha 0.2").split()
+    argv = (
+        "--cudaid 1 --yaml glas-no-erase.yaml --kmin 0.07 --kmax 0.08 --dout 0.1 --epoch 2 "
+        "--nbrerase 3 --epocherase 5 --stepsize 30 --bsize 4 --modalities 6 --lr 0.002 "
+        "--fold 1 --wdecay 2e-05 --alpha 0.2"
+    ).split()
     config, _ = tools.get_yaml_args(argv)
-    expected = {"model.kmin": 0.07, "model.kmax": 0.08, "model.dropout": 0.1, "max_epochs": 2,
-                "nbr_times_erase": 3, "epoch_start_erasing": 5,
-                "optimizer.lr_scheduler.step_size": 30, "batch_size": 4, "model.modalities": 6,
-                "optimizer.lr": 0.002, "fold": 1, "optimizer.weight_decay": 2e-5,
-                "model.alpha": 0.2, "cudaid": "1"}
+    expected = {
+        "model.kmin": 0.07,
+        "model.kmax": 0.08,
+        "model.dropout": 0.1,
+        "max_epochs": 2,
+        "nbr_times_erase": 3,
+        "epoch_start_erasing": 5,
+        "optimizer.lr_scheduler.step_size": 30,
+        "batch_size": 4,
+        "model.modalities": 6,
+        "optimizer.lr": 0.002,
+        "fold": 1,
+        "optimizer.weight_decay": 2e-5,
+        "model.alpha": 0.2,
+        "cudaid": "1",
+    }
     for key, value in expected.items():
         assert get(config, key) == value, key
 
@@ -478,15 +617,19 @@ def test_flags_are_not_abbreviated():
         tools.get_yaml_args(["--yaml", "glas-no-erasing.yaml", "--path", "x.pt"])
 
 
-@pytest.mark.parametrize("text, value", [("TRUE", True), ("yes", True), ("1", True),
-                                         ("False", False), ("no", False), ("0", False)])
+@pytest.mark.parametrize(
+    "text, value",
+    [("TRUE", True), ("yes", True), ("1", True), ("False", False), ("no", False), ("0", False)],
+)
 def test_bool_flags(text, value):
     config, _ = tools.get_yaml_args(["--yaml", "glas-no-erasing.yaml", "--pretrained", text])
     assert config["model"]["pretrained"] is value
 
 
-@pytest.mark.parametrize("flag, text", [("--pretrained", "maybe"), ("--strict", ""),
-                                        ("--cudaid", "gpu0"), ("--bsize", "eight")])
+@pytest.mark.parametrize(
+    "flag, text",
+    [("--pretrained", "maybe"), ("--strict", ""), ("--cudaid", "gpu0"), ("--bsize", "eight")],
+)
 def test_malformed_flag_is_an_argparse_error(flag, text, capsys):
     with pytest.raises(SystemExit) as info:
         tools.get_yaml_args(["--yaml", "glas-no-erasing.yaml", flag, text])
@@ -497,8 +640,9 @@ def test_malformed_flag_is_an_argparse_error(flag, text, capsys):
 def test_flag_value_out_of_range_names_the_flag():
     with pytest.raises(ConfigError) as info:
         tools.get_yaml_args(["--yaml", "glas-no-erasing.yaml", "--dout", "1.5"])
-    assert str(info.value) == ("command line (--dout): model.dropout = 1.5 is out of range "
-                               "(expected a number in [0, 1))")
+    assert str(info.value) == (
+        "command line (--dout): model.dropout = 1.5 is out of range (expected a number in [0, 1))"
+    )
 
 
 def test_strict_defaults_to_true_whatever_the_yaml(tmp_path):
@@ -514,10 +658,22 @@ def test_strict_defaults_to_true_whatever_the_yaml(tmp_path):
 
 
 def test_set_nested_keys():
-    config, _ = tools.get_yaml_args([
-        "--yaml", "glas-no-erasing.yaml", "--set", "optimizer.lr_scheduler.gamma=0.5",
-        "--set", "model.sigma=0.25", "--set", "padding_size=null", "--set", "crop_size=[320, 256]",
-        "--set", "model.mask_normalization=sample"])
+    config, _ = tools.get_yaml_args(
+        [
+            "--yaml",
+            "glas-no-erasing.yaml",
+            "--set",
+            "optimizer.lr_scheduler.gamma=0.5",
+            "--set",
+            "model.sigma=0.25",
+            "--set",
+            "padding_size=null",
+            "--set",
+            "crop_size=[320, 256]",
+            "--set",
+            "model.mask_normalization=sample",
+        ]
+    )
     assert config["optimizer"]["lr_scheduler"]["gamma"] == 0.5
     assert config["model"]["sigma"] == 0.25 and config["padding_size"] is None
     assert config["crop_size"] == [320, 256] and config["model"]["mask_normalization"] == "sample"
@@ -529,9 +685,16 @@ def test_metrics_settings_default_and_override():
     config, _ = tools.get_yaml_args(["--yaml", "glas-no-erasing.yaml"])
     assert config["metrics"] == {"empty_dice": "one", "cam_curve_interval": 0.001}
     assert MetricSettings.from_config(config["metrics"]) == MetricSettings(1.0, 0.001)
-    config, _ = tools.get_yaml_args(["--yaml", "glas-no-erasing.yaml", "--set",
-                                     "metrics.empty_dice=zero", "--set",
-                                     "metrics.cam_curve_interval=0.01"])
+    config, _ = tools.get_yaml_args(
+        [
+            "--yaml",
+            "glas-no-erasing.yaml",
+            "--set",
+            "metrics.empty_dice=zero",
+            "--set",
+            "metrics.cam_curve_interval=0.01",
+        ]
+    )
     assert MetricSettings.from_config(config["metrics"]) == MetricSettings(0.0, 0.01)
     for assignment in ("metrics.empty_dice=nan", "metrics.cam_curve_interval=0"):
         with pytest.raises(ConfigError, match=assignment.split("=")[0]):
@@ -544,19 +707,30 @@ def test_set_keeps_int_kmax_distinct_from_float():
 
 
 def test_set_changes_checked_together():
-    config, _ = tools.get_yaml_args(["--yaml", "cuball-no-erasing.yaml", "--set", "nbr_classes=5",
-                                     "--set", "model.num_classes=5"])
+    config, _ = tools.get_yaml_args(
+        [
+            "--yaml",
+            "cuball-no-erasing.yaml",
+            "--set",
+            "nbr_classes=5",
+            "--set",
+            "model.num_classes=5",
+        ]
+    )
     assert config["nbr_classes"] == config["model"]["num_classes"] == 5
 
 
-@pytest.mark.parametrize("assignment, expected", [
-    ("model.kmaxx=0.1", "unknown key model.kmaxx (did you mean model.kmax?)"),
-    ("modell.kmax=0.1", "unknown key modell (did you mean model?)"),
-    ("model=1", "model is a section"),
-    ("batch_size.x=1", "batch_size is not a section"),
-    ("model.dropout=1.5", "command line (--set): model.dropout = 1.5 is out of range"),
-    ("model.pretrained=maybe", "model.pretrained = 'maybe' has the wrong type"),
-])
+@pytest.mark.parametrize(
+    "assignment, expected",
+    [
+        ("model.kmaxx=0.1", "unknown key model.kmaxx (did you mean model.kmax?)"),
+        ("modell.kmax=0.1", "unknown key modell (did you mean model?)"),
+        ("model=1", "model is a section"),
+        ("batch_size.x=1", "batch_size is not a section"),
+        ("model.dropout=1.5", "command line (--set): model.dropout = 1.5 is out of range"),
+        ("model.pretrained=maybe", "model.pretrained = 'maybe' has the wrong type"),
+    ],
+)
 def test_set_rejects_bad_keys_and_values(assignment, expected):
     with pytest.raises(ConfigError) as info:
         tools.get_yaml_args(["--yaml", "glas-no-erasing.yaml", "--set", assignment])
@@ -577,8 +751,9 @@ def test_cli_k_refusal_for_tiny_crop():
 def test_apply_overrides_logs_and_returns_a_new_dict(caplog):
     config = load_config(CONFIG_DIR / "glas-no-erasing.yaml")
     with caplog.at_level(logging.INFO, logger="deepmil.config"):
-        updated = apply_overrides(config, {"model.kmax": "0.2", "optimizer.nesterov": "false"},
-                                  "test")
+        updated = apply_overrides(
+            config, {"model.kmax": "0.2", "optimizer.nesterov": "false"}, "test"
+        )
     assert updated["model"]["kmax"] == 0.2 and updated["optimizer"]["nesterov"] is False
     assert config["model"]["kmax"] == 0.09
     assert "model.kmax: 0.09 -> 0.2" in caplog.text
@@ -586,9 +761,18 @@ def test_apply_overrides_logs_and_returns_a_new_dict(caplog):
 
 
 def test_run_options_in_namespace(tmp_path):
-    config, args = tools.get_yaml_args([
-        "--yaml", "glas-no-erasing.yaml", "--cudaid", "cpu", "--exp-root", str(tmp_path / "e"),
-        "--quiet", "--overwrite"])
+    config, args = tools.get_yaml_args(
+        [
+            "--yaml",
+            "glas-no-erasing.yaml",
+            "--cudaid",
+            "cpu",
+            "--exp-root",
+            str(tmp_path / "e"),
+            "--quiet",
+            "--overwrite",
+        ]
+    )
     assert (args.quiet, args.overwrite, args.resume) == (True, True, None)
     assert config["exp_root"] == args.exp_root == str(tmp_path / "e")
     assert config["cudaid"] == "cpu"
@@ -657,8 +841,16 @@ def test_invalid_env_seed(monkeypatch, value):
 
 
 def test_save_config_round_trip(tmp_path):
-    config, _ = tools.get_yaml_args(["--yaml", "cub5-4-erasing.yaml", "--cudaid", "0,1",
-                                     "--set", "optimizer.lr_scheduler.milestones=[10, 20]"])
+    config, _ = tools.get_yaml_args(
+        [
+            "--yaml",
+            "cub5-4-erasing.yaml",
+            "--cudaid",
+            "0,1",
+            "--set",
+            "optimizer.lr_scheduler.milestones=[10, 20]",
+        ]
+    )
     path = tmp_path / "run" / "config.yaml"
     save_config(config, path)
     assert load_config(path) == config

@@ -150,7 +150,7 @@ def test_cub_replica_gives_stratified_folds_in_the_published_format(tmp_path):
     assert sorted(row[0] for row in every) == sorted(listed_paths["train"])
     assert [row[0] for row in folds.test] == listed_paths["test"]
     for image, mask, name in every + folds.test:
-        relative = image[len("CUB_200_2011/images/"):-len(".jpg")]
+        relative = image[len("CUB_200_2011/images/") : -len(".jpg")]
         assert mask == f"segmentations/{relative}.png" and relative.startswith(name + "/")
     top = tmp_path / "folds" / create_folds.FOLD_NAMES["cub"]
     fold_dir = create_folds.write_folds(top, folds)

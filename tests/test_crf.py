@@ -1,4 +1,5 @@
 """Dense CRF: parameter sets, input checks, refinement along colour edges, worker pool, imports."""
+
 import pickle
 import subprocess
 import sys
@@ -103,8 +104,9 @@ def negate(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
 
 
 def test_refine_with_crf_stream_order():
-    items = ((index, np.full((2, 2, 3), index, dtype=np.float32), np.ones((2, 2)))
-             for index in range(7))
+    items = (
+        (index, np.full((2, 2, 3), index, dtype=np.float32), np.ones((2, 2))) for index in range(7)
+    )
     out = list(refine_with_crf(negate, items, workers=2))
     assert [key for key, _ in out] == list(range(7))
     assert [float(mask[0, 0]) for _, mask in out] == [index - 1.0 for index in range(7)]
@@ -112,8 +114,15 @@ def test_refine_with_crf_stream_order():
 
 def test_tools_crf_is_the_light_deepmil_crf():
     assert tools.CRF is CRF and CRF.__module__ == "deepmil.crf"  # what worker processes import
-    code = ("import sys, deepmil.crf; "
-            "print(sorted(m for m in sys.modules if m.startswith(('deepmil', 'torch', 'tools'))))")
-    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                            check=True, cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+    code = (
+        "import sys, deepmil.crf; "
+        "print(sorted(m for m in sys.modules if m.startswith(('deepmil', 'torch', 'tools'))))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[1],
+    ).stdout.strip()
     assert loaded == "['deepmil', 'deepmil.crf', 'deepmil.errors', 'deepmil.registry']"

@@ -1,4 +1,5 @@
 """Two Gloo processes on the CPU: gradient averaging, erasing under DDP, sharded evaluation."""
+
 import os
 from pathlib import Path
 
@@ -22,8 +23,13 @@ WORLD = 2
 
 def batches(count: int = 2, size: int = 8) -> list[dict]:
     generator = torch.Generator().manual_seed(1)
-    return [{"image": torch.randn(size, 3, 64, 64, generator=generator),
-             "label": torch.randint(0, 2, (size,), generator=generator)} for _ in range(count)]
+    return [
+        {
+            "image": torch.randn(size, 3, 64, 64, generator=generator),
+            "label": torch.randint(0, 2, (size,), generator=generator),
+        }
+        for _ in range(count)
+    ]
 
 
 def shard(batch: dict, rank: int) -> dict:
@@ -43,8 +49,9 @@ def train_worker(rank: int, store: str, out: str, erase: bool, scaled: bool) -> 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     local = [shard(batch, rank) for batch in batches()]
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10) if scaled else None
-    run = RunSettings(precision=Precision(scaler=scaler),
-                      erasing=Erasing(2, 10.0, start_epoch=1 if erase else 2))
+    run = RunSettings(
+        precision=Precision(scaler=scaler), erasing=Erasing(2, 10.0, start_epoch=1 if erase else 2)
+    )
     train_one_epoch(model, local, optimizer, epoch=1, run=run)
     if scaled:
         assert scaler.get_scale() == 2.0**10, "no step may be skipped"
@@ -55,6 +62,7 @@ def train_worker(rank: int, store: str, out: str, erase: bool, scaled: bool) -> 
 def reference_training(erase: bool) -> dict:
     """One process: gradients of each half computed separately, then averaged."""
     from deepmil.engine import erasing_step, plain_step
+
     model = tiny_net(1.0).train()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     for index, batch in enumerate(batches()):
@@ -77,8 +85,9 @@ def reference_training(erase: bool) -> dict:
 def test_ranks_agree_and_match_averaged_single_process_gradients(tmp_path, erase, scaled):
     """With a gradient scaler (as for fp16), the scaled gradients are averaged across the
     processes and unscaled at the step: the same weights as without it."""
-    mp.spawn(train_worker, args=(str(tmp_path / "store"), str(tmp_path), erase, scaled),
-             nprocs=WORLD)
+    mp.spawn(
+        train_worker, args=(str(tmp_path / "store"), str(tmp_path), erase, scaled), nprocs=WORLD
+    )
     first = torch.load(tmp_path / "rank0.pt", weights_only=True)
     second = torch.load(tmp_path / "rank1.pt", weights_only=True)
     reference = reference_training(erase)
@@ -93,19 +102,18 @@ def evaluate_worker(rank: int, store: str, config: dict, out: str) -> None:
     dataset = loader.build_dataset(config, "test", train=False)
     data = loader.make_loader(dataset, 1, 0, shuffle=False, seed=0, rank=rank, world_size=WORLD)
     summary = evaluate(tiny_net(1.0), data, RunSettings()).summary
-    torch.save({"summary": summary, "seen": [int(i) for i in data.sampler]},
-               f"{out}/eval{rank}.pt")
+    torch.save({"summary": summary, "seen": [int(i) for i in data.sampler]}, f"{out}/eval{rank}.pt")
     dist.destroy_process_group()
 
 
 def test_sharded_evaluation_equals_single_process(tmp_path):
     config = tiny_synthetic_config(tmp_path, n_test=7)
-    mp.spawn(evaluate_worker, args=(str(tmp_path / "store"), config, str(tmp_path)),
-             nprocs=WORLD)
+    mp.spawn(evaluate_worker, args=(str(tmp_path / "store"), config, str(tmp_path)), nprocs=WORLD)
     results = [torch.load(tmp_path / f"eval{rank}.pt", weights_only=False) for rank in range(2)]
     dataset = loader.build_dataset(config, "test", train=False)
-    single = evaluate(tiny_net(1.0), loader.make_loader(dataset, 1, 0, False, 0),
-                      RunSettings()).summary
+    single = evaluate(
+        tiny_net(1.0), loader.make_loader(dataset, 1, 0, False, 0), RunSettings()
+    ).summary
     assert sorted(results[0]["seen"] + results[1]["seen"]) == list(range(len(dataset)))
     assert results[0]["summary"] == single == results[1]["summary"]
 
@@ -130,7 +138,12 @@ def test_sync_bn_switch(monkeypatch):
 def test_not_distributed_without_torchrun(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     context = distributed.init_distributed(use_cuda=False)
-    assert (context.rank, context.world_size, context.is_main, context.enabled) == (0, 1, True, False)
+    assert (context.rank, context.world_size, context.is_main, context.enabled) == (
+        0,
+        1,
+        True,
+        False,
+    )
 
 
 def test_torchrun_cli_writes_one_folder_loadable_in_one_process(tmp_path):
@@ -139,19 +152,61 @@ def test_torchrun_cli_writes_one_folder_loadable_in_one_process(tmp_path):
     import sys
 
     from deepmil.checkpoint import load_model_weights
+
     repo = Path(__file__).resolve().parents[1]
-    args = ["--yaml", "synthetic-4-erasing.yaml", "--cudaid", "cpu", "--epoch", "2",
-            "--nbrerase", "2", "--bsize", "2", "--kmax", "1.0", "--kmin", "1.0",
-            "--set", "synthetic.image_size=64", "--set", "crop_size=[64, 64]",
-            "--set", "synthetic.n_train=16", "--set", "synthetic.n_test=6",
-            "--set", "num_workers=0", "--set", f"fold_folder={tmp_path / 'folds'}",
-            "--data-root", str(tmp_path / "data"), "--exp-root", str(tmp_path / "exps"),
-            "--exp-name", "ddp", "--quiet"]
+    args = [
+        "--yaml",
+        "synthetic-4-erasing.yaml",
+        "--cudaid",
+        "cpu",
+        "--epoch",
+        "2",
+        "--nbrerase",
+        "2",
+        "--bsize",
+        "2",
+        "--kmax",
+        "1.0",
+        "--kmin",
+        "1.0",
+        "--set",
+        "synthetic.image_size=64",
+        "--set",
+        "crop_size=[64, 64]",
+        "--set",
+        "synthetic.n_train=16",
+        "--set",
+        "synthetic.n_test=6",
+        "--set",
+        "num_workers=0",
+        "--set",
+        f"fold_folder={tmp_path / 'folds'}",
+        "--data-root",
+        str(tmp_path / "data"),
+        "--exp-root",
+        str(tmp_path / "exps"),
+        "--exp-name",
+        "ddp",
+        "--quiet",
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     env.pop("MYSEED", None)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                             "--nproc_per_node=2", "train_deepmil.py", *args], cwd=repo, env=env,
-                            capture_output=True, text=True, timeout=600)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "train_deepmil.py",
+            *args,
+        ],
+        cwd=repo,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     assert [path.name for path in (tmp_path / "exps").iterdir()] == ["ddp"]
     folder = tmp_path / "exps" / "ddp"

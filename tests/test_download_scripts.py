@@ -118,7 +118,10 @@ DATASETS = {
             Source(
                 "OXF_SEGMENTATIONS",
                 "102segmentations.tgz",
-                members={"segmim/segmim_00001.jpg": b"trimap 1", "segmim/segmim_00002.jpg": b"trimap 2"},
+                members={
+                    "segmim/segmim_00001.jpg": b"trimap 1",
+                    "segmim/segmim_00002.jpg": b"trimap 2",
+                },
             ),
             Source("OXF_LABELS", "imagelabels.mat", content=b"MATLAB placeholder: labels " * 8),
             Source("OXF_SETID", "setid.mat", content=b"MATLAB placeholder: setid " * 8),
@@ -127,7 +130,9 @@ DATASETS = {
 }
 
 OWN_VARIABLES = ("SKIP_FOLDS", "KEEP_ARCHIVES", "PYTHON") + tuple(
-    f"{source.prefix}_{kind}" for dataset in DATASETS.values() for source in dataset.sources
+    f"{source.prefix}_{kind}"
+    for dataset in DATASETS.values()
+    for source in dataset.sources
     for kind in ("URL", "MD5")
 )
 
@@ -320,7 +325,7 @@ def test_resumes_a_partial_download(tmp_path, dest):
     (dest / ".downloads" / "setid.mat.part").write_bytes(head)
     result = run_script(REPO / dataset.script, dest, env)
     assert result.returncode == 0, result.stderr
-    assert (dest / dataset.folder / "setid.mat").read_bytes() == head + source[len(head):]
+    assert (dest / dataset.folder / "setid.mat").read_bytes() == head + source[len(head) :]
 
 
 def test_folder_without_marker_is_left_alone(tmp_path, dest):
@@ -355,7 +360,9 @@ def copy_scripts(target: Path, create_folds: str) -> Path:
     (target / "dependencies").mkdir(parents=True)
     for dataset in DATASETS.values():
         shutil.copy2(REPO / dataset.script, target / dataset.script)
-    shutil.copy2(REPO / "dependencies" / "download_lib.sh", target / "dependencies" / "download_lib.sh")
+    shutil.copy2(
+        REPO / "dependencies" / "download_lib.sh", target / "dependencies" / "download_lib.sh"
+    )
     (target / "create_folds.py").write_text(create_folds)
     return target
 
@@ -402,8 +409,12 @@ def test_failed_folds_step_installs_nothing_and_keeps_downloads(tmp_path, dest):
     dataset = DATASETS["cub"]
     scripts = copy_scripts(tmp_path / "repo", RECORDING_CREATE_FOLDS)
     env = source_env(write_sources(dataset, tmp_path / "src"))
-    env |= {"SKIP_FOLDS": "0", "PYTHON": shutil.which("python3") or "python",
-            "FOLDS_LOG": str(tmp_path / "folds.log"), "FOLDS_EXIT": "1"}
+    env |= {
+        "SKIP_FOLDS": "0",
+        "PYTHON": shutil.which("python3") or "python",
+        "FOLDS_LOG": str(tmp_path / "folds.log"),
+        "FOLDS_EXIT": "1",
+    }
     result = run_script(scripts / dataset.script, dest, env)
     assert result.returncode != 0
     assert "the folds step failed" in result.stderr
@@ -411,7 +422,8 @@ def test_failed_folds_step_installs_nothing_and_keeps_downloads(tmp_path, dest):
     assert [record["dataset"] for record in records] == ["cub"]
     assert_not_installed(dataset, dest)
     assert sorted(path.name for path in (dest / ".downloads").iterdir()) == [
-        "CUB_200_2011.tgz", "segmentations.tgz"
+        "CUB_200_2011.tgz",
+        "segmentations.tgz",
     ]
 
     shutil.rmtree(tmp_path / "src")
@@ -459,7 +471,7 @@ class RangeHandler(QuietHandler):
         self.send_header("Content-Range", f"bytes {start}-{end}/{len(data)}")
         self.send_header("Content-Length", str(end + 1 - start))
         self.end_headers()
-        self.wfile.write(data[start:end + 1])
+        self.wfile.write(data[start : end + 1])
 
 
 @dataclass
@@ -508,7 +520,9 @@ def setid_over_http(served: RangeServer, dest: Path, part: bytes) -> tuple[dict[
     [(False, True, "size"), (True, True, "md5"), (True, False, "416")],
     ids=["size-matches", "md5-matches", "server-answers-416"],
 )
-def test_complete_part_is_not_downloaded_again_over_http(range_http, dest, refuse_head, with_md5, reply):
+def test_complete_part_is_not_downloaded_again_over_http(
+    range_http, dest, refuse_head, with_md5, reply
+):
     range_http.server.refuse_head = refuse_head
     env, setid = setid_over_http(range_http, dest, DATASETS["oxf"].sources[3].content)
     if not with_md5:
@@ -566,9 +580,9 @@ def test_corrupt_complete_part_fails_then_rerun_downloads_it_again(range_http, d
     assert retry.returncode == 0, retry.stderr
     for relative, data in expected_files(DATASETS["oxf"]).items():
         assert (dest / relative).read_bytes() == data, relative
-    assert [request for request in range_http.requests_for("setid.mat") if request[0] == "GET"][-1] == (
-        "GET", "/setid.mat", None
-    )
+    assert [request for request in range_http.requests_for("setid.mat") if request[0] == "GET"][
+        -1
+    ] == ("GET", "/setid.mat", None)
 
 
 BLOCKING_CREATE_FOLDS = """
@@ -593,8 +607,11 @@ def blocked_glas_run(tmp_path, dest):
     env = {key: value for key, value in os.environ.items() if key not in OWN_VARIABLES}
     env |= sources | {"PYTHON": shutil.which("python3") or "python", "FOLDS_STARTED": str(started)}
     process = subprocess.Popen(
-        ["bash", str(scripts / dataset.script), str(dest)], env=env, start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        ["bash", str(scripts / dataset.script), str(dest)],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
     )
     try:
         deadline = time.monotonic() + 30

@@ -1,4 +1,5 @@
 """Recursive erasing on a scripted localizer whose outputs are fixed by the test."""
+
 import math
 
 import pytest
@@ -71,13 +72,18 @@ def test_trust_decays_and_masks_accumulate_by_maximum():
 
 
 def test_sample_misclassified_at_t1_is_excluded_afterwards():
-    scores = [[CONFIDENT, CONFIDENT], [CONFIDENT, WRONG], [CONFIDENT, CONFIDENT],
-              [CONFIDENT, CONFIDENT]]
+    scores = [
+        [CONFIDENT, CONFIDENT],
+        [CONFIDENT, WRONG],
+        [CONFIDENT, CONFIDENT],
+        [CONFIDENT, CONFIDENT],
+    ]
     model = ScriptedLocalizer(scores, pixel_maps(2, 4))
     run(model, batch=2)
     kept, dropped = model.region_masks[0].view(2, -1)
-    assert torch.allclose(kept[:4], torch.tensor([1.0, math.exp(-0.1), math.exp(-0.2),
-                                                   math.exp(-0.3)]))
+    assert torch.allclose(
+        kept[:4], torch.tensor([1.0, math.exp(-0.1), math.exp(-0.2), math.exp(-0.3)])
+    )
     assert torch.equal(dropped[:4], torch.tensor([1.0, 0.0, 0.0, 0.0]))
     for t in (2, 3):
         assert torch.equal(model.segment_inputs[t][1], model.segment_inputs[1][1])
@@ -134,8 +140,7 @@ def dropout_net():
 def test_every_pass_of_an_erasing_step_draws_the_same_dropout_mask(monkeypatch):
     states = dropout_rng_states(monkeypatch)
     images, labels = torch.randn(2, 3, 64, 64), torch.tensor([0, 1])
-    stats = erasing_step(dropout_net(), images, labels, seed=7, nbr_times_erase=3,
-                         sigma_erase=10.0)
+    stats = erasing_step(dropout_net(), images, labels, seed=7, nbr_times_erase=3, sigma_erase=10.0)
     torch.manual_seed(7)
     seeded = torch.random.get_rng_state()
     assert len(states) == int(stats["erasing_passes"]) + 2  # localizer passes, then 2 regions
@@ -174,11 +179,13 @@ def test_real_model_one_optimizer_step_per_batch_and_at_most_u_passes():
     calls = []
     net.headseg.register_forward_hook(lambda *args: calls.append(1))
     optimizer = CountingSGD(net.parameters(), lr=0.01)
-    batches = [{"image": torch.randn(2, 3, 64, 64), "label": torch.tensor([0, 1])}
-               for _ in range(2)]
+    batches = [
+        {"image": torch.randn(2, 3, 64, 64), "label": torch.tensor([0, 1])} for _ in range(2)
+    ]
     before = [p.clone() for p in net.parameters()]
-    stats = train_one_epoch(net, batches, optimizer, epoch=1,
-                            run=RunSettings(erasing=Erasing(3, 10.0, start_epoch=1)))
+    stats = train_one_epoch(
+        net, batches, optimizer, epoch=1, run=RunSettings(erasing=Erasing(3, 10.0, start_epoch=1))
+    )
     assert optimizer.steps == 2
     assert 2 <= len(calls) <= 6
     assert any(not torch.equal(a, b) for a, b in zip(before, net.parameters()))

@@ -1,4 +1,5 @@
 """The evaluation loop: metrics from the per-image predictions, CRF in worker processes."""
+
 import pytest
 import torch
 
@@ -33,7 +34,8 @@ def test_summary_is_the_mean_of_per_image_values(test_loader, net):
     assert summary["f1_pos"] == pytest.approx(100 * sum(float(p) for p, _ in f1) / 5)
     assert summary["f1_neg"] == pytest.approx(100 * sum(float(n) for _, n in f1) / 5)
     assert summary["iou"] == pytest.approx(
-        100 * sum(float(iou_at(item["mask"], item["truth"])) for item in items) / 5)
+        100 * sum(float(iou_at(item["mask"], item["truth"])) for item in items) / 5
+    )
     errors = sum(item["predicted"] != item["label"] for item in items)
     assert summary["cl_error"] == pytest.approx(100 * errors / 5)
     pxap = PxAPMeter()
@@ -45,9 +47,15 @@ def test_summary_is_the_mean_of_per_image_values(test_loader, net):
 
 def test_batched_evaluation_equals_image_by_image(test_loader, net):
     dataset = test_loader.dataset
-    single, batched = (evaluate(net, loader.make_loader(dataset, batch, 0, shuffle=False, seed=0),
-                                RunSettings(), keep=len(dataset))
-                       for batch in (1, 3))
+    single, batched = (
+        evaluate(
+            net,
+            loader.make_loader(dataset, batch, 0, shuffle=False, seed=0),
+            RunSettings(),
+            keep=len(dataset),
+        )
+        for batch in (1, 3)
+    )
     assert single.summary.keys() == batched.summary.keys()
     for key, value in single.summary.items():
         assert batched.summary[key] == pytest.approx(value, abs=1e-4), key
@@ -78,13 +86,17 @@ def test_empty_set_convention_in_the_summary():
     empty, full = torch.zeros(1, 4, 4), torch.ones(1, 4, 4)
     half = torch.zeros(1, 4, 4)
     half[0, :2] = 1
-    items = [{"index": 0, "mask": empty, "truth": empty},  # F1+ is 0/0
-             {"index": 1, "mask": full, "truth": full},  # F1- is 0/0
-             {"index": 2, "mask": half, "truth": half}]
+    items = [
+        {"index": 0, "mask": empty, "truth": empty},  # F1+ is 0/0
+        {"index": 1, "mask": full, "truth": full},  # F1- is 0/0
+        {"index": 2, "mask": half, "truth": half},
+    ]
     for item in items:
         item.update(predicted=0, label=0, losses={"loss": 0.0})
     one, zero = (summarise(image_row(item, empty) for item in items) for empty in (1.0, 0.0))
     assert one["n_empty_dice"] == zero["n_empty_dice"] == 2
     assert one["f1_pos"] == pytest.approx(100.0) and one["f1_neg"] == pytest.approx(100.0)
-    assert zero["f1_pos"] == pytest.approx(100 * 2 / 3) and zero["f1_neg"] == pytest.approx(100 * 2 / 3)
+    assert zero["f1_pos"] == pytest.approx(100 * 2 / 3) and zero["f1_neg"] == pytest.approx(
+        100 * 2 / 3
+    )
     assert zero["iou"] == pytest.approx(100 * 2 / 3)

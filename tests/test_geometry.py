@@ -1,5 +1,6 @@
 """Evaluation geometry: the short-side upscale and padding of the input, and the mask's way back
 to the ground-truth geometry."""
+
 import pytest
 import torch
 

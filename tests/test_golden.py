@@ -1,4 +1,5 @@
 """The default min-max numerics against stored golden values (see tests/golden.py)."""
+
 import math
 from types import SimpleNamespace
 
@@ -24,8 +25,9 @@ def flip_align_corners(monkeypatch):
 
 
 def shift_trust_decay(monkeypatch):
-    late = SimpleNamespace(exp=lambda x: math.exp(x - 1 / golden.SIGMA_ERASE),
-                           isfinite=math.isfinite)
+    late = SimpleNamespace(
+        exp=lambda x: math.exp(x - 1 / golden.SIGMA_ERASE), isfinite=math.isfinite
+    )
     monkeypatch.setattr(engine, "math", late)
 
 

@@ -111,7 +111,9 @@ def test_random_crop_stays_inside_and_reaches_every_position():
     image = Image.fromarray(coded)
     tops, lefts = set(), set()
     for index in range(600):
-        crop = np.asarray(loader.random_crop(image, (16, 16), reproducibility.sample_generator(0, 0, index)))
+        crop = np.asarray(
+            loader.random_crop(image, (16, 16), reproducibility.sample_generator(0, 0, index))
+        )
         top, left = int(crop[0, 0, 0]), int(crop[0, 0, 1])
         assert np.array_equal(crop, coded[top : top + 16, left : left + 16])
         tops.add(top)
@@ -121,7 +123,9 @@ def test_random_crop_stays_inside_and_reaches_every_position():
 
 
 def test_glas_training_sample_uses_padded_size(tmp_path):
-    config = make_config(tmp_path, "glas", name_classes={"benign": 0, "malignant": 1}, crop_size=[41, 60])
+    config = make_config(
+        tmp_path, "glas", name_classes={"benign": 0, "malignant": 1}, crop_size=[41, 60]
+    )
     write_samples(
         config,
         "train",
@@ -147,7 +151,9 @@ def test_cub_geometry_and_samples_after_upscale(tmp_path):
         up_scale_small_dim_to=500,
     )
     image = random_image(103, 200, 3)
-    write_samples(config, "test", [("bird", image, np.full((103, 200), 200, np.uint8), "b")], ext="jpg")
+    write_samples(
+        config, "test", [("bird", image, np.full((103, 200), 200, np.uint8), "b")], ext="jpg"
+    )
     evaluation = loader.build_dataset(config, "test", train=False)
     assert evaluation.geometry[0] == Geometry(
         original=(103, 200), upscaled=(499, 970), padded=(512, 992), padding=(6, 7, 11, 11)
@@ -155,7 +161,9 @@ def test_cub_geometry_and_samples_after_upscale(tmp_path):
     sample = evaluation[0]
     assert sample["image"].shape == (3, 512, 992)
     assert torch.equal(sample["mask"], torch.ones(1, 103, 200))
-    stored = Image.open(Path(config["data_root"]) / "Caltech-UCSD-Birds-200-2011" / "images" / "bird.jpg")
+    stored = Image.open(
+        Path(config["data_root"]) / "Caltech-UCSD-Birds-200-2011" / "images" / "bird.jpg"
+    )
     upscaled = loader.to_normalized_tensor(
         stored.convert("RGB").resize((970, 499), Image.Resampling.BILINEAR)
     )
@@ -239,7 +247,9 @@ def epoch_batches(config: dict, num_workers: int, preload: bool, epochs: int = 2
     batches = []
     for epoch in range(epochs):
         loader.set_loader_epoch(data, epoch)
-        batches.append([(batch["index"].tolist(), batch["label"].tolist(), batch["image"]) for batch in data])
+        batches.append(
+            [(batch["index"].tolist(), batch["label"].tolist(), batch["image"]) for batch in data]
+        )
     return batches
 
 
@@ -259,7 +269,9 @@ def test_training_batches_independent_of_workers_and_preload(synthetic_config):
     order = [[i for idx, _, _ in epoch for i in idx] for epoch in reference]
     assert sorted(order[0]) == sorted(order[1]) == list(range(6))
     assert order[0] != order[1]
-    images = [{i: image for idx, _, batch in epoch for i, image in zip(idx, batch)} for epoch in reference]
+    images = [
+        {i: image for idx, _, batch in epoch for i, image in zip(idx, batch)} for epoch in reference
+    ]
     assert all(not torch.equal(images[0][i], images[1][i]) for i in range(6))
 
 
@@ -291,7 +303,9 @@ def test_loader_leaves_global_rng_untouched(synthetic_config):
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    data = loader.make_loader(loader.build_dataset(synthetic_config, "train", train=True), 4, 0, True, 0)
+    data = loader.make_loader(
+        loader.build_dataset(synthetic_config, "train", train=True), 4, 0, True, 0
+    )
     loader.set_loader_epoch(data, 1)
     list(data)
     assert torch.equal(torch.rand(3), expected)
@@ -325,7 +339,11 @@ def test_evaluation_loader_is_sequential_and_collates_masks(synthetic_config):
 
 def test_fold_dir_and_dataset_root(tmp_path):
     config = make_config(
-        tmp_path, "Caltech-UCSD-Birds-200-2011", fold_name="Caltech-UCSD-Birds-200-2011-CUB5", split=1, fold=3
+        tmp_path,
+        "Caltech-UCSD-Birds-200-2011",
+        fold_name="Caltech-UCSD-Birds-200-2011-CUB5",
+        split=1,
+        fold=3,
     )
     assert (
         loader.fold_dir(config)
@@ -362,7 +380,10 @@ def test_load_encoding_from_yaml(tmp_path):
     assert loader.load_encoding("encoding.yaml", tmp_path) == {"0": 0, "1": 1, "10": 2}
     (tmp_path / "ints.yaml").write_text("{0: 1, 1: 0}\n")
     assert loader.load_encoding("ints.yaml", tmp_path) == {"0": 1, "1": 0}
-    assert loader.load_encoding({"benign": 0, "malignant": 1}, tmp_path) == {"benign": 0, "malignant": 1}
+    assert loader.load_encoding({"benign": 0, "malignant": 1}, tmp_path) == {
+        "benign": 0,
+        "malignant": 1,
+    }
     (tmp_path / "gap.yaml").write_text("{a: 0, b: 2}\n")
     with pytest.raises(ValueError, match="gap.yaml"):
         loader.load_encoding("gap.yaml", tmp_path)
@@ -400,7 +421,9 @@ def test_empty_csv_is_named(synthetic_config):
 
 def test_bad_column_count_names_line(synthetic_config):
     path = write_csv(
-        synthetic_config, "valid", "images/img_0.png,masks/img_0.png,class_0\nimages/img_1.png,class_1\n"
+        synthetic_config,
+        "valid",
+        "images/img_0.png,masks/img_0.png,class_0\nimages/img_1.png,class_1\n",
     )
     with pytest.raises(ValueError, match="line 2") as error:
         loader.build_dataset(synthetic_config, "valid", train=False)
@@ -427,7 +450,11 @@ def test_missing_image_names_file_and_csv(synthetic_config):
     )
     with pytest.raises(FileNotFoundError) as error:
         loader.build_dataset(synthetic_config, "valid", train=False)
-    assert "gone.png" in str(error.value) and str(path) in str(error.value) and "line 2" in str(error.value)
+    assert (
+        "gone.png" in str(error.value)
+        and str(path) in str(error.value)
+        and "line 2" in str(error.value)
+    )
 
 
 def test_truncated_png_is_named(synthetic_config):
@@ -460,8 +487,9 @@ def test_encoding_class_count_must_match_model(synthetic_config):
 def test_batched_evaluation_needs_images_of_one_size():
     same = SimpleNamespace(geometry=[compute_geometry(64, 64, None)] * 3)
     train_deepmil.check_batchable(same, 4, "test")
-    mixed = SimpleNamespace(geometry=[compute_geometry(64, 64, None),
-                                      compute_geometry(80, 64, None)])
+    mixed = SimpleNamespace(
+        geometry=[compute_geometry(64, 64, None), compute_geometry(80, 64, None)]
+    )
     train_deepmil.check_batchable(mixed, 1, "test")
     with pytest.raises(ConfigError, match=r"eval_batch_size = 4: the test images come in 2 sizes"):
         train_deepmil.check_batchable(mixed, 4, "test")

@@ -1,5 +1,6 @@
 """Metrics: Dice/F1+-, IoU, PxAP, threshold sweeps, top-1 localisation, classification error,
 meters and their reduction over processes."""
+
 from collections.abc import Callable
 
 import numpy as np
@@ -106,8 +107,7 @@ def test_localization_meter_means_per_image():
     meter = LocalizationMeter()
     meter.update(1.0, 0.5, True, {"loss": 2.0, "loss_pos": 1.0}, f1_pos_all_ones=0.2)
     meter.update(0.0, 0.9, False, {"loss": 4.0, "loss_pos": 3.0}, f1_pos_all_ones=0.4)
-    meter.update(torch.tensor(0.5), 0.1, True, {"loss": 0.0, "loss_pos": 2.0},
-                 f1_pos_all_ones=0.6)
+    meter.update(torch.tensor(0.5), 0.1, True, {"loss": 0.0, "loss_pos": 2.0}, f1_pos_all_ones=0.6)
     summary = meter.compute()
     assert summary["n_images"] == 3
     assert summary["cl_error"] == pytest.approx(100 / 3)
@@ -157,8 +157,9 @@ def test_iou_hand_computed_and_conventions():
 
 
 def test_top1_localization():
-    hits = top1_localization(torch.tensor([True, True, False, True]),
-                             torch.tensor([0.5, 0.49, 0.9, 1.0]))
+    hits = top1_localization(
+        torch.tensor([True, True, False, True]), torch.tensor([0.5, 0.49, 0.9, 1.0])
+    )
     assert hits.tolist() == [True, False, False, True]
     assert bool(top1_localization(True, 0.7, min_iou=0.8)) is False
 
@@ -261,8 +262,9 @@ def test_pxap_equals_the_reference_and_binned_sklearn(interval):
     for name, scores in cases.items():
         expected = reference_pxap(scores, truth, interval)
         assert meter_pxap(scores, truth, interval) == pytest.approx(expected, abs=1e-9), name
-        assert binned_sklearn_pxap(scores, truth, interval) == pytest.approx(expected,
-                                                                             abs=1e-9), name
+        assert binned_sklearn_pxap(scores, truth, interval) == pytest.approx(expected, abs=1e-9), (
+            name
+        )
 
 
 def test_pxap_constant_and_bounds():
@@ -311,8 +313,9 @@ def test_threshold_sweep_all_ones_and_empty_masks():
     expected = 100 * (2 * 4 / 20 + 2 * 8 / 24) / 2  # F1+ = 2 fg / (fg + N) per image
     assert torch.allclose(means["f1_pos"], torch.full((101,), expected, dtype=torch.float64))
     assert torch.all(means["f1_neg"] == 0.0)
-    assert torch.allclose(means["iou"], torch.full((101,), 100 * (4 / 16 + 8 / 16) / 2,
-                                                   dtype=torch.float64))
+    assert torch.allclose(
+        means["iou"], torch.full((101,), 100 * (4 / 16 + 8 / 16) / 2, dtype=torch.float64)
+    )
     empty = ThresholdSweepMeter()
     empty.update(torch.zeros(4, 4), torch.zeros(4, 4))
     # t = 0: every pixel is predicted (0 >= 0) on an empty truth; t > 0: both empty -> 1.
@@ -332,8 +335,11 @@ def test_threshold_sweep_matches_per_image_functions():
     assert meter.n_images == 3
     for threshold in (0.0, 0.29, 0.3, 0.5, 0.77, 1.0):
         f1_pos, f1_neg = f1_pos_neg(mask, gt, threshold)
-        expected = {"f1_pos": 100 * f1_pos.mean().item(), "f1_neg": 100 * f1_neg.mean().item(),
-                    "iou": 100 * iou_at(mask, gt, threshold).mean().item()}
+        expected = {
+            "f1_pos": 100 * f1_pos.mean().item(),
+            "f1_neg": 100 * f1_neg.mean().item(),
+            "iou": 100 * iou_at(mask, gt, threshold).mean().item(),
+        }
         assert meter.at(threshold) == pytest.approx(expected)
 
 
@@ -344,8 +350,15 @@ def test_best_threshold_report():
     test = ThresholdSweepMeter()
     test.update(torch.ones(2, 2), torch.tensor([[1.0, 0.0], [0.0, 0.0]]))
     report = best_threshold_report(valid, test)
-    assert report == pytest.approx({"threshold": 0.21, "valid_f1_pos": 80.0,
-                                    "test_f1_pos": 40.0, "test_f1_neg": 0.0, "test_iou": 25.0})
+    assert report == pytest.approx(
+        {
+            "threshold": 0.21,
+            "valid_f1_pos": 80.0,
+            "test_f1_pos": 40.0,
+            "test_f1_neg": 0.0,
+            "test_iou": 25.0,
+        }
+    )
     with pytest.raises(ValueError, match="different thresholds"):
         best_threshold_report(valid, ThresholdSweepMeter(steps=10))
 
@@ -378,8 +391,15 @@ def reduced_and_concatenated(make, shards):
 
 def test_pxap_reduce_gives_the_meter_of_the_concatenated_data():
     generator = torch.Generator().manual_seed(0)
-    shards = [[(torch.rand(2, 6, 5, generator=generator),
-                (torch.rand(2, 6, 5, generator=generator) > 0.5).float())] for _ in range(2)]
+    shards = [
+        [
+            (
+                torch.rand(2, 6, 5, generator=generator),
+                (torch.rand(2, 6, 5, generator=generator) > 0.5).float(),
+            )
+        ]
+        for _ in range(2)
+    ]
     reduced, doubled, whole, twice = reduced_and_concatenated(PxAPMeter, shards)
     assert torch.equal(reduced.counts, whole.counts) and torch.equal(doubled.counts, twice.counts)
     assert reduced.compute() == whole.compute() and doubled.compute() == twice.compute()
@@ -387,20 +407,32 @@ def test_pxap_reduce_gives_the_meter_of_the_concatenated_data():
 
 def test_threshold_sweep_reduce_gives_the_meter_of_the_concatenated_data():
     generator = torch.Generator().manual_seed(1)
-    shards = [[(torch.rand(n, 4, 4, generator=generator),
-                (torch.rand(n, 4, 4, generator=generator) > 0.5).float())] for n in (2, 3)]
+    shards = [
+        [
+            (
+                torch.rand(n, 4, 4, generator=generator),
+                (torch.rand(n, 4, 4, generator=generator) > 0.5).float(),
+            )
+        ]
+        for n in (2, 3)
+    ]
     reduced, doubled, whole, twice = reduced_and_concatenated(ThresholdSweepMeter, shards)
     assert reduced.n_images == whole.n_images == 5 and doubled.n_images == twice.n_images == 4
     for left, right in ((reduced, whole), (doubled, twice)):
-        assert all(torch.equal(left.compute()[name], right.compute()[name])
-                   for name in ThresholdSweepMeter.METRICS)
+        assert all(
+            torch.equal(left.compute()[name], right.compute()[name])
+            for name in ThresholdSweepMeter.METRICS
+        )
 
 
 def test_localization_meter_reduce_gives_the_meter_of_the_concatenated_data():
     # Dyadic values: every sum is exact, whatever the order of the additions.
-    shards = [[(1.0, 0.5, True, {"loss": 2.0}, 0.25, 0.75), (0.25, 0.5, False, {"loss": 1.0},
-                                                              0.5, 0.5)],
-              [(0.5, 0.125, True, {"loss": 0.5}, 0.75, 0.25)]]
+    shards = [
+        [(1.0, 0.5, True, {"loss": 2.0}, 0.25, 0.75), (0.25, 0.5, False, {"loss": 1.0}, 0.5, 0.5)],
+        [(0.5, 0.125, True, {"loss": 0.5}, 0.75, 0.25)],
+    ]
     reduced, doubled, whole, twice = reduced_and_concatenated(LocalizationMeter, shards)
     assert reduced.compute() == whole.compute() and doubled.compute() == twice.compute()
-    assert reduced.compute()["n_images"] == 3 and reduced.compute()["top1_loc"] == pytest.approx(100 / 3)
+    assert reduced.compute()["n_images"] == 3 and reduced.compute()["top1_loc"] == pytest.approx(
+        100 / 3
+    )

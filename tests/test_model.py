@@ -1,4 +1,5 @@
 """Model, WILDCAT pooling, mask and losses: checked against hand-computed values."""
+
 import math
 from urllib.error import URLError
 
@@ -6,8 +7,8 @@ import pytest
 import torch
 
 from deepmil import backbone
-from deepmil.losses import localizer_loss, negative_loss, positive_loss
 from deepmil.backbone import load_pretrained_trunk, pretrained_path
+from deepmil.losses import localizer_loss, negative_loss, positive_loss
 from deepmil.model import MinMaxEntropyNet, build_model
 from deepmil.pooling import ClassWisePool, WildcatPool2d, get_k
 from deepmil.registry import feature_map_size
@@ -20,10 +21,23 @@ def small_net(**kwargs) -> MinMaxEntropyNet:
     return MinMaxEntropyNet("resnet18", **options)
 
 
-@pytest.mark.parametrize("k, n, expected", [
-    (0.09, 225, 20), (0.09, 64, 6), (0.09, 425, 38), (0.09, 117, 11),
-    (1.0, 37, 37), (1, 37, 1), (3, 2, 2), (0, 10, 0), (-1, 10, 0), (0.5, 5, 2),
-    (0.09, 4, 1), (7.0, 9, 7)])
+@pytest.mark.parametrize(
+    "k, n, expected",
+    [
+        (0.09, 225, 20),
+        (0.09, 64, 6),
+        (0.09, 425, 38),
+        (0.09, 117, 11),
+        (1.0, 37, 37),
+        (1, 37, 1),
+        (3, 2, 2),
+        (0, 10, 0),
+        (-1, 10, 0),
+        (0.5, 5, 2),
+        (0.09, 4, 1),
+        (7.0, 9, 7),
+    ],
+)
 def test_get_k(k, n, expected):
     assert get_k(k, n) == expected
 
@@ -78,9 +92,12 @@ def test_batch_and_sample_normalisation_differ_as_specified():
     batch_mask = small_net().pseudo_binary_mask(continuous)
     sample_mask = small_net(mask_normalization="sample").pseudo_binary_mask(continuous)
     assert torch.allclose(sample_mask[0], sample_mask[1])
-    assert batch_mask[0].max().item() == pytest.approx(torch.sigmoid(torch.tensor(8 * (1 / 3 - 0.5))).item(),
-                                                       abs=1e-6)
-    assert batch_mask[1].max().item() == pytest.approx(torch.sigmoid(torch.tensor(4.0)).item(), abs=1e-6)
+    assert batch_mask[0].max().item() == pytest.approx(
+        torch.sigmoid(torch.tensor(8 * (1 / 3 - 0.5))).item(), abs=1e-6
+    )
+    assert batch_mask[1].max().item() == pytest.approx(
+        torch.sigmoid(torch.tensor(4.0)).item(), abs=1e-6
+    )
 
 
 def test_constant_map_gives_a_finite_mask():
@@ -120,8 +137,9 @@ def test_positive_map_mixes_class_maps_by_the_posterior():
     continuous, scores, maps = net.segment(x)
     posterior = torch.softmax(scores, dim=1)
     mixed = (posterior[:, :, None, None] * maps).sum(dim=1, keepdim=True)
-    expected = torch.nn.functional.interpolate(mixed, size=(64, 64), mode="bilinear",
-                                               align_corners=True)
+    expected = torch.nn.functional.interpolate(
+        mixed, size=(64, 64), mode="bilinear", align_corners=True
+    )
     assert torch.allclose(continuous, expected, atol=1e-6)
 
 
@@ -139,10 +157,17 @@ def test_gradient_flow_between_heads():
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in net.headseg.parameters())
 
 
-@pytest.mark.parametrize("name, classes, parameters, entries", [
-    ("resnet18", 2, 11_335_252, 144), ("resnet50", 2, 23_672_788, 336),
-    ("resnet101", 2, 42_664_916, 642), ("resnet101", 5, 42_726_386, 642),
-    ("resnet101", 102, 44_713_916, 642), ("resnet101", 200, 46_721_936, 642)])
+@pytest.mark.parametrize(
+    "name, classes, parameters, entries",
+    [
+        ("resnet18", 2, 11_335_252, 144),
+        ("resnet50", 2, 23_672_788, 336),
+        ("resnet101", 2, 42_664_916, 642),
+        ("resnet101", 5, 42_726_386, 642),
+        ("resnet101", 102, 44_713_916, 642),
+        ("resnet101", 200, 46_721_936, 642),
+    ],
+)
 def test_parameter_counts_match_the_reference(name, classes, parameters, entries):
     with torch.device("meta"):
         net = MinMaxEntropyNet(name, classes, modalities=5)
@@ -153,10 +178,19 @@ def test_parameter_counts_match_the_reference(name, classes, parameters, entries
 def test_state_dict_names_and_strict_reload(tmp_path):
     net = small_net(modalities=5)
     keys = set(net.state_dict())
-    for key in ["sigma", "w", "conv1.weight", "bn3.running_var", "layer1.0.downsample.0.weight",
-                "layer1.0.downsample.1.weight", "layer4.1.bn2.num_batches_tracked",
-                "headseg.to_modalities.weight", "headseg.to_modalities.bias",
-                "cl32.to_modalities.weight", "cl32.to_modalities.bias"]:
+    for key in [
+        "sigma",
+        "w",
+        "conv1.weight",
+        "bn3.running_var",
+        "layer1.0.downsample.0.weight",
+        "layer1.0.downsample.1.weight",
+        "layer4.1.bn2.num_batches_tracked",
+        "headseg.to_modalities.weight",
+        "headseg.to_modalities.bias",
+        "cl32.to_modalities.weight",
+        "cl32.to_modalities.bias",
+    ]:
         assert key in keys
     assert net.state_dict()["sigma"].shape == (1,) and net.state_dict()["w"].shape == (1,)
     assert net.state_dict()["headseg.to_modalities.weight"].shape == (10, 512, 1, 1)
@@ -181,9 +215,13 @@ def test_trunk_initialisation_is_he_fan_out_and_heads_keep_default_init():
 
 
 def fake_checkpoint(net: MinMaxEntropyNet) -> dict:
-    trunk = {key: value.clone() + 1 for key, value in net.state_dict().items()
-             if not key.startswith(("headseg", "cl32")) and key not in ("sigma", "w")
-             and not key.endswith("num_batches_tracked")}
+    trunk = {
+        key: value.clone() + 1
+        for key, value in net.state_dict().items()
+        if not key.startswith(("headseg", "cl32"))
+        and key not in ("sigma", "w")
+        and not key.endswith("num_batches_tracked")
+    }
     trunk["fc.weight"] = torch.zeros(1000, 512)
     trunk["fc.bias"] = torch.zeros(1000)
     return trunk
@@ -208,6 +246,7 @@ def test_pretrained_weights_load_from_the_cache_and_are_verified(tmp_path):
 def test_offline_pretrained_error_names_url_and_path(tmp_path, monkeypatch):
     def offline(*args, **kwargs):
         raise URLError("no network")
+
     monkeypatch.setattr(backbone.torch.hub, "load_state_dict_from_url", offline)
     with pytest.raises(RuntimeError) as error:
         load_pretrained_trunk(small_net(), tmp_path)
@@ -217,9 +256,21 @@ def test_offline_pretrained_error_names_url_and_path(tmp_path, monkeypatch):
 
 
 def test_build_model_reads_the_model_section():
-    config = {"name": "resnet18", "pretrained": False, "num_classes": 3, "modalities": 2,
-              "kmax": 0.3, "kmin": 0.1, "alpha": 0.0, "dropout": 0.2, "sigma": 0.4, "w": 6.0,
-              "scale": [0.5, 0.5], "mask_normalization": "sample", "apply_min_term": False}
+    config = {
+        "name": "resnet18",
+        "pretrained": False,
+        "num_classes": 3,
+        "modalities": 2,
+        "kmax": 0.3,
+        "kmin": 0.1,
+        "alpha": 0.0,
+        "dropout": 0.2,
+        "sigma": 0.4,
+        "w": 6.0,
+        "scale": [0.5, 0.5],
+        "mask_normalization": "sample",
+        "apply_min_term": False,
+    }
     net = build_model(config)
     assert net.headseg.to_modalities.out_channels == 6
     assert net.cl32.wildcat.kmax == 0.3 and net.cl32.wildcat.dropout == 0.2

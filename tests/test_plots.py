@@ -1,4 +1,5 @@
 """Plots: PNG files are written, readable and sized sensibly; bad input fails clearly."""
+
 import numpy as np
 import pytest
 import torch
@@ -28,19 +29,21 @@ def assert_png(path, min_width: int, min_height: int) -> None:
 def make_history(n_epochs: int) -> list[dict]:
     history = []
     for epoch in range(n_epochs):
-        history.append({
-            "epoch": epoch,
-            "train_loss": 3.0 / (epoch + 1),
-            "train_loss_pos": 1.0 / (epoch + 1),
-            "train_loss_neg": 0.69,
-            "train_loss_seg": 1.3 / (epoch + 1),
-            "train_cl_error": 50.0 / (epoch + 1),
-            "valid_loss": 3.2 / (epoch + 1),
-            "valid_cl_error": 40.0 / (epoch + 1),
-            "valid_f1_pos": 60.0 + epoch,
-            "valid_f1_neg": 70.0 + epoch,
-            "lr": 1e-3 if epoch < 20 else 1e-4,
-        })
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": 3.0 / (epoch + 1),
+                "train_loss_pos": 1.0 / (epoch + 1),
+                "train_loss_neg": 0.69,
+                "train_loss_seg": 1.3 / (epoch + 1),
+                "train_cl_error": 50.0 / (epoch + 1),
+                "valid_loss": 3.2 / (epoch + 1),
+                "valid_cl_error": 40.0 / (epoch + 1),
+                "valid_f1_pos": 60.0 + epoch,
+                "valid_f1_neg": 70.0 + epoch,
+                "lr": 1e-3 if epoch < 20 else 1e-4,
+            }
+        )
     return history
 
 
@@ -51,8 +54,10 @@ def test_learning_curves_written(tmp_path):
 
 
 def test_learning_curves_partial_keys(tmp_path):
-    history = [{"epoch": 0, "train_loss": 1.0},
-               {"epoch": 1, "train_loss": 0.5, "valid_f1_pos": None}]
+    history = [
+        {"epoch": 0, "train_loss": 1.0},
+        {"epoch": 1, "train_loss": 0.5, "valid_f1_pos": None},
+    ]
     path = plot_learning_curves(history, tmp_path / "partial.png")
     assert_png(path, 400, 200)
 
@@ -78,8 +83,10 @@ def make_sample(seed: int, caption: str) -> dict:
 
 
 def test_mask_panels_written(tmp_path):
-    samples = [make_sample(0, "true: class_0 | pred: class_0 (93%) | F1+ 81.2 F1- 95.0"),
-               make_sample(1, "true: class_1 | pred: class_0 (55%) | F1+ 40.0 F1- 88.8")]
+    samples = [
+        make_sample(0, "true: class_0 | pred: class_0 (93%) | F1+ 81.2 F1- 95.0"),
+        make_sample(1, "true: class_1 | pred: class_0 (55%) | F1+ 40.0 F1- 88.8"),
+    ]
     path = save_mask_panels(samples, tmp_path / "panels.png", title="synthetic test")
     assert_png(path, 800, 300)
 
@@ -120,8 +127,9 @@ def test_mask_histograms(tmp_path):
     outside = torch.from_numpy(rng.beta(2, 5, 5000))
     path = plot_mask_histograms(inside, outside, tmp_path / "hist" / "values.png")
     assert_png(path, 500, 300)
-    log_path = plot_mask_histograms(inside, outside, tmp_path / "log.png", bins=20, log_y=True,
-                                    title="test set")
+    log_path = plot_mask_histograms(
+        inside, outside, tmp_path / "log.png", bins=20, log_y=True, title="test set"
+    )
     assert_png(log_path, 500, 300)
     with pytest.raises(ValueError, match="outside the ground truth"):
         plot_mask_histograms(inside, np.array([]), tmp_path / "x.png")
@@ -141,6 +149,7 @@ def test_denormalize_image():
 
 def test_score_histograms_from_counts(tmp_path):
     from deepmil.plots import plot_score_histograms
+
     counts = np.array([[5, 3, 0, 2], [0, 1, 4, 5]])
     path = plot_score_histograms(counts, tmp_path / "h.png")
     assert path.is_file() and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

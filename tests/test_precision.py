@@ -1,4 +1,5 @@
 """Mixed precision (``amp``), the fp16 gradient scaler and channels-last format on the CPU."""
+
 import copy
 
 import pytest
@@ -47,8 +48,15 @@ def test_bf16_step_gives_finite_losses_close_to_fp32(erase):
         model = tiny_net().train()
         precision = Precision.build(amp, CPU)
         if erase:
-            stats = erasing_step(model, images, labels, seed=0, nbr_times_erase=2,
-                                 sigma_erase=10.0, precision=precision)
+            stats = erasing_step(
+                model,
+                images,
+                labels,
+                seed=0,
+                nbr_times_erase=2,
+                sigma_erase=10.0,
+                precision=precision,
+            )
         else:
             stats = plain_step(model, images, labels, seed=0, precision=precision)
         results[amp] = losses(stats), gradients(model)
@@ -68,8 +76,9 @@ def test_bf16_region_losses_and_gradients_with_a_fixed_mask():
         model = tiny_net().train()
         with Precision.build(amp, CPU).autocast():
             pos_scores, _, neg_scores, _ = model(images, mask=mask, mode="regions")
-        region_losses = torch.stack([positive_loss(pos_scores.float(), labels),
-                                     negative_loss(neg_scores.float())])
+        region_losses = torch.stack(
+            [positive_loss(pos_scores.float(), labels), negative_loss(neg_scores.float())]
+        )
         region_losses.sum().backward()
         results[amp] = region_losses.detach(), gradients(model)
     (fp32_losses, fp32_grads), (bf16_losses, bf16_grads) = results[None], results["bf16"]
@@ -94,8 +103,13 @@ def test_grad_scaler_scales_gradients_and_unscales_the_step():
     images, labels = batch(size=64)
     plain, scaled = tiny_net().train(), tiny_net().train()
     plain_step(plain, images, labels, seed=0)
-    plain_step(scaled, images, labels, seed=0,
-               precision=Precision(scaler=torch.amp.GradScaler("cpu", init_scale=8.0)))
+    plain_step(
+        scaled,
+        images,
+        labels,
+        seed=0,
+        precision=Precision(scaler=torch.amp.GradScaler("cpu", init_scale=8.0)),
+    )
     assert torch.allclose(gradients(scaled), 8.0 * gradients(plain), rtol=1e-4, atol=1e-6)
 
     data = [{"image": images, "label": labels}] * 2
@@ -103,8 +117,9 @@ def test_grad_scaler_scales_gradients_and_unscales_the_step():
     for name, scaler in (("plain", None), ("scaled", torch.amp.GradScaler("cpu", init_scale=8.0))):
         model = tiny_net()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-        train_one_epoch(model, data, optimizer, epoch=0,
-                        run=RunSettings(precision=Precision(scaler=scaler)))
+        train_one_epoch(
+            model, data, optimizer, epoch=0, run=RunSettings(precision=Precision(scaler=scaler))
+        )
         trained[name] = torch.cat([p.detach().flatten() for p in model.parameters()])
     assert torch.allclose(trained["scaled"], trained["plain"], rtol=1e-4, atol=1e-6)
 
@@ -134,25 +149,48 @@ class OneBatch(list):
 
 def test_channels_last_and_bf16_in_evaluation_predictions():
     images, labels = batch(size=64, count=1)
-    data = OneBatch([{"image": images, "label": labels, "index": torch.tensor([0]),
-                      "mask": [torch.ones(1, 64, 64)]}], [compute_geometry(64, 64, None)])
+    data = OneBatch(
+        [
+            {
+                "image": images,
+                "label": labels,
+                "index": torch.tensor([0]),
+                "mask": [torch.ones(1, 64, 64)],
+            }
+        ],
+        [compute_geometry(64, 64, None)],
+    )
     model = tiny_net().eval()
     reference = next(predictions(model, data, RunSettings()))
     converted = copy.deepcopy(model).to(memory_format=torch.channels_last)
-    channels_last = next(predictions(converted, data,
-                                     RunSettings(precision=Precision(channels_last=True))))
+    channels_last = next(
+        predictions(converted, data, RunSettings(precision=Precision(channels_last=True)))
+    )
     bf16 = next(predictions(model, data, RunSettings(precision=Precision.build("bf16", CPU))))
     assert torch.allclose(channels_last["mask"], reference["mask"], atol=1e-5)
     assert channels_last["predicted"] == reference["predicted"]
     assert bf16["mask"].dtype == torch.float32 and torch.isfinite(bf16["mask"]).all()
-    assert bf16["losses"]["loss_seg"] == pytest.approx(reference["losses"]["loss_seg"],
-                                                       abs=BF16_TOLERANCE)
+    assert bf16["losses"]["loss_seg"] == pytest.approx(
+        reference["losses"]["loss_seg"], abs=BF16_TOLERANCE
+    )
 
 
 def tiny_config(*extra: str) -> dict:
-    config, _ = get_yaml_args(["--yaml", "synthetic-no-erasing.yaml", "--kmax", "1.0", "--kmin",
-                               "1.0", "--set", "synthetic.image_size=64",
-                               "--set", "crop_size=[64, 64]", *extra])
+    config, _ = get_yaml_args(
+        [
+            "--yaml",
+            "synthetic-no-erasing.yaml",
+            "--kmax",
+            "1.0",
+            "--kmin",
+            "1.0",
+            "--set",
+            "synthetic.image_size=64",
+            "--set",
+            "crop_size=[64, 64]",
+            *extra,
+        ]
+    )
     return config
 
 

@@ -2,6 +2,7 @@
 divergence, resuming odd folders, generation failures. Each test names the symptom it keeps
 away. Fixtures (the tiny dataset, the reference run, the in-process command line) come from
 tests/conftest.py, helpers from tests/helpers.py."""
+
 import errno
 import os
 import shutil
@@ -21,8 +22,17 @@ from deepmil import checkpoint, experiment, files
 from deepmil.config import CONFIG_DIR, ConfigError, load_config, save_config
 from deepmil.registry import dataset_spec
 from deepmil.synthetic import SyntheticSpec
-from helpers import (BATCH, TRAIN_CSV, epoch_metrics, final_metrics, run_cli, start_cli,
-                     temporary_files, tiny_args, wait_for_epochs)
+from helpers import (
+    BATCH,
+    TRAIN_CSV,
+    epoch_metrics,
+    final_metrics,
+    run_cli,
+    start_cli,
+    temporary_files,
+    tiny_args,
+    wait_for_epochs,
+)
 from loader import load_mask, load_rgb, read_fold_csv, read_size
 from tools import get_yaml_args
 
@@ -46,27 +56,33 @@ def test_synthetic_data_in_use_are_not_regenerated_for_another_spec(tmp_path):
             with create_folds.synthetic_folds_held(data, folds, SPEC_B):
                 pass
         assert (data / "synthetic" / "spec.json").read_text() == spec_json
-        assert images == {path.name: path.read_bytes()
-                          for path in (data / "synthetic").rglob("*.png")}
+        assert images == {
+            path.name: path.read_bytes() for path in (data / "synthetic").rglob("*.png")
+        }
     with create_folds.synthetic_folds_held(data, folds, SPEC_B):  # free again: regenerates
         assert deepmil.synthetic.is_complete(data / "synthetic", SPEC_B)
 
 
-def test_a_locked_experiment_folder_is_refused_and_left_alone(cli, dataset, reference,
-                                                              tmp_path):
+def test_a_locked_experiment_folder_is_refused_and_left_alone(cli, dataset, reference, tmp_path):
     """Symptom: a second run with the same --exp-name and --overwrite wrote its config beside
     the first run's metrics, and its clean-up deleted the first run's config.yaml."""
     folder = shutil.copytree(reference, tmp_path / "exps" / "busy")
-    before = {path.name: path.read_bytes() for path in folder.iterdir() if path.is_file()
-              and path.name != experiment.LOCK_FILE}
+    before = {
+        path.name: path.read_bytes()
+        for path in folder.iterdir()
+        if path.is_file() and path.name != experiment.LOCK_FILE
+    }
     args = tiny_args(dataset, "--exp-name", "busy", "--overwrite", exp_root=str(tmp_path / "exps"))
     with experiment.folder_lock(folder):
         code, err = cli(args)
         assert code == 1 and f"experiment folder {folder} is in use by another run" in err
         code, err = cli(["--resume", str(folder), "--cudaid", "cpu", "--quiet"])
         assert code == 1 and "is in use by another run" in err
-    assert before == {path.name: path.read_bytes() for path in folder.iterdir()
-                      if path.is_file() and path.name != experiment.LOCK_FILE}
+    assert before == {
+        path.name: path.read_bytes()
+        for path in folder.iterdir()
+        if path.is_file() and path.name != experiment.LOCK_FILE
+    }
 
 
 # ----------------------------------------------------------------------------- signals
@@ -87,7 +103,8 @@ def test_signals_are_deferred_until_a_write_is_done():
 
 
 def test_sigterm_during_the_checkpoint_write_exits_143_with_a_whole_checkpoint(
-        cli, dataset, monkeypatch):
+    cli, dataset, monkeypatch
+):
     """Symptom: SIGTERM while ``checkpoint.pt`` was written exited 1 with a torch ``enforce
     fail ... unexpected pos`` message."""
     real_save, count = torch.save, iter(range(10**6))
@@ -129,8 +146,9 @@ def test_weights_that_turn_nan_stop_with_a_divergence_error(cli, dataset, monkey
 
 def test_non_finite_evaluation_outputs_are_a_divergence_error():
     with pytest.raises(deepmil.engine.NonFiniteLossError, match="evaluating test.csv, batch 3"):
-        deepmil.engine.check_finite_outputs(torch.tensor([[0.0, float("nan")]]),
-                                            torch.zeros(1, 2, 2), "test.csv", 3)
+        deepmil.engine.check_finite_outputs(
+            torch.tensor([[0.0, float("nan")]]), torch.zeros(1, 2, 2), "test.csv", 3
+        )
     deepmil.engine.check_finite_outputs(torch.zeros(1, 2), torch.zeros(1, 2, 2), "test.csv", 3)
 
 
@@ -179,6 +197,7 @@ def test_config_has_the_mode_of_every_other_result_file(reference):
 
 def test_synthetic_generation_on_a_full_disk(tmp_path, monkeypatch):
     """Symptom: ``[Errno 28]`` without a path, and a ``.synthetic.tmp-<pid>`` folder left."""
+
     def full(folder, spec):
         (folder / "images").mkdir(parents=True)
         (folder / "images" / "part.png").write_bytes(b"x" * 100)
@@ -292,8 +311,10 @@ def test_an_image_over_the_pixel_limit_is_named(tmp_path, monkeypatch):
     Image.new("RGB", (64, 64)).save(path)
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # 64 x 64 > 2 x 1000
     for read in (read_size, load_rgb):
-        with pytest.raises(ValueError, match=f"cannot read image {path}: it is larger than "
-                                             f"Pillow's limit of 1000 pixels"):
+        with pytest.raises(
+            ValueError,
+            match=f"cannot read image {path}: it is larger than Pillow's limit of 1000 pixels",
+        ):
             read(path)
 
 
@@ -301,7 +322,10 @@ def test_every_corrupt_file_is_listed_before_training(cli, own_data):
     """Symptom: a truncated test image stopped the run only at the final evaluation."""
     test_csv = own_data / "folds" / "synthetic" / "split_0" / "fold_0" / "test_s_0_f_0.csv"
     rows = [line.split(",") for line in test_csv.read_text().splitlines()]
-    broken = [own_data / "data" / "synthetic" / rows[0][0], own_data / "data" / "synthetic" / rows[1][1]]
+    broken = [
+        own_data / "data" / "synthetic" / rows[0][0],
+        own_data / "data" / "synthetic" / rows[1][1],
+    ]
     for path in broken:
         path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     code, err = cli(tiny_args(own_data))

@@ -44,8 +44,16 @@ def texture(height: int, width: int, seed: int) -> np.ndarray:
 
 
 def run_create_folds(dataset: str, data_root: Path, out: Path) -> subprocess.CompletedProcess:
-    command = [sys.executable, "create_folds.py", "--dataset", dataset,
-               "--data-root", str(data_root), "--out", str(out)]
+    command = [
+        sys.executable,
+        "create_folds.py",
+        "--dataset",
+        dataset,
+        "--data-root",
+        str(data_root),
+        "--out",
+        str(out),
+    ]
     return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
@@ -75,7 +83,7 @@ def normalized(array: np.ndarray) -> torch.Tensor:
 
 def to_uint8(tensor: torch.Tensor) -> np.ndarray:
     """Inverse of ``normalized`` (exact on 8-bit values)."""
-    return (tensor.mul(0.5).add(0.5).mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy())
+    return tensor.mul(0.5).add(0.5).mul(255).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
 
 
 def eval_expected(array: np.ndarray, upscaled: tuple[int, int]) -> tuple[np.ndarray, tuple]:
@@ -83,8 +91,9 @@ def eval_expected(array: np.ndarray, upscaled: tuple[int, int]) -> tuple[np.ndar
     the next multiple of 32 (floor half before, the rest after); returns (array, padding)."""
     height, width = upscaled
     if array.shape[:2] != (height, width):
-        array = np.asarray(Image.fromarray(array).resize((width, height),
-                                                         Image.Resampling.BILINEAR))
+        array = np.asarray(
+            Image.fromarray(array).resize((width, height), Image.Resampling.BILINEAR)
+        )
     pads = []
     for size in (height, width):
         leftover = -size % 32
@@ -111,8 +120,11 @@ def crop_positions(canvas: np.ndarray, crop: np.ndarray) -> list[tuple[int, int]
     patch = crop[:4, :4]
     windows = sliding_window_view(canvas, patch.shape)[:limit_h, :limit_w, 0]
     candidates = np.argwhere((windows == patch).all(axis=(2, 3, 4)))
-    return [(int(top), int(left)) for top, left in candidates
-            if np.array_equal(canvas[top:top + height, left:left + width], crop)]
+    return [
+        (int(top), int(left))
+        for top, left in candidates
+        if np.array_equal(canvas[top : top + height, left : left + width], crop)
+    ]
 
 
 def decoded(path: Path) -> np.ndarray:
@@ -123,10 +135,18 @@ def decoded(path: Path) -> np.ndarray:
 # ----------------------------------------------------------------------------- GlaS replica
 
 GLAS_BENIGN_TRAIN = (1, 3, 4, 7, 9)
-GLAS_GRADES = {f"train_{k}": "benign" if k in GLAS_BENIGN_TRAIN else "malignant"
-               for k in range(1, 12)}
-GLAS_GRADES.update({"testA_1": "malignant", "testA_2": "benign", "testA_3": "benign",
-                    "testB_1": "malignant", "testB_2": "benign"})
+GLAS_GRADES = {
+    f"train_{k}": "benign" if k in GLAS_BENIGN_TRAIN else "malignant" for k in range(1, 12)
+}
+GLAS_GRADES.update(
+    {
+        "testA_1": "malignant",
+        "testA_2": "benign",
+        "testA_3": "benign",
+        "testB_1": "malignant",
+        "testB_2": "benign",
+    }
+)
 GLAS_LABELS = {"benign": 0, "malignant": 1}
 
 
@@ -134,8 +154,9 @@ def glas_size(index: int) -> tuple[int, int]:
     return 40 + 4 * (index % 3), 52 + 6 * (index % 4)
 
 
-def build_glas(data_root: Path, grades: dict[str, str] = GLAS_GRADES,
-               size=glas_size) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+def build_glas(
+    data_root: Path, grades: dict[str, str] = GLAS_GRADES, size=glas_size
+) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """BMP images, BMP instance masks (0 = background, 1, 2, ... = gland ids) and Grade.csv."""
     folder = data_root / GLAS_FOLDER
     folder.mkdir(parents=True)
@@ -147,7 +168,7 @@ def build_glas(data_root: Path, grades: dict[str, str] = GLAS_GRADES,
         mask = np.zeros((height, width), np.uint8)
         mask[2:12, 3:20] = 1
         mask[15:30, 21:30] = 2
-        mask[height - 8:height - 2, 1:6] = index + 3
+        mask[height - 8 : height - 2, 1:6] = index + 3
         Image.fromarray(image).save(folder / f"{name}.bmp")
         Image.fromarray(mask, mode="L").save(folder / f"{name}_anno.bmp")
         written[name] = (image, mask)
@@ -174,8 +195,14 @@ def glas(tmp_path_factory):
 
 
 def glas_config(tmp: Path, *sets: str) -> dict:
-    return paper_config("glas-no-erasing.yaml", tmp / "data", tmp / "folds",
-                        "crop_size=[48, 48]", "model.kmax=1.0", *sets)
+    return paper_config(
+        "glas-no-erasing.yaml",
+        tmp / "data",
+        tmp / "folds",
+        "crop_size=[48, 48]",
+        "model.kmax=1.0",
+        *sets,
+    )
 
 
 def test_glas_folds_from_grade_csv(glas):
@@ -192,8 +219,13 @@ def test_glas_folds_from_grade_csv(glas):
     assert [row[2] for row in valid] == ["malignant", "malignant", "benign"]
     trained = sorted(row[0] for row in train + valid)
     assert trained == sorted(f"{name}.bmp" for name in GLAS_GRADES if name.startswith("train"))
-    assert [row[0] for row in test] == ["testA_1.bmp", "testA_2.bmp", "testA_3.bmp",
-                                        "testB_1.bmp", "testB_2.bmp"]
+    assert [row[0] for row in test] == [
+        "testA_1.bmp",
+        "testA_2.bmp",
+        "testA_3.bmp",
+        "testB_1.bmp",
+        "testB_2.bmp",
+    ]
     assert (fold_dir / "seed.txt").read_text() == "MYSEED: 0"
     assert not (fold_dir / "encoding.yaml").exists()
 
@@ -216,7 +248,8 @@ def test_glas_evaluation_samples(glas):
             assert sample["label"] == GLAS_LABELS[GLAS_GRADES[name]] and sample["index"] == index
             expected, padding = eval_expected(image, image.shape[:2])
             assert dataset.geometry[index] == Geometry(
-                image.shape[:2], image.shape[:2], expected.shape[:2], padding)
+                image.shape[:2], image.shape[:2], expected.shape[:2], padding
+            )
             assert expected.shape[0] % 32 == 0 and expected.shape[1] % 32 == 0
             assert torch.equal(sample["image"], normalized(expected))
             # Every gland id (1, 2 and the larger ones) is foreground; the mask keeps the
@@ -248,8 +281,13 @@ def test_glas_training_crops_come_from_the_reflect_padded_image(glas, monkeypatc
             height, width = image.shape[:2]
             padded = np.pad(image, ((height // 2,) * 2, (width // 2,) * 2, (0, 0)), mode="reflect")
             crop = to_uint8(sample["image"])
-            flips = [flip for flip in ("none", "h", "v", "hv") if crop_positions(
-                padded[:, ::-1] if "h" in flip else padded, crop[::-1] if "v" in flip else crop)]
+            flips = [
+                flip
+                for flip in ("none", "h", "v", "hv")
+                if crop_positions(
+                    padded[:, ::-1] if "h" in flip else padded, crop[::-1] if "v" in flip else crop
+                )
+            ]
             # Reflection makes some windows equal to flipped ones: ask for at least one match.
             assert flips, (image_name, epoch)
             unflipped += "none" in flips
@@ -262,8 +300,9 @@ def test_glas_training_crops_come_from_the_reflect_padded_image(glas, monkeypatc
 def test_glas_missing_data_and_folds_are_explained(glas, tmp_path):
     tmp, _, _ = glas
     nowhere = tmp_path / "nowhere"
-    config = paper_config("glas-no-erasing.yaml", nowhere, tmp / "folds",
-                          "crop_size=[48, 48]", "model.kmax=1.0")
+    config = paper_config(
+        "glas-no-erasing.yaml", nowhere, tmp / "folds", "crop_size=[48, 48]", "model.kmax=1.0"
+    )
     for folds in (tmp / "folds", tmp_path / "no-folds"):
         config["fold_folder"] = str(folds)
         with pytest.raises(FileNotFoundError) as error:
@@ -276,8 +315,10 @@ def test_glas_missing_data_and_folds_are_explained(glas, tmp_path):
         loader.build_dataset(config, "valid", train=False)
     csv_path = tmp_path / "no-folds" / "glas" / "split_0" / "fold_0" / "valid_s_0_f_0.csv"
     assert f"fold CSV not found: {csv_path}" in str(error.value)
-    assert (f"python create_folds.py --dataset glas --data-root {tmp / 'data'} "
-            f"--out {tmp_path / 'no-folds'}") in str(error.value)
+    assert (
+        f"python create_folds.py --dataset glas --data-root {tmp / 'data'} "
+        f"--out {tmp_path / 'no-folds'}"
+    ) in str(error.value)
     result = run_create_folds("glas", nowhere, tmp_path / "folds")
     assert result.returncode == 1
     assert str(nowhere / GLAS_FOLDER / "Grade.csv") in result.stderr
@@ -289,13 +330,53 @@ def test_glas_cli_with_the_readme_flags(tmp_path):
     grades.update({"testA_1": "benign", "testB_1": "malignant"})
     build_glas(tmp_path / "data", grades, lambda index: (32, 32))
     assert run_create_folds("glas", tmp_path / "data", tmp_path / "folds").returncode == 0
-    args = ["--cudaid", "cpu", "--yaml", "glas-no-erase.yaml", "--kmin", "1.0", "--kmax", "1.0",
-            "--dout", "0.0", "--epoch", "1", "--nbrerase", "0", "--epocherase", "1",
-            "--stepsize", "40", "--bsize", "8", "--modalities", "5", "--lr", "0.001",
-            "--fold", "0", "--wdecay", "1e-05", "--alpha", "0.2", "--modelname", "resnet18",
-            "--pretrained", "false", "--set", "num_workers=0", "--set", "crop_size=[32, 32]",
-            "--set", f"fold_folder={tmp_path / 'folds'}", "--data-root", str(tmp_path / "data"),
-            "--exp-root", str(tmp_path / "exps"), "--quiet"]
+    args = [
+        "--cudaid",
+        "cpu",
+        "--yaml",
+        "glas-no-erase.yaml",
+        "--kmin",
+        "1.0",
+        "--kmax",
+        "1.0",
+        "--dout",
+        "0.0",
+        "--epoch",
+        "1",
+        "--nbrerase",
+        "0",
+        "--epocherase",
+        "1",
+        "--stepsize",
+        "40",
+        "--bsize",
+        "8",
+        "--modalities",
+        "5",
+        "--lr",
+        "0.001",
+        "--fold",
+        "0",
+        "--wdecay",
+        "1e-05",
+        "--alpha",
+        "0.2",
+        "--modelname",
+        "resnet18",
+        "--pretrained",
+        "false",
+        "--set",
+        "num_workers=0",
+        "--set",
+        "crop_size=[32, 32]",
+        "--set",
+        f"fold_folder={tmp_path / 'folds'}",
+        "--data-root",
+        str(tmp_path / "data"),
+        "--exp-root",
+        str(tmp_path / "exps"),
+        "--quiet",
+    ]
     # One intra-op thread: on a busy machine, competing threads make this tiny run several
     # times slower.
     result = run_cli(args, env={"OMP_NUM_THREADS": "1"}, timeout=300)
@@ -315,17 +396,32 @@ def test_glas_cli_with_the_readme_flags(tmp_path):
 
 # ----------------------------------------------------------------------------- CUB replica
 
-CUB_KNOWN = {1: "Black_footed_Albatross", 19: "Gray_Catbird", 99: "Ovenbird",
-             108: "White_necked_Raven", 171: "Myrtle_Warbler", 178: "Swainson_Warbler",
-             200: "Common_Yellowthroat"}
+CUB_KNOWN = {
+    1: "Black_footed_Albatross",
+    19: "Gray_Catbird",
+    99: "Ovenbird",
+    108: "White_necked_Raven",
+    171: "Myrtle_Warbler",
+    178: "Swainson_Warbler",
+    200: "Common_Yellowthroat",
+}
 CUB_CLASSES = [f"{i:03d}.{CUB_KNOWN.get(i, f'Species_{i:03d}')}" for i in range(1, 201)]
 # create_folds draws indices [18, 170, 107, 98, 177] of the alphabetical class list (seed 0).
-CUB5 = ["019.Gray_Catbird", "171.Myrtle_Warbler", "108.White_necked_Raven", "099.Ovenbird",
-        "178.Swainson_Warbler"]
+CUB5 = [
+    "019.Gray_Catbird",
+    "171.Myrtle_Warbler",
+    "108.White_necked_Raven",
+    "099.Ovenbird",
+    "178.Swainson_Warbler",
+]
 CUB5_FLAGS = (1, 0, 1, 1, 1, 0, 1)  # 5 training and 2 test images, interleaved as in images.txt
 # (class, position in the class) -> (height, width); the rest are 45 x 60 or 60 x 45.
-CUB_SIZES = {("019.Gray_Catbird", 1): (103, 140), ("019.Gray_Catbird", 0): (103, 140),
-             ("099.Ovenbird", 5): (500, 520), ("171.Myrtle_Warbler", 2): (60, 45)}
+CUB_SIZES = {
+    ("019.Gray_Catbird", 1): (103, 140),
+    ("019.Gray_Catbird", 0): (103, 140),
+    ("099.Ovenbird", 5): (500, 520),
+    ("171.Myrtle_Warbler", 2): (60, 45),
+}
 CUB_GREYS = (0, 100, 127, 128, 200, 255)
 
 
@@ -334,7 +430,7 @@ def cub_mask(height: int, width: int, seed: int) -> np.ndarray:
     mask = np.zeros((height, width), np.uint8)
     columns = np.array_split(np.arange(width), len(CUB_GREYS))
     for grey, cols in zip(np.roll(CUB_GREYS, seed), columns):
-        mask[height // 5: height - 3, cols] = grey
+        mask[height // 5 : height - 3, cols] = grey
     return mask
 
 
@@ -359,8 +455,12 @@ def build_cub(data_root: Path) -> dict[str, dict]:
             Image.fromarray(image).save(meta / "images" / f"{relative}.jpg", quality=90)
             Image.fromarray(mask, mode="L").save(root / "segmentations" / f"{relative}.png")
             files[f"CUB_200_2011/images/{relative}.jpg"] = {
-                "mask": mask, "class": class_name, "class_id": class_id, "train": bool(flag),
-                "segmentation": f"segmentations/{relative}.png"}
+                "mask": mask,
+                "class": class_name,
+                "class_id": class_id,
+                "train": bool(flag),
+                "segmentation": f"segmentations/{relative}.png",
+            }
             entries.append((relative, class_id, flag))
     numbered = list(enumerate(entries, start=1))
     tables = {
@@ -378,8 +478,9 @@ def build_cub(data_root: Path) -> dict[str, dict]:
 def cub(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cub")
     files = build_cub(tmp / "data")
-    results = {name: run_create_folds(name, tmp / "data", tmp / "folds")
-               for name in ("cub", "cub5")}
+    results = {
+        name: run_create_folds(name, tmp / "data", tmp / "folds") for name in ("cub", "cub5")
+    }
     for result in results.values():
         assert result.returncode == 0, result.stderr
     return tmp, files, results
@@ -393,10 +494,12 @@ def test_cub_and_cub5_folds(cub):
     top = tmp / "folds" / CUB_FOLDER
     assert yaml.safe_load((top / "encoding.yaml").read_text()) == full_encoding
     assert (top / "split_0" / "fold_0" / "encoding.yaml").read_text() == (
-        top / "encoding.yaml").read_text()
+        top / "encoding.yaml"
+    ).read_text()
     cub5_top = tmp / "folds" / CUB5_FOLD_NAME
     assert yaml.safe_load((cub5_top / "encoding.yaml").read_text()) == {
-        name: index for index, name in enumerate(CUB5)}
+        name: index for index, name in enumerate(CUB5)
+    }
     # The CUB5 class draw and its encoding file are the published ones, byte for byte.
     assert f"match    {CUB5_FOLD_NAME}/encoding.yaml" in results["cub5"].stdout
     assert yaml.safe_load((cub5_top / "encoding-origine.yaml").read_text()) == full_encoding
@@ -406,12 +509,14 @@ def test_cub_and_cub5_folds(cub):
             assert files[image]["segmentation"] == mask and files[image]["class"] == class_name
             assert image.startswith(f"CUB_200_2011/images/{class_name}/")
         assert all(files[row[0]]["train"] for row in train + valid)
-        expected_test = [path for path, info in files.items()
-                         if not info["train"] and info["class"] in classes]
+        expected_test = [
+            path for path, info in files.items() if not info["train"] and info["class"] in classes
+        ]
         assert [row[0] for row in test] == expected_test
         assert sorted({row[2] for row in valid}) == sorted(classes)  # one per class
     assert sorted(row[2] for row in read_rows(cub5_top / "split_0" / "fold_0", CSV_NAMES[0])) == (
-        sorted(CUB5 * 4))
+        sorted(CUB5 * 4)
+    )
 
 
 def check_cub_evaluation(dataset, rows, files, encoding, short_side):
@@ -423,7 +528,8 @@ def check_cub_evaluation(dataset, rows, files, encoding, short_side):
         upscaled = short_side_size(*original.shape[:2], short_side)
         expected, padding = eval_expected(original, upscaled)
         assert dataset.geometry[index] == Geometry(
-            original.shape[:2], upscaled, expected.shape[:2], padding)
+            original.shape[:2], upscaled, expected.shape[:2], padding
+        )
         assert torch.equal(sample["image"], normalized(expected))
         # Majority of annotators: grey > 127.5 (128, 200 and 255, not 100 or 127).
         foreground = (info["mask"] > 127).astype(np.float32)
@@ -449,11 +555,14 @@ def test_cuball_reads_the_200_class_fold(cub):
     geometry = {row[0].rsplit("/", 1)[1]: test.geometry[i] for i, row in enumerate(test_rows)}
     # 103 x 140: r = 500 / 103, 103 r = 499.99... -> 499 (truncated), 140 r -> 679.
     assert geometry["Gray_Catbird_0002_1901.jpg"] == Geometry(
-        (103, 140), (499, 679), (512, 704), (6, 7, 12, 13))
+        (103, 140), (499, 679), (512, 704), (6, 7, 12, 13)
+    )
     assert geometry["Ovenbird_0006_9905.jpg"] == Geometry(
-        (500, 520), (500, 520), (512, 544), (6, 6, 12, 12))
+        (500, 520), (500, 520), (512, 544), (6, 6, 12, 12)
+    )
     assert geometry["Species_040_0002_4001.jpg"] == Geometry(
-        (45, 60), (500, 666), (512, 672), (6, 6, 3, 3))
+        (45, 60), (500, 666), (512, 672), (6, 6, 3, 3)
+    )
 
 
 def test_cub_training_crops_are_480_windows_of_the_upscaled_image(cub):
@@ -469,8 +578,9 @@ def test_cub_training_crops_are_480_windows_of_the_upscaled_image(cub):
         assert sample["image"].shape == (3, 480, 480)
         original = decoded(dataset.image_paths[index])
         height, width = short_side_size(*original.shape[:2], 500)
-        canvas = np.asarray(Image.fromarray(original).resize((width, height),
-                                                             Image.Resampling.BILINEAR))
+        canvas = np.asarray(
+            Image.fromarray(original).resize((width, height), Image.Resampling.BILINEAR)
+        )
         crop = to_uint8(sample["image"])
         # Horizontal flip only: no vertical flip, no colour jitter for CUB.
         found = [crop_positions(canvas, crop), crop_positions(canvas[:, ::-1], crop)]
@@ -534,9 +644,13 @@ def build_oxf(data_root: Path) -> Path:
         Image.fromarray(trimap).save(root / "segmim" / f"segmim_{image_id:05d}.jpg", quality=90)
     labels = np.array([[oxf_label(k) for k in range(1, OXF_COUNT + 1)]], dtype=np.float64)
     sio.savemat(root / "imagelabels.mat", {"labels": labels})
-    sio.savemat(root / "setid.mat", {key: np.array([ids], dtype=np.uint16) for key, ids in
-                                     (("trnid", OXF_TRAIN), ("valid", OXF_VALID),
-                                      ("tstid", OXF_TEST))})
+    sio.savemat(
+        root / "setid.mat",
+        {
+            key: np.array([ids], dtype=np.uint16)
+            for key, ids in (("trnid", OXF_TRAIN), ("valid", OXF_VALID), ("tstid", OXF_TEST))
+        },
+    )
     return root
 
 
@@ -553,7 +667,8 @@ def test_oxf_folds_and_binary_masks(oxf):
     for name, ids in zip(CSV_NAMES, (OXF_TRAIN, OXF_VALID, OXF_TEST)):
         assert read_rows(fold_dir, name) == [
             (f"jpg/image_{k:05d}.jpg", f"segmim_bin/segmim_{k:05d}.png", str(oxf_label(k) - 1))
-            for k in ids]
+            for k in ids
+        ]
     encoding = yaml.safe_load((fold_dir / "encoding.yaml").read_text())
     assert encoding == {str(label): label for label in range(102)}
     for image_id in range(1, OXF_COUNT + 1):
@@ -567,9 +682,14 @@ def test_oxf_folds_and_binary_masks(oxf):
 
 
 def oxf_config(tmp: Path) -> dict:
-    return paper_config("oxford-flowers-no-erasing.yaml", tmp / "data", tmp / "folds",
-                        f"up_scale_small_dim_to={OXF_SHORT_SIDE}", "crop_size=[56, 56]",
-                        "model.kmax=1.0")
+    return paper_config(
+        "oxford-flowers-no-erasing.yaml",
+        tmp / "data",
+        tmp / "folds",
+        f"up_scale_small_dim_to={OXF_SHORT_SIDE}",
+        "crop_size=[56, 56]",
+        "model.kmax=1.0",
+    )
 
 
 def test_oxf_evaluation_samples(oxf):
@@ -585,7 +705,8 @@ def test_oxf_evaluation_samples(oxf):
             upscaled = short_side_size(*original.shape[:2], OXF_SHORT_SIDE)
             expected, padding = eval_expected(original, upscaled)
             assert dataset.geometry[index] == Geometry(
-                original.shape[:2], upscaled, expected.shape[:2], padding)
+                original.shape[:2], upscaled, expected.shape[:2], padding
+            )
             assert torch.equal(sample["image"], normalized(expected))
             png = np.asarray(Image.open(root / "segmim_bin" / f"segmim_{ids[index]:05d}.png"))
             foreground = torch.from_numpy((png != 0).astype(np.float32))
@@ -609,8 +730,9 @@ def test_oxf_training_crops(oxf):
             assert crop.shape == (56, 56, 3)
             original = decoded(root / "jpg" / f"image_{image_id:05d}.jpg")
             height, width = short_side_size(*original.shape[:2], OXF_SHORT_SIDE)
-            canvas = np.asarray(Image.fromarray(original).resize((width, height),
-                                                                 Image.Resampling.BILINEAR))
+            canvas = np.asarray(
+                Image.fromarray(original).resize((width, height), Image.Resampling.BILINEAR)
+            )
             found = [crop_positions(canvas, crop), crop_positions(canvas[:, ::-1], crop)]
             assert sum(map(bool, found)) == 1, (image_id, epoch)
             flipped.add(bool(found[1]))

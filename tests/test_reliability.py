@@ -1,5 +1,6 @@
 """Reliability of ``train_deepmil.py``: reproducibility, checkpoint/resume, interruption and bad
 input, on a tiny synthetic dataset (64x64 images, 16 training and 6 test images)."""
+
 import errno
 import json
 import math
@@ -16,8 +17,18 @@ import train_deepmil
 from deepmil import checkpoint, files
 from deepmil.config import CONFIG_DIR
 from deepmil.model import build_model
-from helpers import (BATCH, FOLD, TRAIN_CSV, epoch_metrics, final_metrics, run_cli, start_cli,
-                     temporary_files, tiny_args, wait_for_epochs)
+from helpers import (
+    BATCH,
+    FOLD,
+    TRAIN_CSV,
+    epoch_metrics,
+    final_metrics,
+    run_cli,
+    start_cli,
+    temporary_files,
+    tiny_args,
+    wait_for_epochs,
+)
 from tools import get_yaml_args
 
 
@@ -44,8 +55,7 @@ def first_row(root: Path) -> list[str]:
 # ----------------------------------------------------------------------------- reproducibility
 
 
-@pytest.mark.parametrize("name, setting", [("workers", "num_workers=2"),
-                                           ("lazy", "preload=false")])
+@pytest.mark.parametrize("name, setting", [("workers", "num_workers=2"), ("lazy", "preload=false")])
 def test_workers_and_preloading_do_not_change_the_run(reference, dataset, name, setting):
     result = run_cli(tiny_args(dataset, "--exp-name", name, "--set", setting))
     assert result.returncode == 0, result.stderr
@@ -211,18 +221,28 @@ def test_unknown_config_key(cli, own_data):
     path.write_text((CONFIG_DIR / "synthetic-4-erasing.yaml").read_text() + "batch_sise: 4\n")
     args = tiny_args(own_data)
     args[1] = str(path)
-    assert_refused(cli, args, own_data, "bad.yaml", "unknown key batch_sise",
-                   "did you mean batch_size")
+    assert_refused(
+        cli, args, own_data, "bad.yaml", "unknown key batch_sise", "did you mean batch_size"
+    )
 
 
 def test_wrong_type(cli, own_data):
-    assert_refused(cli, tiny_args(own_data, "--set", "batch_size=four"), own_data,
-                   "batch_size = 'four' has the wrong type")
+    assert_refused(
+        cli,
+        tiny_args(own_data, "--set", "batch_size=four"),
+        own_data,
+        "batch_size = 'four' has the wrong type",
+    )
 
 
 def test_out_of_range_value(cli, own_data):
-    assert_refused(cli, tiny_args(own_data, "--set", "model.dropout=1.5"), own_data,
-                   "model.dropout = 1.5 is out of range", "[0, 1)")
+    assert_refused(
+        cli,
+        tiny_args(own_data, "--set", "model.dropout=1.5"),
+        own_data,
+        "model.dropout = 1.5 is out of range",
+        "[0, 1)",
+    )
 
 
 def test_missing_yaml(cli, own_data):
@@ -232,16 +252,33 @@ def test_missing_yaml(cli, own_data):
 
 
 def test_missing_dataset_root(cli, own_data):
-    args = ["--yaml", "glas-no-erasing.yaml", "--cudaid", "cpu", "--set", "fold_name=synthetic",
-            "--set", f"fold_folder={own_data / 'folds'}", "--data-root", str(own_data / "nowhere"),
-            "--exp-root", str(own_data / "exps"), "--quiet"]
-    assert_refused(cli, args, own_data, f"dataset folder not found: {own_data / 'nowhere'}",
-                   "--data-root")
+    args = [
+        "--yaml",
+        "glas-no-erasing.yaml",
+        "--cudaid",
+        "cpu",
+        "--set",
+        "fold_name=synthetic",
+        "--set",
+        f"fold_folder={own_data / 'folds'}",
+        "--data-root",
+        str(own_data / "nowhere"),
+        "--exp-root",
+        str(own_data / "exps"),
+        "--quiet",
+    ]
+    assert_refused(
+        cli, args, own_data, f"dataset folder not found: {own_data / 'nowhere'}", "--data-root"
+    )
 
 
 def test_missing_fold_csv(cli, own_data):
-    assert_refused(cli, tiny_args(own_data, "--fold", "1"), own_data,
-                   f"fold CSV not found: {own_data / FOLD.parent / 'fold_1' / 'train_s_0_f_1.csv'}")
+    assert_refused(
+        cli,
+        tiny_args(own_data, "--fold", "1"),
+        own_data,
+        f"fold CSV not found: {own_data / FOLD.parent / 'fold_1' / 'train_s_0_f_1.csv'}",
+    )
 
 
 def test_empty_fold_csv(cli, own_data):
@@ -252,8 +289,12 @@ def test_empty_fold_csv(cli, own_data):
 def test_bad_fold_csv_row(cli, own_data):
     path = rewrite_csv(own_data, lambda lines: lines + ["images/x.png,class_0"])
     count = len(path.read_text().splitlines())
-    assert_refused(cli, tiny_args(own_data), own_data,
-                   f"{path}, line {count}: expected 3 columns (image, mask, class), got 2")
+    assert_refused(
+        cli,
+        tiny_args(own_data),
+        own_data,
+        f"{path}, line {count}: expected 3 columns (image, mask, class), got 2",
+    )
 
 
 def test_unknown_class(cli, own_data):
@@ -262,11 +303,16 @@ def test_unknown_class(cli, own_data):
 
 
 def test_missing_image(cli, own_data):
-    path = rewrite_csv(own_data, lambda lines: ["images/gone.png," + lines[0].split(",", 1)[1],
-                                            *lines[1:]])
-    assert_refused(cli, tiny_args(own_data), own_data,
-                   f"file not found: {own_data / 'data' / 'synthetic' / 'images' / 'gone.png'} "
-                   f"(listed in {path}, line 1)")
+    path = rewrite_csv(
+        own_data, lambda lines: ["images/gone.png," + lines[0].split(",", 1)[1], *lines[1:]]
+    )
+    assert_refused(
+        cli,
+        tiny_args(own_data),
+        own_data,
+        f"file not found: {own_data / 'data' / 'synthetic' / 'images' / 'gone.png'} "
+        f"(listed in {path}, line 1)",
+    )
 
 
 def test_truncated_image(cli, own_data):
@@ -278,8 +324,12 @@ def test_truncated_image(cli, own_data):
 def test_mask_of_another_size(cli, own_data):
     mask = own_data / "data" / "synthetic" / first_row(own_data)[1]
     Image.new("L", (32, 48)).save(mask)
-    assert_refused(cli, tiny_args(own_data), own_data,
-                   f"mask size (48, 32) of {mask} differs from image size (64, 64)")
+    assert_refused(
+        cli,
+        tiny_args(own_data),
+        own_data,
+        f"mask size (48, 32) of {mask} differs from image size (64, 64)",
+    )
 
 
 def test_encoding_inconsistent_with_num_classes(cli, own_data):
@@ -292,8 +342,12 @@ def test_checkpoint_of_another_model(cli, own_data, change):
     config, _ = get_yaml_args(tiny_args(own_data))
     path = own_data / "other.pt"
     torch.save(build_model({**config["model"], **change}).state_dict(), path)
-    assert_refused(cli, tiny_args(own_data, "--path_pre_trained", str(path)), own_data,
-                   f"checkpoint {path} does not fit this model")
+    assert_refused(
+        cli,
+        tiny_args(own_data, "--path_pre_trained", str(path)),
+        own_data,
+        f"checkpoint {path} does not fit this model",
+    )
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without a GPU")

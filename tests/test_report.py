@@ -1,4 +1,5 @@
 """The comparison report: tables from experiment folders, the figure, the comparison driver."""
+
 import json
 
 import numpy as np
@@ -13,16 +14,29 @@ def fake_run(root, name, method, seed, test, erase=0, crf=True, indices=(3, 5)):
     """An experiment folder with a config, final metrics and stored test predictions."""
     folder = root / name
     folder.mkdir()
-    config = {"MYSEED": seed, "method": method, "dataset": "synthetic", "yaml": f"{name}.yaml",
-              "nbr_times_erase": erase, "crf": crf, "exp_root": str(root),
-              "model": {"name": "resnet18", "kmax": 0.5}}
+    config = {
+        "MYSEED": seed,
+        "method": method,
+        "dataset": "synthetic",
+        "yaml": f"{name}.yaml",
+        "nbr_times_erase": erase,
+        "crf": crf,
+        "exp_root": str(root),
+        "model": {"name": "resnet18", "kmax": 0.5},
+    }
     (folder / "config.yaml").write_text(yaml.safe_dump(config))
     (folder / "final_metrics.json").write_text(json.dumps({"best_epoch": 3, "test": test}))
     rng = np.random.default_rng(seed)
-    samples = [{"index": index, "caption": f"image {index}",
-                "image": rng.integers(0, 255, (8, 8, 3), dtype=np.uint8),
-                "gt_mask": (rng.random((8, 8)) > 0.5).astype(np.uint8),
-                "pred_mask": rng.random((8, 8)).astype(np.float32)} for index in indices]
+    samples = [
+        {
+            "index": index,
+            "caption": f"image {index}",
+            "image": rng.integers(0, 255, (8, 8, 3), dtype=np.uint8),
+            "gt_mask": (rng.random((8, 8)) > 0.5).astype(np.uint8),
+            "pred_mask": rng.random((8, 8)).astype(np.float32),
+        }
+        for index in indices
+    ]
     save_prediction_samples(samples, folder / "test_predictions.npz")
     return folder
 
@@ -35,12 +49,13 @@ def metrics(cl_error, f1_pos, f1_neg, pxap, crf=None):
 
 
 def test_two_folders_give_the_expected_table(tmp_path, capsys):
-    first = fake_run(tmp_path, "ours", "minmax", 0, metrics(10, 50, 60, 40, crf=(52, 61)),
-                     erase=4)
+    first = fake_run(tmp_path, "ours", "minmax", 0, metrics(10, 50, 60, 40, crf=(52, 61)), erase=4)
     second = fake_run(tmp_path, "cam", "cam", 0, metrics(5, 30.125, 70, 35.5, crf=(31, 69)))
     markdown, latex = tmp_path / "t.md", tmp_path / "t.tex"
-    assert report.main([str(first), str(second), "--markdown", str(markdown),
-                        "--latex", str(latex)]) == 0
+    assert (
+        report.main([str(first), str(second), "--markdown", str(markdown), "--latex", str(latex)])
+        == 0
+    )
     expected = (
         "### synthetic: test set, mean ± std over seeds\n\n"
         "| method | seeds | cl. error (%) | F1+ (%) | F1- (%) | PxAP (%) | CRF F1+ (%) "
@@ -48,7 +63,8 @@ def test_two_folders_give_the_expected_table(tmp_path, capsys):
         "|---|---|---:|---:|---:|---:|---:|---:|\n"
         "| CAM | 0 | 5.00 | 30.12 | 70.00 | 35.50 | 31.00 | 69.00 |\n"
         "| Min-max entropy, 4 erasing passes | 0 | 10.00 | 50.00 | 60.00 | 40.00 | 52.00 "
-        "| 61.00 |\n")
+        "| 61.00 |\n"
+    )
     assert markdown.read_text() == expected
     assert capsys.readouterr().out == expected
     lines = latex.read_text().splitlines()
@@ -57,9 +73,10 @@ def test_two_folders_give_the_expected_table(tmp_path, capsys):
 
 
 def test_seeds_of_one_setting_give_mean_and_sample_std(tmp_path):
-    folders = [fake_run(tmp_path, f"cam{seed}", "cam", seed, metrics(seed * 2.0, 40 + seed, 60,
-                                                                     30 - seed))
-               for seed in (2, 0, 1)]
+    folders = [
+        fake_run(tmp_path, f"cam{seed}", "cam", seed, metrics(seed * 2.0, 40 + seed, 60, 30 - seed))
+        for seed in (2, 0, 1)
+    ]
     settings = report.group_runs([report.read_run(folder, "test") for folder in folders])
     assert len(settings) == 1 and settings[0].seeds == [0, 1, 2]
     text = report.markdown_tables(settings, "test")
@@ -69,16 +86,23 @@ def test_seeds_of_one_setting_give_mean_and_sample_std(tmp_path):
 
 
 def test_rows_follow_the_paper_order_and_same_labels_are_told_apart(tmp_path):
-    runs = [fake_run(tmp_path, "e4", "minmax", 0, metrics(1, 1, 1, 1), erase=4),
-            fake_run(tmp_path, "e0", "minmax", 0, metrics(1, 1, 1, 1)),
-            fake_run(tmp_path, "ones", "allones", 0, metrics(1, 1, 0, 1)),
-            fake_run(tmp_path, "wild", "wildcat", 0, metrics(1, 1, 1, 1)),
-            fake_run(tmp_path, "gc", "gradcam", 0, metrics(1, 1, 1, 1)),
-            fake_run(tmp_path, "gc-nocrf", "gradcam", 0, metrics(1, 1, 1, 1), crf=False)]
+    runs = [
+        fake_run(tmp_path, "e4", "minmax", 0, metrics(1, 1, 1, 1), erase=4),
+        fake_run(tmp_path, "e0", "minmax", 0, metrics(1, 1, 1, 1)),
+        fake_run(tmp_path, "ones", "allones", 0, metrics(1, 1, 0, 1)),
+        fake_run(tmp_path, "wild", "wildcat", 0, metrics(1, 1, 1, 1)),
+        fake_run(tmp_path, "gc", "gradcam", 0, metrics(1, 1, 1, 1)),
+        fake_run(tmp_path, "gc-nocrf", "gradcam", 0, metrics(1, 1, 1, 1), crf=False),
+    ]
     settings = report.group_runs([report.read_run(folder, "test") for folder in runs])
     assert [setting.label for setting in settings] == [
-        "All-ones", "Grad-CAM [crf=False]", "Grad-CAM [crf=True]", "WILDCAT",
-        "Min-max entropy, no erasing", "Min-max entropy, 4 erasing passes"]
+        "All-ones",
+        "Grad-CAM [crf=False]",
+        "Grad-CAM [crf=True]",
+        "WILDCAT",
+        "Min-max entropy, no erasing",
+        "Min-max entropy, 4 erasing passes",
+    ]
 
 
 def test_missing_metric_and_bad_folder(tmp_path, capsys):
@@ -86,7 +110,8 @@ def test_missing_metric_and_bad_folder(tmp_path, capsys):
     other = fake_run(tmp_path, "ours", "minmax", 0, metrics(1, 2, 3, 4, crf=(5, 6)))
     settings = report.group_runs([report.read_run(path, "test") for path in (folder, other)])
     assert "| CAM | 0 | 1.00 | 2.00 | 3.00 | 4.00 | – | – |" in report.markdown_tables(
-        settings, "test")
+        settings, "test"
+    )
     assert report.main([str(tmp_path / "nowhere")]) == 1
     assert "nowhere: config.yaml not found" in capsys.readouterr().err
     assert report.main([str(folder), "--split", "valid"]) == 1
@@ -94,8 +119,10 @@ def test_missing_metric_and_bad_folder(tmp_path, capsys):
 
 
 def test_figure_uses_the_same_images_for_every_method(tmp_path):
-    folders = [fake_run(tmp_path, "cam", "cam", 0, metrics(1, 2, 3, 4)),
-               fake_run(tmp_path, "ours", "minmax", 0, metrics(1, 2, 3, 4))]
+    folders = [
+        fake_run(tmp_path, "cam", "cam", 0, metrics(1, 2, 3, 4)),
+        fake_run(tmp_path, "ours", "minmax", 0, metrics(1, 2, 3, 4)),
+    ]
     figure = tmp_path / "figure.png"
     assert report.main([*map(str, folders), "--figure", str(figure), "--images", "1"]) == 0
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -107,17 +134,22 @@ def test_figure_uses_the_same_images_for_every_method(tmp_path):
 
 def test_prediction_samples_round_trip(tmp_path):
     rng = np.random.default_rng(0)
-    samples = [{"index": index, "caption": f"image {index}",
-                "image": rng.integers(0, 255, (8, 6, 3), dtype=np.uint8),
-                "gt_mask": (rng.random((8, 6)) > 0.5).astype(np.uint8),
-                "pred_mask": rng.random((8, 6)).astype(np.float32)} for index in (3, 5)]
+    samples = [
+        {
+            "index": index,
+            "caption": f"image {index}",
+            "image": rng.integers(0, 255, (8, 6, 3), dtype=np.uint8),
+            "gt_mask": (rng.random((8, 6)) > 0.5).astype(np.uint8),
+            "pred_mask": rng.random((8, 6)).astype(np.float32),
+        }
+        for index in (3, 5)
+    ]
     samples[1]["crf_mask"] = rng.random((8, 6)).astype(np.float32)
     save_prediction_samples(samples, tmp_path / "samples.npz")
     loaded = load_prediction_samples(tmp_path / "samples.npz")
     assert [sorted(sample) for sample in loaded] == [sorted(sample) for sample in samples]
     for original, restored in zip(samples, loaded):
-        assert (restored["index"], restored["caption"]) == (original["index"],
-                                                            original["caption"])
+        assert (restored["index"], restored["caption"]) == (original["index"], original["caption"])
         for name in ("image", "gt_mask", "pred_mask", "crf_mask"):
             if name in original:
                 assert restored[name].dtype == original[name].dtype
@@ -129,11 +161,17 @@ def test_compare_starts_resumes_and_reuses_runs(tmp_path):
     assert folder.name == "cam-seed1"
     start = compare.train_command("synthetic-cam.yaml", folder, ["--data-root", "d"])
     assert start[:2] == ["--yaml", "synthetic-cam.yaml"] and "--crf" in start
-    assert start[start.index("--exp-name") + 1] == "cam-seed1" and start[-2:] == ["--data-root", "d"]
+    assert start[start.index("--exp-name") + 1] == "cam-seed1" and start[-2:] == [
+        "--data-root",
+        "d",
+    ]
     folder.mkdir()
     (folder / "checkpoint.pt").write_bytes(b"")
     assert compare.train_command("synthetic-cam.yaml", folder, []) == [
-        "--resume", str(folder), "--quiet"]
+        "--resume",
+        str(folder),
+        "--quiet",
+    ]
     (folder / "final_metrics.json").write_text("{}")
     assert compare.run_setting("cam", "synthetic-cam.yaml", 1, tmp_path, []) == folder
 

@@ -1,4 +1,5 @@
 """Stain tools on a synthetic two-stain image with known stain vectors."""
+
 import numpy as np
 import pytest
 
@@ -104,15 +105,24 @@ def test_training_pipeline_applies_stain_augmentation_reproducibly(tmp_path):
     from PIL import Image
 
     import loader
+
     Image.fromarray(two_stain_image(size=48)).save(tmp_path / "a.png")
     Image.fromarray(np.zeros((48, 48), dtype=np.uint8)).save(tmp_path / "a_mask.png")
     rows = [loader.FoldRow("a.png", "a_mask.png", "benign")]
 
     def dataset(stain: bool) -> loader.PhotoDataset:
-        return loader.PhotoDataset(rows, tmp_path, {"benign": 0, "malignant": 1},
-                                   dataset_spec("glas"),
-                                   train=True, crop_size=48, padding_size=[0.5, 0.5], seed=3,
-                                   stain_augmentation=stain)
+        return loader.PhotoDataset(
+            rows,
+            tmp_path,
+            {"benign": 0, "malignant": 1},
+            dataset_spec("glas"),
+            train=True,
+            crop_size=48,
+            padding_size=[0.5, 0.5],
+            seed=3,
+            stain_augmentation=stain,
+        )
+
     plain, stained = dataset(False)[0]["image"], dataset(True)[0]["image"]
     assert torch.equal(dataset(True)[0]["image"], stained)
     assert not torch.equal(plain, stained)

@@ -1,5 +1,6 @@
 """End-to-end runs of ``train_deepmil.py`` in a subprocess on a tiny synthetic dataset. Most
 tests read or compare with the session's ``reference`` run (tests/conftest.py)."""
+
 import json
 import math
 
@@ -7,10 +8,20 @@ import pytest
 
 from helpers import epoch_metrics, final_metrics, only_folder, run_cli, tiny_args
 
-EXPECTED_FILES = ["config.yaml", "environment.json", "training.log", "metrics.jsonl",
-                  "checkpoint.pt", "best_model.pt", "final_metrics.json", "results.md",
-                  "learning_curves.png", "test_predictions.png", "test_predictions.npz",
-                  "test_mask_histograms.png"]
+EXPECTED_FILES = [
+    "config.yaml",
+    "environment.json",
+    "training.log",
+    "metrics.jsonl",
+    "checkpoint.pt",
+    "best_model.pt",
+    "final_metrics.json",
+    "results.md",
+    "learning_curves.png",
+    "test_predictions.png",
+    "test_predictions.npz",
+    "test_mask_histograms.png",
+]
 
 
 def test_cli_writes_the_experiment_folder(reference_run, reference):
@@ -53,8 +64,15 @@ def test_bad_input_is_a_clear_error(tmp_path):
 
 
 def test_evaluation_only_run_reproduces_the_selected_model(reference, dataset):
-    args = tiny_args(dataset, "--exp-name", "eval-only", "--epoch", "-1", "--path_pre_trained",
-                     str(reference / "best_model.pt"))
+    args = tiny_args(
+        dataset,
+        "--exp-name",
+        "eval-only",
+        "--epoch",
+        "-1",
+        "--path_pre_trained",
+        str(reference / "best_model.pt"),
+    )
     result = run_cli(args)
     assert result.returncode == 0, result.stderr
     evaluated = final_metrics(dataset / "exps" / "eval-only")
@@ -82,8 +100,18 @@ def test_batched_evaluation_run_gives_the_image_by_image_metrics(reference, data
 
 def test_bf16_channels_last_run(tmp_path):
     """Two epochs (no erasing) on a fresh root: the run generates the synthetic folds itself."""
-    result = run_cli(tiny_args(tmp_path, "--epoch", "2", "--set", "amp=bf16",
-                               "--set", "channels_last=true", exp_root="bf16"))
+    result = run_cli(
+        tiny_args(
+            tmp_path,
+            "--epoch",
+            "2",
+            "--set",
+            "amp=bf16",
+            "--set",
+            "channels_last=true",
+            exp_root="bf16",
+        )
+    )
     assert result.returncode == 0, result.stderr
     folder = only_folder(tmp_path / "bf16")
     assert "amp: bf16" in (folder / "config.yaml").read_text()
@@ -107,15 +135,25 @@ def test_fp16_on_the_cpu_is_refused_before_anything_is_written(tmp_path):
 def test_cam_run_then_post_hoc_grad_cam_on_its_classifier(dataset, tmp_path):
     def args(exp_root: str, *extra: str) -> list[str]:
         """Two epochs, no erasing, experiment folders under ``tmp_path``."""
-        return tiny_args(dataset, "--epoch", "2", "--nbrerase", "0", *extra,
-                         exp_root=str(tmp_path / exp_root))
+        return tiny_args(
+            dataset, "--epoch", "2", "--nbrerase", "0", *extra, exp_root=str(tmp_path / exp_root)
+        )
 
     cam = run_cli(args("cam", "--method", "cam"))
     assert cam.returncode == 0, cam.stderr
     trained = only_folder(tmp_path / "cam")
     assert trained.name.startswith("synthetic-4-erasing-cam-resnet18-")
-    grad_cam = run_cli(args("gradcam", "--method", "gradcam", "--epoch", "-1",
-                            "--path_pre_trained", str(trained / "best_model.pt")))
+    grad_cam = run_cli(
+        args(
+            "gradcam",
+            "--method",
+            "gradcam",
+            "--epoch",
+            "-1",
+            "--path_pre_trained",
+            str(trained / "best_model.pt"),
+        )
+    )
     assert grad_cam.returncode == 0, grad_cam.stderr
     cam_test = final_metrics(trained)["test"]
     grad_cam_test = final_metrics(only_folder(tmp_path / "gradcam"))["test"]
