@@ -166,7 +166,7 @@ class ResNetTrunk(nn.Module):
 
 def torchvision_weights(model_config: dict) -> str | None:
     """The torchvision weights a ``tv_resnet*`` with ``pretrained: true`` starts from."""
-    if model_config.get("pretrained") and model_config["name"] in TORCHVISION_MODELS:
+    if model_config.get("pretrained") is True and model_config["name"] in TORCHVISION_MODELS:
         return "IMAGENET1K_V1"
     return None
 

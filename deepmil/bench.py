@@ -40,9 +40,8 @@ import torch
 
 import crf_params
 import loader
-from create_folds import ensure_synthetic_folds
 from deepmil import files
-from deepmil.config import default_values, load_config, merge_sections, resolve_yaml_path
+from deepmil.config import load_config, resolve_yaml_path
 from deepmil.crf import CRF, refine_with_crf
 from deepmil.engine import erasing_step, plain_step
 from deepmil.errors import ConfigError, DeepMILError
@@ -52,7 +51,8 @@ from deepmil.methods import build_network
 from deepmil.model import MinMaxEntropyNet
 from deepmil.optim import build_optimizer
 from deepmil.precision import Precision
-from deepmil.synthetic import SyntheticSpec, render_sample
+from deepmil.registry import dataset_spec
+from deepmil.synthetic import SyntheticSpec, ensure_synthetic_dataset, read_metadata, render_sample
 
 SECTIONS = ("step", "eval", "loader", "crf")
 DEFAULT_CONFIG = "synthetic-no-erasing.yaml"
@@ -267,29 +267,6 @@ def bench_eval(args: argparse.Namespace, device: torch.device) -> dict[str, floa
     return results
 
 
-def synthetic_config(root: Path, size: int) -> dict:
-    """A configuration (schema defaults elsewhere) whose loader keys point at a synthetic set
-    generated under ``root``."""
-    return merge_sections(
-        default_values(),
-        {
-            "dataset": "synthetic",
-            "data_root": str(root / "data"),
-            "fold_folder": str(root / "folds"),
-            "fold_name": None,
-            "split": 0,
-            "fold": 0,
-            "name_classes": "encoding.yaml",
-            "model": {"num_classes": 2},
-            "crop_size": [size, size],
-            "padding_size": [0.5, 0.5],
-            "padding_mode": "reflect",
-            "up_scale_small_dim_to": None,
-            "MYSEED": 0,
-        },
-    )
-
-
 def loader_rate(
     dataset: loader.PhotoDataset,
     batch: int,
@@ -316,16 +293,28 @@ def bench_loader(
     """Training-loader images/s per worker count and preload setting (synthetic images)."""
     results = {}
     with tempfile.TemporaryDirectory() as folder:
-        root = Path(folder)
-        ensure_synthetic_folds(
-            root / "data",
-            root / "folds",
-            SyntheticSpec(image_size=args.size, n_train=args.loader_images, n_test=4),
+        root = Path(folder) / "synthetic"
+        ensure_synthetic_dataset(
+            root, SyntheticSpec(image_size=args.size, n_train=args.loader_images, n_test=4)
         )
-        config = synthetic_config(root, args.size)
+        rows = [
+            loader.FoldRow(row["image"], row["mask"], row["class"])
+            for row in read_metadata(root)
+            if row["set"] == "train"
+        ]
+        encoding = {name: index for index, name in enumerate(sorted({row.label for row in rows}))}
         for preload in (False, True):
-            dataset = loader.build_dataset(config, "train", train=True, preload=preload)
-            results["images"] = len(dataset)  # the same training fold for both settings
+            dataset = loader.PhotoDataset(
+                rows,
+                root,
+                encoding,
+                dataset_spec("synthetic"),
+                train=True,
+                crop_size=args.size,
+                padding_size=(0.5, 0.5),
+                preload=preload,
+            )
+            results["images"] = len(dataset)  # the same training images for both settings
             for workers in args.loader_workers:
                 name = f"workers_{workers}_preload_{'on' if preload else 'off'}_img_s"
                 results[name] = loader_rate(

@@ -30,6 +30,7 @@ from deepmil.errors import ConfigError
 from deepmil.files import atomic_write
 from deepmil.registry import (
     DATASET_NAMES,
+    DEEP_STEM_MODELS,
     MASK_NORMALIZATIONS,
     METHOD_NAMES,
     METHODS,
@@ -282,7 +283,7 @@ NON_NEGATIVE = number(0)
 
 MODEL_SCHEMA: dict[str, Any] = {
     "name": Field("resnet101", choice(*MODEL_NAMES)),
-    "pretrained": Field(True, boolean()),
+    "pretrained": Field(True, choice(True, False, "synthetic")),
     "num_classes": Field(REQUIRED, integer(2)),
     "num_masks": Field(1, choice(1), ignored=True),
     "scale": Field([0.5, 0.5], pair(number(0, 1, low_open=True), "h, w")),
@@ -329,6 +330,19 @@ SYNTHETIC_SCHEMA: dict[str, Any] = {
     "seed": Field(0, integer(0, SEED_LIMIT - 1)),
     "min_objects": Field(1, integer(1)),
     "max_objects": Field(4, integer(1)),
+}
+
+PRETRAIN_SCHEMA: dict[str, Any] = {
+    "num_classes": Field(30, integer(2, 30)),
+    "per_class": Field(64, integer(1)),
+    "image_size": Field(128, integer(32)),
+    "source_seed": Field(1_000_003, integer(0, SEED_LIMIT - 1)),
+    "epochs": Field(12, integer(1)),
+    "batch_size": Field(32, integer(1)),
+    "lr": Field(0.01, POSITIVE),
+    "weight_decay": Field(1e-4, NON_NEGATIVE),
+    "seed": Field(0, integer(0, SEED_LIMIT - 1)),
+    "amp": Field("bf16", choice(None, "bf16")),
 }
 
 METRICS_SCHEMA: dict[str, Any] = {
@@ -390,6 +404,7 @@ SCHEMA: dict[str, Any] = {
     "model": MODEL_SCHEMA,
     "optimizer": OPTIMIZER_SCHEMA,
     "metrics": METRICS_SCHEMA,
+    "pretrain": PRETRAIN_SCHEMA,
 }
 
 
@@ -572,6 +587,12 @@ def _check_optimizer(config: dict, source: str) -> None:
 def _check_method_rules(config: dict, source: str) -> None:
     """Stain augmentation is for histology; recursive erasing for the methods that erase;
     ``max_epochs = -1`` (evaluate only) needs the weights to evaluate."""
+    model = config["model"]
+    if model["pretrained"] == "synthetic" and model["name"] not in DEEP_STEM_MODELS:
+        raise ConfigError(
+            f"{source}: model.pretrained = 'synthetic' is for the deep-stem models "
+            f"({', '.join(DEEP_STEM_MODELS)}), not model.name = {model['name']!r}"
+        )
     if config["stain_augmentation"] and not dataset_spec(config["dataset"]).histology:
         raise ConfigError(
             f"{source}: stain_augmentation = true is for the GlaS histology images "

@@ -25,6 +25,7 @@ from deepmil.distributed import average_gradients, no_sync
 from deepmil.losses import classifier_loss, localizer_loss, negative_loss, positive_loss
 from deepmil.model import ModelOutput, build_model
 from deepmil.precision import Precision
+from deepmil.pretrain import PretrainSpec, ensure_trunk, load_synthetic_trunk
 from deepmil.registry import DEEP_STEM_MODELS, MethodInfo
 from deepmil.registry import METHODS as METHOD_INFO
 
@@ -228,12 +229,20 @@ def get_method(name: str) -> Method:
 
 def build_network(config: dict, device: torch.device) -> nn.Module:
     """The network of ``config``'s method on ``device``: seeded initialisation, then the
-    ImageNet trunk (``model.pretrained``) and the user's weights (``path_pre_trained``) when
-    asked, channels-last and ``torch.compile`` as configured."""
+    pretrained trunk (``model.pretrained``: ``true`` the ImageNet weights, ``synthetic`` the
+    trunk pretrained on the synthetic source task, built first if it is not cached) and the
+    user's weights (``path_pre_trained``) when asked, channels-last and ``torch.compile`` as
+    configured. The initialisation does not depend on whether the synthetic trunk was cached."""
+    pretrained, cache = config["model"]["pretrained"], config["model"]["pretrained_cache"]
+    trunk = PretrainSpec.from_config(config["pretrain"], config["model"]["name"])
+    if pretrained == "synthetic":
+        ensure_trunk(trunk, cache)
     reproducibility.set_seed(config["MYSEED"])
     model = get_method(config["method"]).build(config["model"])
-    if config["model"]["pretrained"] and config["model"]["name"] in DEEP_STEM_MODELS:
-        load_pretrained_trunk(model, config["model"]["pretrained_cache"])
+    if pretrained == "synthetic":
+        load_synthetic_trunk(model, trunk, cache)
+    elif pretrained is True and config["model"]["name"] in DEEP_STEM_MODELS:
+        load_pretrained_trunk(model, cache)
     if config["path_pre_trained"]:
         load_model_weights(model, Path(config["path_pre_trained"]), config["strict"])
         LOGGER.info("loaded weights from %s", config["path_pre_trained"])

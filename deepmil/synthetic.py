@@ -149,13 +149,13 @@ def sample_rng(spec: SyntheticSpec, set_name: str, index: int) -> np.random.Gene
     return np.random.default_rng([spec.seed, SETS.index(set_name), index])
 
 
-def _grid(size: int) -> tuple[np.ndarray, np.ndarray]:
+def grid(size: int) -> tuple[np.ndarray, np.ndarray]:
     """Pixel-centre coordinates (y, x) of a square image."""
     coords = np.arange(size, dtype=np.float64)
     return np.meshgrid(coords, coords, indexing="ij")
 
 
-def _blob(
+def blob(
     rng: np.random.Generator, size: int, area: float
 ) -> tuple[np.ndarray, tuple[float, float]]:
     """Random smooth blob of about ``area`` pixels centred in the image; returns (mask, centre)."""
@@ -181,7 +181,7 @@ def _blob(
     return mask, (cy, cx)
 
 
-def _layout(
+def layout(
     rng: np.random.Generator, size: int, n_objects: int
 ) -> tuple[list[np.ndarray], list[tuple[float, float]]]:
     """Object masks and centres whose union covers [MIN_FOREGROUND, MAX_FOREGROUND] of the image."""
@@ -190,7 +190,7 @@ def _layout(
         total = rng.uniform(*TOTAL_AREA_RANGE)
         shares = rng.dirichlet(np.full(n_objects, 2.0))
         areas = np.clip(total * shares, *OBJECT_AREA_RANGE) * pixels
-        blobs = [_blob(rng, size, area) for area in areas]
+        blobs = [blob(rng, size, area) for area in areas]
         masks = [mask for mask, _ in blobs]
         fraction = np.logical_or.reduce(masks).mean()
         if MIN_FOREGROUND <= fraction <= MAX_FOREGROUND and all(mask.any() for mask in masks):
@@ -198,12 +198,14 @@ def _layout(
     raise DataError(f"no object layout met the foreground range in {LAYOUT_ATTEMPTS} attempts")
 
 
-def _sharpen(wave: np.ndarray) -> np.ndarray:
+def sharpen(wave: np.ndarray) -> np.ndarray:
     """Map a wave in [-1, 1] to a near-square profile in [0, 1]."""
     return 0.5 + 0.5 * np.tanh(2.5 * wave) / np.tanh(2.5)
 
 
-def _wave(yy: np.ndarray, xx: np.ndarray, angle: float, period: float, phase: float) -> np.ndarray:
+def stripe_wave(
+    yy: np.ndarray, xx: np.ndarray, angle: float, period: float, phase: float
+) -> np.ndarray:
     """Sinusoid varying along direction ``angle`` (0 = along x)."""
     return np.sin(2 * np.pi * (xx * np.cos(angle) + yy * np.sin(angle)) / period + phase)
 
@@ -218,33 +220,33 @@ def _class_texture(
 ) -> np.ndarray:
     """Class texture in [0, 1] over the whole grid."""
     if pattern == "hstripes":
-        wave = _wave(yy, xx, np.pi / 2, period, phase)
+        wave = stripe_wave(yy, xx, np.pi / 2, period, phase)
     elif pattern == "vstripes":
-        wave = _wave(yy, xx, 0.0, period, phase)
+        wave = stripe_wave(yy, xx, 0.0, period, phase)
     elif pattern == "crosshatch":
-        diagonal = _wave(yy, xx, np.pi / 4, period, phase)
-        wave = 0.5 * (diagonal + _wave(yy, xx, 3 * np.pi / 4, period, phase))
+        diagonal = stripe_wave(yy, xx, np.pi / 4, period, phase)
+        wave = 0.5 * (diagonal + stripe_wave(yy, xx, 3 * np.pi / 4, period, phase))
     elif pattern == "zigzag":
         triangle = 2.0 * np.abs(np.mod(xx / (ZIGZAG_WAVELENGTH * period), 1.0) - 0.5)
         wave = np.sin(2 * np.pi * (yy / period + ZIGZAG_AMPLITUDE * triangle) + phase)
     else:
         wave = np.sin(2 * np.pi * np.hypot(yy - centre[0], xx - centre[1]) / period + phase)
-    return _sharpen(wave)
+    return sharpen(wave)
 
 
-def _distractor_texture(
+def distractor_texture(
     rng: np.random.Generator, pattern: str, size: int, period: float
 ) -> np.ndarray:
     """Isotropic, class-neutral texture in [0, 1]: band-pass noise blotches or saturated dots."""
     if pattern == "blotches":
         field = ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma=period / 3.0)
-        return _sharpen(np.clip(field / (field.std() + 1e-12), -1.0, 1.0))
+        return sharpen(np.clip(field / (field.std() + 1e-12), -1.0, 1.0))
     impulses = (rng.random((size, size)) < 1.0 / (1.5 * period**2)).astype(np.float64)
     peak = 1.0 / (2 * np.pi)
     return np.clip(ndimage.gaussian_filter(impulses, sigma=1.0) * 1.5 / peak, 0.0, 1.0)
 
 
-def _colour_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+def colour_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """Two RGB colours in [0, 1] with a clear luminance contrast."""
     first = rng.uniform(0.1, 0.9, size=3)
     sign = 1.0 if first.mean() < 0.5 else -1.0
@@ -252,7 +254,7 @@ def _colour_pair(rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     return first, np.clip(second, 0.0, 1.0)
 
 
-def _paint(
+def paint(
     image: np.ndarray,
     region: np.ndarray,
     texture: np.ndarray,
@@ -270,7 +272,7 @@ def _smoothing_matrix(size: int, knots: int) -> np.ndarray:
     return weights / weights.sum(axis=1, keepdims=True)
 
 
-def _background(rng: np.random.Generator, size: int) -> np.ndarray:
+def background(rng: np.random.Generator, size: int) -> np.ndarray:
     """Smooth random colour field (HxWx3 in [0, 1])."""
     spread = _smoothing_matrix(size, BACKGROUND_KNOTS)
     coarse = rng.standard_normal((3, BACKGROUND_KNOTS, BACKGROUND_KNOTS))
@@ -284,19 +286,19 @@ def render_sample(spec: SyntheticSpec, set_name: str, index: int) -> Sample:
     rng = sample_rng(spec, set_name, index)
     label = sample_label(index, spec.num_classes)
     size = spec.image_size
-    yy, xx = _grid(size)
-    image = _background(rng, size)
+    yy, xx = grid(size)
+    image = background(rng, size)
     for _ in range(int(rng.integers(1, 4))):
-        region, _ = _blob(rng, size, rng.uniform(*DISTRACTOR_AREA_RANGE) * size * size)
+        region, _ = blob(rng, size, rng.uniform(*DISTRACTOR_AREA_RANGE) * size * size)
         pattern = DISTRACTOR_PATTERNS[int(rng.integers(len(DISTRACTOR_PATTERNS)))]
-        texture = _distractor_texture(rng, pattern, size, rng.uniform(*PERIOD_RANGE))
-        _paint(image, region, texture, _colour_pair(rng))
+        texture = distractor_texture(rng, pattern, size, rng.uniform(*PERIOD_RANGE))
+        paint(image, region, texture, colour_pair(rng))
     n_objects = int(rng.integers(spec.min_objects, spec.max_objects + 1))
-    objects, centres = _layout(rng, size, n_objects)
+    objects, centres = layout(rng, size, n_objects)
     for region, centre in zip(objects, centres):
         period, phase = rng.uniform(*PERIOD_RANGE), rng.uniform(0.0, 2 * np.pi)
         texture = _class_texture(CLASS_PATTERNS[label], yy, xx, centre, period, phase)
-        _paint(image, region, texture, _colour_pair(rng))
+        paint(image, region, texture, colour_pair(rng))
     image = image + rng.normal(0.0, PIXEL_NOISE, size=image.shape)
     pixels = np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
     return Sample(image=pixels, mask=np.logical_or.reduce(objects), objects=objects, label=label)

@@ -728,7 +728,10 @@ def test_set_changes_checked_together():
         ("model=1", "model is a section"),
         ("batch_size.x=1", "batch_size is not a section"),
         ("model.dropout=1.5", "command line (--set): model.dropout = 1.5 is out of range"),
-        ("model.pretrained=maybe", "model.pretrained = 'maybe' has the wrong type"),
+        (
+            "model.pretrained=maybe",
+            "model.pretrained = 'maybe' is not an allowed value (expected one of true, false, 'synthetic')",
+        ),
     ],
 )
 def test_set_rejects_bad_keys_and_values(assignment, expected):
