@@ -34,6 +34,7 @@ from deepmil.errors import ConfigError, DeepMILError
 from deepmil.methods import build_network
 from deepmil.metrics import best_threshold_report
 from deepmil.optim import build_optimizer, learning_rate, set_learning_rate
+from deepmil.pretrain import pretrained_trunk_record
 from deepmil.settings import RunSettings
 from deepmil.synthetic import SyntheticSpec
 from tools import CRF, get_yaml_args
@@ -355,7 +356,7 @@ def planned_folder(config: dict, options) -> Path:
 def open_folder(folder: Path, config: dict, options) -> None:
     """Record the run in ``folder``: configuration and environment for a new run, the
     environment of the resume for a resumed one (whose configuration stays as it was)."""
-    record = experiment.environment_record(config, sys.argv)
+    record = experiment.environment_record(config, sys.argv) | pretrained_trunk_record(config)
     if options.resume:
         experiment.add_resume_record(record, folder / "environment.json")
         return

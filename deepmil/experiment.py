@@ -24,7 +24,6 @@ import yaml
 from deepmil.config import SCHEMA
 from deepmil.errors import ConfigError, RunError
 from deepmil.files import atomic_write, write_json
-from deepmil.pretrain import PretrainSpec, sha256_of, trunk_path
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 REPOSITORY = Path(__file__).resolve().parents[1]
@@ -185,18 +184,7 @@ def environment_record(config: Mapping[str, Any], argv: list[str]) -> dict[str, 
         "torch_threads": torch.get_num_threads(),
         "git_commit": git_commit(),
         "git_dirty": git_dirty(),
-        **pretrained_trunk_record(config),
     }
-
-
-def pretrained_trunk_record(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The file and sha256 of the synthetic pretrained trunk a run starts from (if any)."""
-    model = config["model"]
-    if model["pretrained"] != "synthetic":
-        return {}
-    spec = PretrainSpec.from_config(config["pretrain"], model["name"])
-    path = trunk_path(spec, model["pretrained_cache"])
-    return {"pretrained_trunk": {"path": str(path), "sha256": sha256_of(path)}}
 
 
 def add_resume_record(record: Mapping[str, Any], path: Path) -> None:

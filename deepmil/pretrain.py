@@ -267,6 +267,16 @@ def load_synthetic_trunk(
     return path
 
 
+def pretrained_trunk_record(config: Mapping[str, Any]) -> dict[str, Any]:
+    """The file and sha256 of the synthetic pretrained trunk a run starts from (if any)."""
+    model = config["model"]
+    if model["pretrained"] != "synthetic":
+        return {}
+    spec = PretrainSpec.from_config(config["pretrain"], model["name"])
+    path = trunk_path(spec, model["pretrained_cache"])
+    return {"pretrained_trunk": {"path": str(path), "sha256": sha256_of(path)}}
+
+
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point: build (or find) the trunk and print where it is."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
