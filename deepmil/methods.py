@@ -26,8 +26,7 @@ from deepmil.losses import classifier_loss, localizer_loss, negative_loss, posit
 from deepmil.model import ModelOutput, build_model
 from deepmil.precision import Precision
 from deepmil.pretrain import PretrainSpec, ensure_trunk, load_synthetic_trunk
-from deepmil.registry import DEEP_STEM_MODELS, MethodInfo
-from deepmil.registry import METHODS as METHOD_INFO
+from deepmil.registry import DEEP_STEM_MODELS
 
 LOGGER = logging.getLogger("train_deepmil")
 
@@ -60,11 +59,6 @@ class Method:
     loss_terms: tuple[str, ...] = ("loss_cl",)
     logged: tuple[str, ...] = ()
     eval_autocast: bool = True
-
-    @property
-    def info(self) -> MethodInfo:
-        """The method's row of the registry (table label, erasing)."""
-        return METHOD_INFO[self.name]
 
     def build(self, model_config: dict) -> nn.Module:
         """The network it trains, from the validated ``model`` section (weights not loaded)."""

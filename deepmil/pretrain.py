@@ -268,13 +268,16 @@ def load_synthetic_trunk(
 
 
 def pretrained_trunk_record(config: Mapping[str, Any]) -> dict[str, Any]:
-    """The file and sha256 of the synthetic pretrained trunk a run starts from (if any)."""
+    """The file and sha256 of the synthetic pretrained trunk a run starts from (if any): the
+    recorded sha256, which :func:`read_trunk` checked against the file when the run loaded it,
+    so the file is not hashed a second time."""
     model = config["model"]
     if model["pretrained"] != "synthetic":
         return {}
     spec = PretrainSpec.from_config(config["pretrain"], model["name"])
     path = trunk_path(spec, model["pretrained_cache"])
-    return {"pretrained_trunk": {"path": str(path), "sha256": sha256_of(path)}}
+    recorded = json.loads(record_path(path).read_text(encoding="utf-8"))["sha256"]
+    return {"pretrained_trunk": {"path": str(path), "sha256": recorded}}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,15 +27,11 @@ import numpy as np
 
 from deepmil.errors import ConfigError
 from deepmil.synthetic import (
-    DISTRACTOR_AREA_RANGE,
-    DISTRACTOR_PATTERNS,
-    PIXEL_NOISE,
-    background,
-    blob,
+    cluttered_background,
     colour_pair,
-    distractor_texture,
     grid,
     layout,
+    noisy_pixels,
     paint,
     sharpen,
     stripe_wave,
@@ -142,12 +138,7 @@ def render_source_image(spec: SourceSpec, index: int) -> tuple[np.ndarray, int]:
     family, parameter = SOURCE_CLASSES[label]
     size = spec.image_size
     yy, xx = grid(size)
-    image = background(rng, size)
-    for _ in range(int(rng.integers(1, 4))):
-        region, _ = blob(rng, size, rng.uniform(*DISTRACTOR_AREA_RANGE) * size * size)
-        pattern = DISTRACTOR_PATTERNS[int(rng.integers(len(DISTRACTOR_PATTERNS)))]
-        texture = distractor_texture(rng, pattern, size, rng.uniform(*SOURCE_PERIOD_RANGE))
-        paint(image, region, texture, colour_pair(rng))
+    image = cluttered_background(rng, size, SOURCE_PERIOD_RANGE)
     objects, centres = layout(rng, size, int(rng.integers(1, 4)))
     for region, centre in zip(objects, centres):
         period = rng.uniform(*SOURCE_PERIOD_RANGE)
@@ -155,5 +146,4 @@ def render_source_image(spec: SourceSpec, index: int) -> tuple[np.ndarray, int]:
             family, parameter, yy, xx, centre, period, rng.uniform(0.0, 2 * np.pi)
         )
         paint(image, region, texture, colour_pair(rng))
-    image = image + rng.normal(0.0, PIXEL_NOISE, size=image.shape)
-    return np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8), label
+    return noisy_pixels(rng, image), label

@@ -281,27 +281,44 @@ def background(rng: np.random.Generator, size: int) -> np.ndarray:
     return np.clip(rng.uniform(0.25, 0.75, size=3) + 0.12 * field, 0.0, 1.0)
 
 
+def cluttered_background(
+    rng: np.random.Generator, size: int, period_range: tuple[float, float]
+) -> np.ndarray:
+    """A smooth colour field with 1 to 3 class-neutral distractor blobs (HxWx3 in [0, 1])."""
+    image = background(rng, size)
+    for _ in range(int(rng.integers(1, 4))):
+        region, _ = blob(rng, size, rng.uniform(*DISTRACTOR_AREA_RANGE) * size * size)
+        pattern = DISTRACTOR_PATTERNS[int(rng.integers(len(DISTRACTOR_PATTERNS)))]
+        texture = distractor_texture(rng, pattern, size, rng.uniform(*period_range))
+        paint(image, region, texture, colour_pair(rng))
+    return image
+
+
+def noisy_pixels(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    """``image`` (in [0, 1]) with Gaussian pixel noise, as uint8."""
+    image = image + rng.normal(0.0, PIXEL_NOISE, size=image.shape)
+    return np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
 def render_sample(spec: SyntheticSpec, set_name: str, index: int) -> Sample:
     """Render image ``index`` of ``set_name`` ("train" or "test")."""
     rng = sample_rng(spec, set_name, index)
     label = sample_label(index, spec.num_classes)
     size = spec.image_size
     yy, xx = grid(size)
-    image = background(rng, size)
-    for _ in range(int(rng.integers(1, 4))):
-        region, _ = blob(rng, size, rng.uniform(*DISTRACTOR_AREA_RANGE) * size * size)
-        pattern = DISTRACTOR_PATTERNS[int(rng.integers(len(DISTRACTOR_PATTERNS)))]
-        texture = distractor_texture(rng, pattern, size, rng.uniform(*PERIOD_RANGE))
-        paint(image, region, texture, colour_pair(rng))
+    image = cluttered_background(rng, size, PERIOD_RANGE)
     n_objects = int(rng.integers(spec.min_objects, spec.max_objects + 1))
     objects, centres = layout(rng, size, n_objects)
     for region, centre in zip(objects, centres):
         period, phase = rng.uniform(*PERIOD_RANGE), rng.uniform(0.0, 2 * np.pi)
         texture = _class_texture(CLASS_PATTERNS[label], yy, xx, centre, period, phase)
         paint(image, region, texture, colour_pair(rng))
-    image = image + rng.normal(0.0, PIXEL_NOISE, size=image.shape)
-    pixels = np.rint(np.clip(image, 0.0, 1.0) * 255.0).astype(np.uint8)
-    return Sample(image=pixels, mask=np.logical_or.reduce(objects), objects=objects, label=label)
+    return Sample(
+        image=noisy_pixels(rng, image),
+        mask=np.logical_or.reduce(objects),
+        objects=objects,
+        label=label,
+    )
 
 
 def _write_dataset(folder: Path, spec: SyntheticSpec) -> None:
