@@ -464,7 +464,7 @@ def synthetic_folds_ready(
     fold_name: str = FOLD_NAMES["synthetic"],
 ) -> bool:
     """Whether the synthetic dataset of ``spec`` and its folds are complete and up to date."""
-    root = Path(data_root) / DATASET_SUBFOLDERS["synthetic"]
+    root = Path(data_root) / fold_name
     if not is_complete(root, spec):
         return False
     digest = hashlib.sha256((root / "spec.json").read_bytes()).hexdigest()
@@ -491,7 +491,7 @@ def ensure_synthetic_folds(
     if synthetic_folds_ready(data_root, fold_folder, spec, fold_name):
         return fold_dir
     top = Path(fold_folder) / fold_name
-    root = Path(data_root) / DATASET_SUBFOLDERS["synthetic"]
+    root = Path(data_root) / fold_name
     ensure_synthetic_dataset(root, spec)
     digest = hashlib.sha256((root / "spec.json").read_bytes()).hexdigest()
     print(f"writing the synthetic folds into {top}", flush=True)
@@ -509,11 +509,11 @@ def synthetic_folds_held(
 ) -> Iterator[Path]:
     """:func:`ensure_synthetic_folds`, then keep the data as they are while the block runs.
 
-    A shared ``flock`` on ``<data_root>/.synthetic.lock`` is held for the whole block, and
+    A shared ``flock`` on ``<data_root>/.<fold_name>.lock`` is held for the whole block, and
     generating needs it exclusively: a run whose ``synthetic:`` parameters differ from those of
     a run still using the same data root is refused instead of regenerating the data under it.
     """
-    root = Path(data_root) / DATASET_SUBFOLDERS["synthetic"]
+    root = Path(data_root) / fold_name
     root.parent.mkdir(parents=True, exist_ok=True)
     with open(root.with_name(f".{root.name}.lock"), "a+", encoding="utf-8") as handle:
         fcntl.flock(handle, fcntl.LOCK_SH)

@@ -23,7 +23,7 @@ from tqdm import tqdm
 import reproducibility
 from deepmil.errors import DataError
 from deepmil.geometry import Geometry, compute_geometry
-from deepmil.registry import FOLD_BUILDERS, DatasetSpec, dataset_spec
+from deepmil.registry import FOLD_BUILDERS, DatasetSpec, data_folder, dataset_spec
 
 logger = logging.getLogger(__name__)
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
@@ -56,7 +56,7 @@ def dataset_root(config: Mapping[str, Any]) -> Path:
     """Folder holding the files of ``config['dataset']`` (fold CSV paths are relative to it)."""
     if config.get("data_root") is None:
         raise DataError(f"config key 'data_root' is not set; {DATA_ROOT_HINT}")
-    root = Path(config["data_root"]) / dataset_spec(config["dataset"]).folder
+    root = Path(config["data_root"]) / data_folder(config["dataset"], config.get("fold_name"))
     if not root.is_dir():
         raise FileNotFoundError(f"dataset folder not found: {root}; {DATA_ROOT_HINT}")
     return root

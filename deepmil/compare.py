@@ -1,13 +1,17 @@
 """Run the whole method comparison on the synthetic dataset, then tabulate it.
 
-    python -m deepmil.compare [--seeds 0 1 2] [--exp-root exps/compare] [--out doc]
+    python -m deepmil.compare [--protocol transfer|scratch] [--seeds 0 1 2]
+                              [--exp-root DIR] [--out DIR]
 
+Two protocols: ``transfer`` (the default) fine-tunes every method from the trunk pretrained on
+the synthetic source task, on 256-px images (``config_yaml/synthetic-transfer-*.yaml``);
+``scratch`` trains from random weights on 128-px images (``config_yaml/synthetic-*.yaml``).
 For each seed: CAM, WILDCAT, min-max entropy without and with 4 erasing passes are trained with
-``train_deepmil.py`` (their ``config_yaml/synthetic-*.yaml``); Grad-CAM and the all-ones mask are
-evaluated post hoc on the CAM classifier of that seed. Every run evaluates with the CRF too. A run
-whose ``final_metrics.json`` exists is reused and an interrupted one is resumed, so the command
-can be repeated. Finally ``deepmil.report`` prints the table and writes it, with the figure, to
-``--out``.
+``train_deepmil.py``; Grad-CAM and the all-ones mask are evaluated post hoc on the CAM classifier
+of that seed. Every run evaluates with the CRF too. A run whose ``final_metrics.json`` exists is
+reused and an interrupted one is resumed, so the command can be repeated. Finally
+``deepmil.report`` prints the table and writes it, with the figure, to ``--out`` (by default the
+runs' folder, ``exps/compare/<protocol>``; the tables in ``doc/`` were written with ``--out doc``).
 """
 
 from __future__ import annotations
@@ -22,15 +26,25 @@ from pathlib import Path
 from deepmil.errors import DeepMILError, RunError
 from deepmil.experiment import REPOSITORY
 
+PROTOCOLS = {"transfer": "synthetic-transfer", "scratch": "synthetic"}
 TRAINED = (
-    ("cam", "synthetic-cam.yaml"),
-    ("wildcat", "synthetic-wildcat.yaml"),
-    ("minmax-no-erasing", "synthetic-no-erasing.yaml"),
-    ("minmax-4-erasing", "synthetic-4-erasing.yaml"),
+    ("cam", "cam"),
+    ("wildcat", "wildcat"),
+    ("minmax-no-erasing", "no-erasing"),
+    ("minmax-4-erasing", "4-erasing"),
 )
-POST_HOC = (("gradcam", "synthetic-gradcam.yaml"), ("allones", "synthetic-allones.yaml"))
+POST_HOC = (("gradcam", "gradcam"), ("allones", "allones"))
 CLASSIFIER_RUN = "cam"
-REPORT_NAME = "synthetic-comparison"
+
+
+def config_name(protocol: str, setting: str) -> str:
+    """The shipped configuration of ``setting`` (``cam``, ``no-erasing``...) in ``protocol``."""
+    return f"{PROTOCOLS[protocol]}-{setting}.yaml"
+
+
+def report_name(protocol: str) -> str:
+    """Stem of the table and figure files of ``protocol``."""
+    return f"{PROTOCOLS[protocol]}-comparison"
 
 
 def run_name(setting: str, seed: int) -> str:
@@ -100,18 +114,25 @@ def run_setting(setting: str, yaml_name: str, seed: int, root: Path, extra: list
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The comparison's command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument(
+        "--protocol",
+        choices=tuple(PROTOCOLS),
+        default="transfer",
+        help="transfer: every method from the synthetic pretrained trunk at 256 px (default); "
+        "scratch: random weights at 128 px",
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument(
         "--exp-root",
         type=Path,
-        default=Path("exps/compare"),
-        help="where the runs go (default: exps/compare)",
+        default=None,
+        help="where the runs go (default: exps/compare/<protocol>)",
     )
     parser.add_argument(
         "--out",
         type=Path,
-        default=REPOSITORY / "doc",
-        help="folder of the table (.md, .tex) and figure (.png)",
+        default=None,
+        help="folder of the table (.md, .tex) and figure (.png) (default: the --exp-root)",
     )
     parser.add_argument("--data-root", default=None, help="passed on to train_deepmil.py")
     parser.add_argument(
@@ -125,31 +146,37 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     """Run (or reuse) every run, then the report; the report's exit code."""
     args = parse_args(argv)
-    root = args.exp_root.resolve()
+    root = (args.exp_root or Path("exps/compare") / args.protocol).resolve()
+    out = (args.out or root).resolve()
     extra = ["--cudaid", args.cudaid] + (["--data-root", args.data_root] if args.data_root else [])
     began = time.perf_counter()
     folders = []
     for seed in args.seeds:
         print(f"seed {seed}", flush=True)
-        for setting, yaml_name in TRAINED:
+        for setting, config in TRAINED:
+            yaml_name = config_name(args.protocol, config)
             folders.append(run_setting(setting, yaml_name, seed, root, extra))
         weights = root / run_name(CLASSIFIER_RUN, seed) / "best_model.pt"
         post_hoc = extra + ["--epoch", "-1", "--path_pre_trained", str(weights)]
-        for setting, yaml_name in POST_HOC:
+        for setting, config in POST_HOC:
+            yaml_name = config_name(args.protocol, config)
             folders.append(run_setting(setting, yaml_name, seed, root, post_hoc))
     print(f"all runs: {time.perf_counter() - began:.0f} s", flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    name = report_name(args.protocol)
     report = [
         sys.executable,
         "-m",
         "deepmil.report",
         *map(str, folders),
         "--markdown",
-        str(args.out / f"{REPORT_NAME}.md"),
+        str(out / f"{name}.md"),
         "--latex",
-        str(args.out / f"{REPORT_NAME}.tex"),
+        str(out / f"{name}.tex"),
         "--figure",
-        str(args.out / f"{REPORT_NAME}.png"),
+        str(out / f"{name}.png"),
+        "--curves",
+        str(out / f"{name}-curves.png"),
     ]
     return subprocess.run(report, cwd=REPOSITORY, check=False).returncode
 

@@ -258,13 +258,14 @@ def predictions(network: nn.Module, loader: Iterable[dict], run: RunSettings) ->
         images = precision.to_device(batch["image"], device)
         labels = batch["label"].to(device, non_blocking=True)
         with precision.autocast(enabled=method.eval_autocast):
-            scores, masks, losses = method.outputs(network, images, labels, batched)
+            scores, masks, losses, heads = method.outputs(network, images, labels, batched)
         masks = masks.float()
         check_finite_outputs(scores, masks, source, batch_index)
         losses["loss"] = sum(losses.values())
         confidence, predicted = torch.softmax(scores, dim=1).max(dim=1)
         per_image = {name: value.tolist() for name, value in losses.items()}
         confidence, predicted = confidence.tolist(), predicted.tolist()
+        head_classes = {name: value.argmax(dim=1).tolist() for name, value in heads.items()}
         for row, label in enumerate(labels.tolist()):
             index = int(batch["index"][row])
             shape = geometry[index]
@@ -273,6 +274,7 @@ def predictions(network: nn.Module, loader: Iterable[dict], run: RunSettings) ->
                 "label": label,
                 "predicted": predicted[row],
                 "probability": confidence[row],
+                "head_predicted": {name: values[row] for name, values in head_classes.items()},
                 "losses": {name: values[row] for name, values in per_image.items()},
                 "mask": restore_mask_geometry(
                     masks[row], shape.padded, shape.upscaled, shape.original, exact=run.exact_crop
@@ -311,8 +313,13 @@ def image_row(item: dict, empty: float = 1.0) -> tuple:
         "f1_neg": float(f1_neg),
         "iou": float(iou_at(item["mask"], item["truth"], empty=empty)),
         "f1_pos_all_ones": float(ones_pos),
+        "mask_area": float((item["mask"] >= 0.5).float().mean()),
+        "truth_area": float((item["truth"] >= 0.5).float().mean()),
         "empty_dice": empty_dice_cases(item),
         "correct": item["predicted"] == item["label"],
+        "head_correct": {
+            name: predicted == item["label"] for name, predicted in item["head_predicted"].items()
+        },
         "losses": item["losses"],
     }
     if "crf_mask" in item:
@@ -325,9 +332,20 @@ def image_row(item: dict, empty: float = 1.0) -> tuple:
     return item["index"], row
 
 
+def head_errors(correct: list[dict[str, bool]]) -> dict[str, float]:
+    """``<head>_cl_error`` (%) of each other head, from the per-image ``head_correct``."""
+    names = correct[0] if correct else {}
+    return {
+        f"{name}_cl_error": error_rate(sum(not row[name] for row in correct), len(correct))
+        for name in names
+    }
+
+
 def summarise(rows: Iterable[tuple]) -> dict[str, float]:
-    """Per-image means over all processes' rows, summed in image order, and the number of
-    F1 values that are a Dice of two empty sets (``n_empty_dice``)."""
+    """Per-image means over all processes' rows, summed in image order: the localisation
+    metrics, the share (%) of the image that the mask and the ground truth cover
+    (``mask_area``, ``truth_area``), the other heads' errors, and the number of F1 values that
+    are a Dice of two empty sets (``n_empty_dice``)."""
     meter, crf_meter = LocalizationMeter(), LocalizationMeter()
     rows = sorted(gather_objects(list(rows)), key=lambda item: item[0])
     for _, row in rows:
@@ -345,6 +363,9 @@ def summarise(rows: Iterable[tuple]) -> dict[str, float]:
             )
     summary = meter.compute()
     summary["n_empty_dice"] = sum(row["empty_dice"] for _, row in rows)
+    for key in ("mask_area", "truth_area"):
+        summary[key] = 100.0 * sum(row[key] for _, row in rows) / max(len(rows), 1)
+    summary.update(head_errors([row["head_correct"] for _, row in rows]))
     if crf_meter.n_images:
         crf = crf_meter.compute()
         summary.update({f"crf_{key}": crf[key] for key in ("f1_pos", "f1_neg", "iou", "top1_loc")})

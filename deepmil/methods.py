@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -30,7 +31,16 @@ from deepmil.registry import DEEP_STEM_MODELS
 
 LOGGER = logging.getLogger("train_deepmil")
 
-Outputs = tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]
+
+class Outputs(NamedTuple):
+    """A method's evaluation outputs for a batch: its class scores, its localisation map in
+    [0, 1] at the input size, the per-image losses and the class scores of its other heads, by
+    name (min-max: the localizer's)."""
+
+    scores: torch.Tensor
+    mask: torch.Tensor
+    losses: dict[str, torch.Tensor]
+    heads: dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -80,8 +90,8 @@ class Method:
     def outputs(
         self, network: nn.Module, images: torch.Tensor, labels: torch.Tensor, batched: bool
     ) -> Outputs:
-        """Class scores, the localisation map in [0, 1] at the input size and the per-image
-        losses of ``images``, in evaluation; ``batched`` when a batch holds several images."""
+        """The evaluation outputs of ``images``; ``batched`` when a batch holds several
+        images."""
         raise NotImplementedError
 
 
@@ -118,7 +128,8 @@ class MinMaxEntropy(Method):
     def outputs(
         self, network: nn.Module, images: torch.Tensor, labels: torch.Tensor, batched: bool
     ) -> Outputs:
-        """Scores of ``R+``, the mask ``R+`` and the per-image ``L_seg``, ``L_pos``, ``L_neg``.
+        """Scores of ``R+``, the mask ``R+``, the per-image ``L_seg``, ``L_pos``, ``L_neg``
+        and the localizer head's scores (``localizer``).
 
         The mask is min-max normalised per image, as in a batch of one, whatever the batch
         size; ``batched`` also sends the positive and negative regions through the network
@@ -131,7 +142,7 @@ class MinMaxEntropy(Method):
             "loss_pos": positive_loss(out.pos_scores, labels, reduction="none"),
             "loss_neg": negative_loss(out.neg_scores, reduction="none"),
         }
-        return out.pos_scores, out.mask, losses
+        return Outputs(out.pos_scores, out.mask, losses, {"localizer": out.seg_scores})
 
 
 class ClassifierBaseline(Method):
@@ -157,7 +168,8 @@ class ClassifierBaseline(Method):
     ) -> Outputs:
         scores, mask = self.localize(network, images)
         scores = scores.float()
-        return scores, mask, {"loss_cl": classifier_loss(scores, labels, reduction="none")}
+        losses = {"loss_cl": classifier_loss(scores, labels, reduction="none")}
+        return Outputs(scores, mask, losses, {})
 
 
 class CAM(ClassifierBaseline):

@@ -114,6 +114,73 @@ def plot_learning_curves(history: Sequence[Mapping[str, object]], path: str | Pa
     return _save(fig, path)
 
 
+def plot_comparison_curves(
+    histories: Mapping[str, Sequence[Sequence[Mapping[str, object]]]],
+    panels: Sequence[tuple[str, str]],
+    path: str | Path,
+    references: Mapping[str, tuple[str, str]] | None = None,
+) -> Path:
+    """Per-epoch curves of several settings, one panel per ``(key, title)`` of ``panels``.
+
+    ``histories`` maps a setting's label to its runs' histories (one dict per epoch, as in
+    ``metrics.jsonl``); each line is the mean over the runs, shaded between their minimum and
+    maximum. Settings without the panel's key are left out of it. ``references`` maps a panel's
+    key to ``(key, label)`` of a value drawn dotted in black on it, averaged over every run (e.g.
+    the ground truth's area on the mask-area panel). Returns the written path.
+    """
+    references = references or {}
+    drawn = [
+        (key, title)
+        for key, title in panels
+        if any(key in entry for runs in histories.values() for run in runs for entry in run)
+    ]
+    if not drawn:
+        raise ValueError(f"plot_comparison_curves: no run has any of {[k for k, _ in panels]}")
+    columns = 2 if len(drawn) > 1 else 1
+    rows = (len(drawn) + columns - 1) // columns
+    fig = Figure(figsize=(6 * columns, 3.2 * rows), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    for ax, (key, title) in zip(axes, drawn):
+        for label, runs in histories.items():
+            series = [_series(run, key) for run in runs if any(key in entry for entry in run)]
+            if series:
+                _mean_band(ax, series, label)
+        if key in references:
+            reference, name = references[key]
+            series = [_series(run, reference) for runs in histories.values() for run in runs]
+            series = [values for values in series if np.isfinite(values).any()]
+            if series:
+                mean = np.nanmean(_stacked(series), axis=0)
+                ax.plot(np.arange(len(mean)), mean, "k:", label=name)
+        ax.set_title(title)
+        ax.set_xlabel("epoch")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7, loc="best")
+    for ax in axes[len(drawn) :]:
+        ax.set_visible(False)
+    return _save(fig, path)
+
+
+def _stacked(series: Sequence[np.ndarray]) -> np.ndarray:
+    """Equal-length rows (shorter ones padded with NaN)."""
+    length = max(len(values) for values in series)
+    out = np.full((len(series), length), np.nan)
+    for row, values in zip(out, series):
+        row[: len(values)] = values
+    return out
+
+
+def _mean_band(ax: Axes, series: Sequence[np.ndarray], label: str) -> None:
+    """The mean of ``series`` per epoch, shaded between their minimum and maximum."""
+    stacked = _stacked(series)
+    epochs = np.arange(stacked.shape[1])
+    (line,) = ax.plot(epochs, np.nanmean(stacked, axis=0), marker=".", label=label)
+    if len(series) > 1:
+        low, high = np.nanmin(stacked, axis=0), np.nanmax(stacked, axis=0)
+        ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.15)
+
+
 def denormalize_image(tensor: torch.Tensor) -> np.ndarray:
     """``3 x H x W`` image normalised with mean 0.5 / std 0.5 -> ``H x W x 3`` uint8 array."""
     if tensor.dim() != 3 or tensor.shape[0] != 3:

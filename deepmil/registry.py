@@ -119,6 +119,15 @@ DATASET_NAMES = tuple(DATASETS)
 FOLD_BUILDERS = {builder: spec for spec in DATASETS.values() for builder in spec.folds}
 
 
+def data_folder(dataset: str, fold_name: str | None) -> str:
+    """The folder under ``data_root`` of ``dataset``'s files. The synthetic set lives in the
+    folder named like its folds (``fold_name``, ``synthetic`` by default), so that sets of
+    different ``synthetic:`` parameters live side by side."""
+    if dataset == "synthetic" and fold_name:
+        return fold_name
+    return dataset_spec(dataset).folder
+
+
 def dataset_spec(name: str) -> DatasetSpec:
     """The row of dataset ``name``; a ``ValueError`` listing the known ones otherwise."""
     if name not in DATASETS:

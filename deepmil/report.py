@@ -5,7 +5,8 @@
 Each folder is a finished run of ``train_deepmil.py`` (``config.yaml`` and
 ``final_metrics.json``). Runs whose configurations differ only in run-specific keys (seed, paths,
 workers...) form one setting: its row gives the mean ± sample standard deviation over the runs
-(the bare value for a single run) of the classification error, F1+, F1-, PxAP and, when the runs
+(the bare value for a single run) of the classification error (and, for min-max entropy, the
+localizer head's own), F1+, F1-, PxAP and, when the runs
 were evaluated with the CRF, F1+ and F1- after the CRF. One table per dataset; rows follow the
 order all-ones, CAM, Grad-CAM, WILDCAT, min-max entropy (by number of erasing passes).
 """
@@ -31,6 +32,7 @@ from deepmil.registry import METHOD_NAMES, METHODS
 
 COLUMNS = (
     ("cl_error", "cl. error (%)", r"cl. error (\%)"),
+    ("localizer_cl_error", "localizer cl. error (%)", r"localizer cl. error (\%)"),
     ("f1_pos", "F1+ (%)", r"F1$^+$ (\%)"),
     ("f1_neg", "F1- (%)", r"F1$^-$ (\%)"),
     ("pxap", "PxAP (%)", r"PxAP (\%)"),
@@ -38,6 +40,17 @@ COLUMNS = (
     ("crf_f1_neg", "CRF F1- (%)", r"CRF F1$^-$ (\%)"),
 )
 NOT_COMPARED = frozenset(RUN_OPTIONS + IGNORED_KEYS)
+CURVE_PANELS = (
+    ("valid_cl_error", "validation classification error (%)"),
+    ("valid_localizer_cl_error", "validation error of the localizer head (%)"),
+    ("valid_f1_neg", "validation F1- (%)"),
+    ("valid_mask_area", "validation mask area, R+ >= 0.5 (% of the image)"),
+    ("train_loss_pos", "training L_pos (positive region, CE)"),
+    ("train_loss_neg", "training L_neg (negative region, CE to uniform)"),
+    ("train_loss_seg", "training L_seg (localizer head, CE)"),
+    ("train_loss_cl", "training L_cl (baselines, CE)"),
+)
+CURVE_REFERENCES = {"valid_mask_area": ("valid_truth_area", "ground truth")}
 FIGURE_IMAGES = 4
 STORED_IMAGES = 6
 LATEX_SPECIALS = {
@@ -291,6 +304,27 @@ def comparison_figure(settings: list[Setting], path: Path, images: int) -> list[
     return written
 
 
+def read_history(folder: Path) -> list[dict]:
+    """The per-epoch records of ``metrics.jsonl`` (none for an evaluation-only run)."""
+    path = folder / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    return [json.loads(line) for line in lines if line.strip()]
+
+
+def curves_figure(settings: list[Setting], path: Path) -> Path:
+    """Per-epoch validation metrics, mask area and training loss terms of every trained
+    setting, averaged over its seeds (the post-hoc settings have no epochs)."""
+    histories = {
+        setting.label: [read_history(run.folder) for run in setting.runs] for setting in settings
+    }
+    histories = {label: runs for label, runs in histories.items() if any(runs)}
+    if not histories:
+        raise ReportError(f"no run has a metrics.jsonl; cannot draw {path}")
+    return plots.plot_comparison_curves(histories, CURVE_PANELS, path, CURVE_REFERENCES)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The report's command line."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -299,6 +333,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--markdown", type=Path, help="write the Markdown table(s) here")
     parser.add_argument("--latex", type=Path, help="write the LaTeX table(s) here")
     parser.add_argument("--figure", type=Path, help="write the comparison figure (PNG) here")
+    parser.add_argument(
+        "--curves",
+        type=Path,
+        help="write the per-epoch curves (validation metrics, mask area, loss terms; PNG) here",
+    )
     parser.add_argument(
         "--images",
         type=int,
@@ -327,6 +366,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.figure:
             for path in comparison_figure(settings, args.figure, args.images):
                 print(f"figure: {path}")
+        if args.curves:
+            print(f"curves: {curves_figure(settings, args.curves)}")
     except (ReportError, OSError, yaml.YAMLError, json.JSONDecodeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -23,15 +23,21 @@ from deepmil.config import (
     save_config,
     validate_config,
 )
+from deepmil.pooling import get_k
+from deepmil.registry import METHOD_NAMES, feature_map_size
 
 PAPER_CONFIGS = [
     f"{name}-{tag}.yaml"
     for name in ("glas", "cub5", "cuball", "oxford-flowers")
     for tag in ("no-erasing", "4-erasing")
 ]
-SYNTHETIC_CONFIGS = ["synthetic-no-erasing.yaml", "synthetic-4-erasing.yaml"]
+SYNTHETIC_CONFIGS = [
+    f"{prefix}-{setting}.yaml"
+    for prefix in ("synthetic", "synthetic-transfer")
+    for setting in ("no-erasing", "4-erasing")
+]
 BASELINES = ("cam", "wildcat", "gradcam", "allones")
-DATASET_PREFIXES = ("glas", "cub5", "cuball", "oxford-flowers", "synthetic")
+DATASET_PREFIXES = ("glas", "cub5", "cuball", "oxford-flowers", "synthetic", "synthetic-transfer")
 BASELINE_CONFIGS = [
     f"{prefix}-{method}.yaml" for prefix in DATASET_PREFIXES for method in BASELINES
 ]
@@ -255,7 +261,7 @@ def test_validating_a_config_does_not_import_torch():
     assert result.stdout.strip() == "False"
 
 
-@pytest.mark.parametrize("prefix", ["glas", "cub5", "cuball", "oxford-flowers", "synthetic"])
+@pytest.mark.parametrize("prefix", DATASET_PREFIXES)
 def test_erasing_pairs_differ_only_in_nbr_times_erase(prefix):
     plain = load_config(CONFIG_DIR / f"{prefix}-no-erasing.yaml")
     erasing = load_config(CONFIG_DIR / f"{prefix}-4-erasing.yaml")
@@ -863,3 +869,30 @@ def test_save_config_round_trip(tmp_path):
 def test_validate_config_is_idempotent():
     config = load_config(CONFIG_DIR / "synthetic-4-erasing.yaml")
     assert validate_config(config, "again") == config
+
+
+TRANSFER_CONFIGS = [name for name in available_configs() if name.startswith("synthetic-transfer-")]
+
+
+@pytest.mark.parametrize("name", TRANSFER_CONFIGS)
+def test_transfer_configs_start_from_the_synthetic_trunk_at_paper_like_map_sizes(name):
+    config = load_config(CONFIG_DIR / name)
+    model = config["model"]
+    localizer = [feature_map_size(side) for side in config["crop_size"]]
+    classifier = [
+        feature_map_size(int(side * s)) for side, s in zip(config["crop_size"], model["scale"])
+    ]
+    assert model["pretrained"] == "synthetic"
+    assert min(localizer) >= 8 and min(classifier) >= 4
+    assert get_k(model["kmax"], classifier[0] * classifier[1]) >= 1
+    assert round(model["kmax"] * classifier[0] * classifier[1]) >= 1
+
+
+def test_every_method_of_the_transfer_comparison_has_a_config():
+    methods = {load_config(CONFIG_DIR / name)["method"] for name in TRANSFER_CONFIGS}
+    assert methods == set(METHOD_NAMES) and len(TRANSFER_CONFIGS) == 6
+
+
+@pytest.mark.parametrize("name", PAPER_CONFIGS)
+def test_real_dataset_configs_keep_the_imagenet_weights(name):
+    assert load_config(CONFIG_DIR / name)["model"]["pretrained"] is True

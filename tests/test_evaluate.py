@@ -5,7 +5,7 @@ import torch
 
 import crf_params
 import loader
-from deepmil.engine import evaluate, image_row, predictions, summarise
+from deepmil.engine import evaluate, head_errors, image_row, predictions, summarise
 from deepmil.metrics import PxAPMeter, f1_pos_neg, iou_at
 from deepmil.model import MinMaxEntropyNet
 from deepmil.settings import RunSettings
@@ -43,6 +43,26 @@ def test_summary_is_the_mean_of_per_image_values(test_loader, net):
         pxap.update(item["mask"], item["truth"])
     assert summary["pxap"] == pytest.approx(pxap.compute())
     assert all(item["mask"].shape == item["truth"].shape for item in items)
+    for key, name in (("mask_area", "mask"), ("truth_area", "truth")):
+        shares = [float((item[name] >= 0.5).float().mean()) for item in items]
+        assert summary[key] == pytest.approx(100 * sum(shares) / 5)
+
+
+def test_the_localizer_error_is_that_of_the_localizer_heads_own_scores(test_loader, net):
+    items = list(predictions(net, test_loader, RunSettings()))
+    summary = evaluate(net, test_loader, RunSettings()).summary
+    localizer_errors = 0
+    for batch in test_loader:
+        seg_scores = net(batch["image"], mask_normalization="sample").seg_scores
+        localizer_errors += int((seg_scores.argmax(dim=1) != batch["label"]).sum())
+    assert [item["head_predicted"].keys() for item in items] == [{"localizer"}] * 5
+    assert summary["localizer_cl_error"] == pytest.approx(100 * localizer_errors / 5)
+
+
+def test_head_errors_hand_computed():
+    rows = [{"localizer": True}, {"localizer": False}, {"localizer": False}, {"localizer": True}]
+    assert head_errors(rows) == {"localizer_cl_error": 50.0}
+    assert head_errors([{}, {}]) == {} and head_errors([]) == {}
 
 
 def test_batched_evaluation_equals_image_by_image(test_loader, net):
@@ -92,7 +112,7 @@ def test_empty_set_convention_in_the_summary():
         {"index": 2, "mask": half, "truth": half},
     ]
     for item in items:
-        item.update(predicted=0, label=0, losses={"loss": 0.0})
+        item.update(predicted=0, label=0, losses={"loss": 0.0}, head_predicted={})
     one, zero = (summarise(image_row(item, empty) for item in items) for empty in (1.0, 0.0))
     assert one["n_empty_dice"] == zero["n_empty_dice"] == 2
     assert one["f1_pos"] == pytest.approx(100.0) and one["f1_neg"] == pytest.approx(100.0)
@@ -100,3 +120,4 @@ def test_empty_set_convention_in_the_summary():
         100 * 2 / 3
     )
     assert zero["iou"] == pytest.approx(100 * 2 / 3)
+    assert one["mask_area"] == one["truth_area"] == pytest.approx(100 * 1.5 / 3)

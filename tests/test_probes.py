@@ -33,7 +33,7 @@ from helpers import (
     tiny_args,
     wait_for_epochs,
 )
-from loader import load_mask, load_rgb, read_fold_csv, read_size
+from loader import dataset_root, load_mask, load_rgb, read_fold_csv, read_size
 from tools import get_yaml_args
 
 SPEC_A = SyntheticSpec(image_size=32, n_train=4, n_test=2)
@@ -61,6 +61,18 @@ def test_synthetic_data_in_use_are_not_regenerated_for_another_spec(tmp_path):
         }
     with create_folds.synthetic_folds_held(data, folds, SPEC_B):  # free again: regenerates
         assert deepmil.synthetic.is_complete(data / "synthetic", SPEC_B)
+
+
+def test_synthetic_sets_of_other_fold_names_live_side_by_side(tmp_path):
+    data, folds = tmp_path / "data", tmp_path / "folds"
+    with create_folds.synthetic_folds_held(data, folds, SPEC_A):
+        with create_folds.synthetic_folds_held(data, folds, SPEC_B, "synthetic-b") as fold_b:
+            assert deepmil.synthetic.is_complete(data / "synthetic", SPEC_A)
+            assert deepmil.synthetic.is_complete(data / "synthetic-b", SPEC_B)
+            assert fold_b == folds / "synthetic-b" / "split_0" / "fold_0"
+    config = {"data_root": str(data), "dataset": "synthetic", "fold_name": "synthetic-b"}
+    assert dataset_root(config) == data / "synthetic-b"
+    assert dataset_root(config | {"fold_name": None}) == data / "synthetic"
 
 
 def test_a_locked_experiment_folder_is_refused_and_left_alone(cli, dataset, reference, tmp_path):

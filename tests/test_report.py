@@ -1,13 +1,16 @@
 """The comparison report: tables from experiment folders, the figure, the comparison driver."""
 
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import yaml
 
 from deepmil import compare, plots, report
+from deepmil.config import available_configs, load_config, resolve_yaml_path
 from deepmil.experiment import load_prediction_samples, save_prediction_samples
+from deepmil.registry import METHOD_NAMES
 
 
 def fake_run(root, name, method, seed, test, erase=0, crf=True, indices=(3, 5)):
@@ -176,6 +179,35 @@ def test_compare_starts_resumes_and_reuses_runs(tmp_path):
     assert compare.run_setting("cam", "synthetic-cam.yaml", 1, tmp_path, []) == folder
 
 
+@pytest.mark.parametrize("protocol", sorted(compare.PROTOCOLS))
+def test_every_setting_of_a_comparison_names_a_shipped_config(protocol):
+    settings = compare.TRAINED + compare.POST_HOC
+    names = [compare.config_name(protocol, config) for _, config in settings]
+    assert set(names) <= set(available_configs()) and len(set(names)) == 6
+    methods = {load_config(resolve_yaml_path(name))["method"] for name in names}
+    assert methods == set(METHOD_NAMES)
+
+
+def test_compare_writes_into_its_runs_folder_unless_told(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(compare, "run_setting", lambda setting, *rest: tmp_path / setting)
+    monkeypatch.setattr(
+        compare.subprocess,
+        "run",
+        lambda command, **_: calls.append(command) or SimpleNamespace(returncode=0),
+    )
+    monkeypatch.chdir(tmp_path)
+    assert compare.main(["--seeds", "0"]) == 0
+    root = tmp_path / "exps" / "compare" / "transfer"
+    assert calls[-1][calls[-1].index("--markdown") + 1] == str(
+        root / "synthetic-transfer-comparison.md"
+    )
+    compare.main(["--protocol", "scratch", "--seeds", "0", "--out", "doc"])
+    assert calls[-1][calls[-1].index("--figure") + 1] == str(
+        tmp_path / "doc" / "synthetic-comparison.png"
+    )
+
+
 def test_latex_labels_are_escaped():
     assert report.latex_text(r"a_b [x=50%] & {c}") == r"a\_b [x=50\%] \& \{c\}"
 
@@ -186,3 +218,36 @@ def test_comparison_figure_needs_one_map_per_image(tmp_path):
         plots.save_method_comparison([image], [truth], [("CAM", [])], tmp_path / "f.png")
     with pytest.raises(ValueError, match="no image"):
         plots.save_method_comparison([], [], [], tmp_path / "f.png")
+
+
+def test_curves_figure_averages_the_trained_settings_and_needs_one_history(tmp_path, capsys):
+    trained = [
+        fake_run(tmp_path, f"ours{seed}", "minmax", seed, metrics(1, 2, 3, 4)) for seed in (0, 1)
+    ]
+    post_hoc = fake_run(tmp_path, "ones", "allones", 0, metrics(1, 2, 3, 4))
+    for seed, folder in enumerate(trained):
+        epochs = [
+            {
+                "epoch": e,
+                "valid_f1_neg": 50 + e + seed,
+                "valid_mask_area": 30.0,
+                "valid_truth_area": 25.0,
+                "train_loss_pos": 1.0 / (e + 1),
+            }
+            for e in range(3 + seed)
+        ]
+        (folder / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in epochs))
+    path = tmp_path / "curves.png"
+    args = [*map(str, trained + [post_hoc]), "--curves", str(path)]
+    assert report.main(args) == 0
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert f"curves: {path}" in capsys.readouterr().out
+    assert report.main([str(post_hoc), "--curves", str(tmp_path / "none.png")]) == 1
+    assert "no run has a metrics.jsonl" in capsys.readouterr().err
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_curves_of_runs_of_unequal_length_are_padded_with_gaps():
+    stacked = plots._stacked([np.array([1.0, 2.0]), np.array([3.0])])
+    np.testing.assert_array_equal(stacked, [[1.0, 2.0], [3.0, np.nan]])
+    assert np.nanmean(stacked, axis=0).tolist() == [2.0, 2.0]
