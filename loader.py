@@ -8,6 +8,7 @@ import operator
 from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -49,25 +50,77 @@ class FoldRow(NamedTuple):
     label: str
 
 
+# ----------------------------------------------------------------------------- data settings
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """The keys of a validated configuration that say which images a run reads and how."""
+
+    dataset: str
+    data_root: Path | None
+    fold_folder: Path
+    fold_name: str | None
+    split: int
+    fold: int
+    name_classes: str | dict[str, int]
+    num_classes: int
+    crop_size: tuple[int, int]
+    padding_size: tuple[float, float] | None
+    padding_mode: str
+    up_scale_small_dim_to: int | None
+    stain_augmentation: bool
+    seed: int
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> DataConfig:
+        """The data settings of a validated configuration."""
+        root, padding = config["data_root"], config["padding_size"]
+        return cls(
+            dataset=config["dataset"],
+            data_root=None if root is None else Path(root),
+            fold_folder=Path(config["fold_folder"]),
+            fold_name=config["fold_name"],
+            split=config["split"],
+            fold=config["fold"],
+            name_classes=config["name_classes"],
+            num_classes=config["model"]["num_classes"],
+            crop_size=tuple(config["crop_size"]),
+            padding_size=None if padding is None else tuple(padding),
+            padding_mode=config["padding_mode"],
+            up_scale_small_dim_to=config["up_scale_small_dim_to"],
+            stain_augmentation=config["stain_augmentation"],
+            seed=config["MYSEED"],
+        )
+
+    @property
+    def folds_name(self) -> str:
+        """Folder name of the fold CSVs (and of the synthetic images): ``fold_name or dataset``."""
+        return self.fold_name or self.dataset
+
+    def csv_path(self, split: str) -> Path:
+        """The fold CSV of ``split``."""
+        return fold_dir(self) / f"{split}_s_{self.split}_f_{self.fold}.csv"
+
+
 # ----------------------------------------------------------------------------- paths
 
 
-def dataset_root(config: Mapping[str, Any]) -> Path:
-    """Folder holding the files of ``config['dataset']`` (fold CSV paths are relative to it)."""
-    if config.get("data_root") is None:
+def dataset_root(data: DataConfig) -> Path:
+    """Folder holding the files of ``data.dataset`` (fold CSV paths are relative to it)."""
+    if data.data_root is None:
         raise DataError(f"config key 'data_root' is not set; {DATA_ROOT_HINT}")
-    root = Path(config["data_root"]) / data_folder(config["dataset"], config.get("fold_name"))
+    root = data.data_root / data_folder(data.dataset, data.fold_name)
     if not root.is_dir():
-        raise FileNotFoundError(f"dataset folder not found: {root}; {DATA_ROOT_HINT}")
+        script = dataset_spec(data.dataset).download
+        fetch = f"; download it with: bash {script} {data.data_root}" if script else ""
+        raise FileNotFoundError(f"dataset folder not found: {root}{fetch}; {DATA_ROOT_HINT}")
     return root
 
 
-def fold_dir(config: Mapping[str, Any]) -> Path:
+def fold_dir(data: DataConfig) -> Path:
     """``fold_folder / (fold_name or dataset) / split_<s> / fold_<f>``."""
-    name = config.get("fold_name") or config["dataset"]
-    return (
-        Path(config["fold_folder"]) / name / f"split_{config['split']}" / f"fold_{config['fold']}"
-    )
+    return data.fold_folder / data.folds_name / f"split_{data.split}" / f"fold_{data.fold}"
 
 
 # ----------------------------------------------------------------------------- CSV and encoding
@@ -549,9 +602,9 @@ def collate(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return collated
 
 
-def fold_hint(config: Mapping[str, Any]) -> str:
-    """How to generate the folds of ``config`` (``create_folds.py`` writes split 0 / fold 0)."""
-    name = config.get("fold_name") or config["dataset"]
+def fold_hint(data: DataConfig) -> str:
+    """How to generate the folds of ``data`` (``create_folds.py`` writes split 0 / fold 0)."""
+    name = data.folds_name
     dataset = next(
         (builder for builder, spec in FOLD_BUILDERS.items() if spec.folds[builder] == name), None
     )
@@ -559,46 +612,44 @@ def fold_hint(config: Mapping[str, Any]) -> str:
         return f"fold folder {name!r} is not one that create_folds.py writes"
     return (
         f"generate it with: python create_folds.py --dataset {dataset} "
-        f"--data-root {config['data_root']} --out {config['fold_folder']} (split 0, fold 0 only)"
+        f"--data-root {data.data_root} --out {data.fold_folder} (split 0, fold 0 only)"
     )
 
 
 def build_dataset(
-    config: Mapping[str, Any], split: str, train: bool, preload: bool | None = None
+    data: DataConfig, split: str, train: bool, preload: bool | None = None
 ) -> PhotoDataset:
-    """Dataset of ``fold_dir(config)/{split}_s_<s>_f_<f>.csv``.
+    """Dataset of ``fold_dir(data)/{split}_s_<s>_f_<f>.csv``.
 
     ``preload=None`` preloads the train and valid sets and loads the test set lazily.
     """
     if split not in SPLITS:
         raise DataError(f"split must be one of {SPLITS}, got {split!r}")
-    root = dataset_root(config)
-    folder = fold_dir(config)
-    csv_path = folder / f"{split}_s_{config['split']}_f_{config['fold']}.csv"
+    root = dataset_root(data)
+    csv_path = data.csv_path(split)
     if not csv_path.is_file():
-        raise FileNotFoundError(f"fold CSV not found: {csv_path}; {fold_hint(config)}")
+        raise FileNotFoundError(f"fold CSV not found: {csv_path}; {fold_hint(data)}")
     rows = read_fold_csv(csv_path)
-    encoding = load_encoding(config["name_classes"], folder)
-    num_classes = config["model"]["num_classes"]
-    if len(encoding) != num_classes:
+    encoding = load_encoding(data.name_classes, fold_dir(data))
+    if len(encoding) != data.num_classes:
         raise DataError(
-            f"the class encoding (config key 'name_classes' = {config['name_classes']!r}) has "
-            f"{len(encoding)} classes but model.num_classes is {num_classes}"
+            f"the class encoding (config key 'name_classes' = {data.name_classes!r}) has "
+            f"{len(encoding)} classes but model.num_classes is {data.num_classes}"
         )
     return PhotoDataset(
         rows,
         root,
         encoding,
-        dataset_spec(config["dataset"]),
+        dataset_spec(data.dataset),
         train=train,
-        crop_size=config["crop_size"],
-        padding_size=config["padding_size"],
-        padding_mode=config["padding_mode"],
-        up_scale_small_dim_to=config["up_scale_small_dim_to"],
+        crop_size=data.crop_size,
+        padding_size=data.padding_size,
+        padding_mode=data.padding_mode,
+        up_scale_small_dim_to=data.up_scale_small_dim_to,
         preload=split != "test" if preload is None else preload,
-        seed=config["MYSEED"],
+        seed=data.seed,
         csv_path=csv_path,
-        stain_augmentation=config["stain_augmentation"],
+        stain_augmentation=data.stain_augmentation,
     )
 
 

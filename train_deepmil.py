@@ -15,7 +15,8 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,45 @@ def raise_interrupted(signum: int, frame: Any) -> None:
     raise Interrupted(signum)
 
 
+@dataclass(frozen=True)
+class DriverConfig:
+    """The keys of a validated configuration that this driver reads, typed; the sections that
+    other modules read whole (``optimizer``) stay mappings."""
+
+    data: loader.DataConfig
+    synthetic: SyntheticSpec
+    preload: bool
+    batch_size: int
+    eval_batch_size: int
+    num_workers: int
+    max_epochs: int
+    optimizer: Mapping[str, Any]
+    crf: bool
+    crf_workers: int | None
+    exp_root: Path
+    title: str
+    cudaid: str | None
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> DriverConfig:
+        """The driver's view of a validated configuration."""
+        return cls(
+            data=loader.DataConfig.from_config(config),
+            synthetic=SyntheticSpec.from_config(config["synthetic"]),
+            preload=config["preload"],
+            batch_size=config["batch_size"],
+            eval_batch_size=config["eval_batch_size"],
+            num_workers=config["num_workers"],
+            max_epochs=config["max_epochs"],
+            optimizer=config["optimizer"],
+            crf=config["crf"],
+            crf_workers=config["crf_workers"],
+            exp_root=Path(config["exp_root"]),
+            title=Path(config["yaml"]).stem,
+            cudaid=config["cudaid"],
+        )
+
+
 def select_device(cudaid: str | None) -> torch.device:
     """``None``: the first GPU if there is one, else the CPU; ``"cpu"``; or a GPU index.
 
@@ -90,7 +130,7 @@ def select_device(cudaid: str | None) -> torch.device:
 
 
 def build_data(
-    config: dict, context: DistributedContext, stack: contextlib.ExitStack
+    config: DriverConfig, context: DistributedContext, stack: contextlib.ExitStack
 ) -> dict[str, torch.utils.data.DataLoader]:
     """Loaders of the training set (augmented) and of the three evaluation sets.
 
@@ -101,29 +141,27 @@ def build_data(
     one reads its shard.
     Synthetic data are generated if needed and kept unchanged until ``stack`` closes.
     """
-    if config["dataset"] == "synthetic":
+    data = config.data
+    if data.dataset == "synthetic":
         if context.is_main:
             stack.enter_context(
                 synthetic_folds_held(
-                    Path(config["data_root"]),
-                    Path(config["fold_folder"]),
-                    SyntheticSpec.from_config(config["synthetic"]),
-                    config["fold_name"] or config["dataset"],
+                    data.data_root, data.fold_folder, config.synthetic, data.folds_name
                 )
             )
         distributed.barrier()
-    seed, workers = config["MYSEED"], config["num_workers"]
+    seed, workers = data.seed, config.num_workers
     shard = {"rank": context.rank, "world_size": context.world_size}
-    train_set = loader.build_dataset(config, "train", train=True, preload=config["preload"])
+    train_set = loader.build_dataset(data, "train", train=True, preload=config.preload)
     loaders = {
         "train": loader.make_loader(
-            train_set, config["batch_size"], workers, shuffle=True, seed=seed, **shard
+            train_set, config.batch_size, workers, shuffle=True, seed=seed, **shard
         )
     }
     for split, name in (("valid", "valid"), ("test", "test"), ("train", "train_eval")):
-        preload = config["preload"] and name == "valid"
-        dataset = loader.build_dataset(config, split, train=False, preload=preload)
-        batch = config["eval_batch_size"]
+        preload = config.preload and name == "valid"
+        dataset = loader.build_dataset(data, split, train=False, preload=preload)
+        batch = config.eval_batch_size
         check_batchable(dataset, batch, split)
         loaders[name] = loader.make_loader(
             dataset, batch, workers, shuffle=False, seed=seed, **shard
@@ -167,7 +205,7 @@ def epoch_record(epoch: int, lr: float, train: dict, valid: dict, seconds: float
 
 
 def train(
-    config: dict,
+    config: DriverConfig,
     options,
     model: torch.nn.Module,
     loaders: dict,
@@ -181,7 +219,7 @@ def train(
     After each epoch: ``checkpoint.pt``, then ``best_model.pt`` if the epoch is the best so far,
     then ``metrics.jsonl`` rewritten from the history, each atomically (see :func:`resume_state`).
     """
-    optimizer = build_optimizer(model, config["optimizer"])
+    optimizer = build_optimizer(model, config.optimizer)
     best = {"epoch": -1, "valid_cl_error": float("inf")}
     history: list[dict] = []
     start = 0
@@ -198,9 +236,9 @@ def train(
                 "the checkpoint holds no gradient-scaler state; the fp16 loss scale "
                 "starts again from its initial value"
             )
-    for epoch in range(start, config["max_epochs"]):
+    for epoch in range(start, config.max_epochs):
         began = time.perf_counter()
-        lr = learning_rate(epoch, config["optimizer"]["lr"], config["optimizer"]["lr_scheduler"])
+        lr = learning_rate(epoch, config.optimizer["lr"], config.optimizer["lr_scheduler"])
         set_learning_rate(optimizer, lr)
         loader.set_loader_epoch(loaders["train"], epoch)
         erase = settings.erasing.active(epoch)
@@ -218,7 +256,9 @@ def train(
             settings,
             on_batch=lambda s: bar.set_postfix(loss=f"{s['loss']:.3f}"),
         )
-        valid_stats = evaluate(model, loaders["valid"], settings).summary
+        valid_stats = evaluate(
+            model, loaders["valid"], settings, progress=bar_label("validation", options, context)
+        ).summary
         record = epoch_record(epoch, lr, train_stats, valid_stats, time.perf_counter() - began)
         history.append(record)
         if valid_stats["cl_error"] <= best["valid_cl_error"]:
@@ -229,7 +269,7 @@ def train(
             "epoch %d/%d lr %.2e erase %s | train loss %.4f err %.2f%% | valid loss "
             "%.4f err %.2f%% F1+ %.2f F1- %.2f | %.1fs",
             epoch,
-            config["max_epochs"] - 1,
+            config.max_epochs - 1,
             lr,
             erase,
             train_stats["loss"],
@@ -264,16 +304,22 @@ def save_epoch(
     files.write_json_lines(history, folder / "metrics.jsonl")
 
 
-def crf_worker_count(config: dict, device: torch.device) -> int:
+def crf_worker_count(config: DriverConfig, device: torch.device) -> int:
     """``crf_workers``, or by default: in-process on a CPU run (the cores are busy with the
     model), one process per spare core when the model runs on a GPU."""
-    if config["crf_workers"] is not None:
-        return config["crf_workers"]
+    if config.crf_workers is not None:
+        return config.crf_workers
     return 0 if device.type == "cpu" else max(1, (os.cpu_count() or 2) - 1)
 
 
+def bar_label(label: str, options, context: DistributedContext) -> str | None:
+    """``label`` for a progress bar, or None where no bar is shown (``--quiet``, rank > 0)."""
+    return None if options.quiet or not context.is_main else label
+
+
 def final_evaluation(
-    config: dict,
+    config: DriverConfig,
+    options,
     model: torch.nn.Module,
     loaders: dict,
     settings: RunSettings,
@@ -285,7 +331,7 @@ def final_evaluation(
     With ``crf`` the CRF-refined masks are scored beside the raw ones. The threshold that
     maximises the validation F1+ is reported with the test metrics at that threshold.
     """
-    crf = CRF(crf_params.params_for(config["dataset"])) if config["crf"] else None
+    crf = CRF(crf_params.params_for(config.data.dataset)) if config.crf else None
     results, sweeps = {}, {}
     for name in ("valid", "test", "train_eval"):
         keep = PANEL_IMAGES if name == "test" and context.is_main else 0
@@ -296,10 +342,13 @@ def final_evaluation(
             keep=keep,
             crf=crf,
             crf_workers=crf_worker_count(config, settings.device),
+            progress=bar_label(f"evaluating {name}", options, context),
         )
         results[name], sweeps[name] = evaluation.summary, evaluation.sweep
         if evaluation.records:
-            class_names = loader.load_encoding(config["name_classes"], loader.fold_dir(config))
+            class_names = loader.load_encoding(
+                config.data.name_classes, loader.fold_dir(config.data)
+            )
             samples = prediction_samples(evaluation.records, loaders[name].dataset, class_names)
             plots.save_mask_panels(
                 samples, folder / "test_predictions.png", title="test predictions"
@@ -341,11 +390,11 @@ def prediction_samples(
     return samples
 
 
-def planned_folder(config: dict, options) -> Path:
+def planned_folder(config: dict, exp_root: Path, options) -> Path:
     """The experiment folder of this run, checked before anything is built or written."""
     if not options.resume:
         name = options.exp_name or experiment.experiment_name(config)
-        return experiment.experiment_folder(Path(config["exp_root"]), name, options.overwrite)
+        return experiment.experiment_folder(exp_root, name, options.overwrite)
     if options.exp_name or options.overwrite:
         raise ConfigError(
             "--resume continues a run in its own folder; drop --exp-name and --overwrite"
@@ -384,7 +433,7 @@ def resume_state(folder: Path) -> dict | None:
 
 
 def train_and_evaluate(
-    config: dict,
+    config: DriverConfig,
     options,
     model: torch.nn.Module,
     loaders: dict,
@@ -399,7 +448,7 @@ def train_and_evaluate(
         unwrap(model).load_state_dict(
             torch.load(folder / "best_model.pt", map_location=settings.device, weights_only=True)
         )
-    results = final_evaluation(config, model, loaders, settings, folder, context)
+    results = final_evaluation(config, options, model, loaders, settings, folder, context)
     final = {"best_epoch": best["epoch"], **results}
     if not context.is_main:
         return final
@@ -408,22 +457,29 @@ def train_and_evaluate(
         {name: results[name] for name in ("valid", "test", "train_eval")}
     )
     files.write_text(
-        f"# {Path(config['yaml']).stem}\n\nbest epoch: {best['epoch']}\n\n{table}",
+        f"# {config.title}\n\nbest epoch: {best['epoch']}\n\n{table}",
         folder / "results.md",
     )
-    test = results["test"]
-    print(f"\nselected epoch {best['epoch']}; results in {folder}\n{table}")
-    print(
+    summary = results_summary(results["test"], best["epoch"], folder, table)
+    print(summary)
+    LOGGER.info("%s", summary, extra=experiment.FILE_ONLY)
+    return final
+
+
+def results_summary(test: dict, best_epoch: int, folder: Path, table: str) -> str:
+    """What a finished run prints: the selected epoch, the table and the test metrics."""
+    lines = [
+        f"\nselected epoch {best_epoch}; results in {folder}\n{table}",
         f"test: cl. error {test['cl_error']:.2f}% | F1+ {test['f1_pos']:.2f} | "
         f"F1- {test['f1_neg']:.2f} | F1+ of an all-ones mask {test['f1_pos_all_ones']:.2f} | "
-        f"IoU {test['iou']:.2f} | PxAP {test['pxap']:.2f}"
-    )
+        f"IoU {test['iou']:.2f} | PxAP {test['pxap']:.2f}",
+    ]
     if "crf_f1_pos" in test:
-        print(
+        lines.append(
             f"test with CRF: F1+ {test['crf_f1_pos']:.2f} | F1- {test['crf_f1_neg']:.2f} | "
             f"IoU {test['crf_iou']:.2f}"
         )
-    return final
+    return "\n".join(lines)
 
 
 def explain_failure(error: BaseException, folder: Path, new_run: bool) -> None:
@@ -464,34 +520,41 @@ def run(argv: list[str]) -> dict[str, dict]:
     """
     experiment.setup_logging(quiet="--quiet" in argv or not distributed.is_main_process())
     config, options = get_yaml_args(argv)
-    device = select_device(config["cudaid"])
+    view = DriverConfig.from_config(config)
+    device = select_device(view.cudaid)
     settings = RunSettings.from_config(config, device)
     context = distributed.init_distributed(use_cuda=device.type == "cuda")
     try:
-        return run_experiment(config, options, settings, context)
+        return run_experiment(config, view, options, settings, context)
     finally:
         distributed.shutdown_distributed(context)
 
 
 def run_experiment(
-    config: dict, options, settings: RunSettings, context: DistributedContext
+    config: dict,
+    view: DriverConfig,
+    options,
+    settings: RunSettings,
+    context: DistributedContext,
 ) -> dict[str, dict]:
-    """Everything after the configuration and the device are known."""
-    folder = on_main(context, lambda: planned_folder(config, options))
-    reproducibility.set_seed(config["MYSEED"])
+    """Everything after the configuration (``config``, recorded as it is, and the driver's
+    ``view`` of it) and the device are known."""
+    folder = on_main(context, lambda: planned_folder(config, view.exp_root, options))
+    reproducibility.set_seed(settings.seed)
     reproducibility.set_deterministic(warn_only=True)
     with contextlib.ExitStack() as stack:
-        loaders = build_data(config, context, stack)
+        loaders = build_data(view, context, stack)
         model = build_network(config, settings.device)
         if context.is_main:
             if not options.resume:
                 experiment.create_experiment_dir(folder, options.overwrite)
             stack.enter_context(experiment.folder_lock(folder))
-        return run_in_folder(config, options, model, loaders, settings, folder, context)
+        return run_in_folder(config, view, options, model, loaders, settings, folder, context)
 
 
 def run_in_folder(
     config: dict,
+    view: DriverConfig,
     options,
     model: torch.nn.Module,
     loaders: dict,
@@ -520,9 +583,18 @@ def run_in_folder(
                 settings.seed,
                 context.world_size,
             )
-            return train_and_evaluate(
-                config, options, model, loaders, settings, folder, state, context
-            )
+            try:
+                return train_and_evaluate(
+                    view, options, model, loaders, settings, folder, state, context
+                )
+            except BaseException as error:
+                LOGGER.error(
+                    "the run stopped: %s: %s",
+                    type(error).__name__,
+                    error,
+                    extra=experiment.FILE_ONLY,
+                )
+                raise
     except BaseException as error:
         if context.is_main:
             explain_failure(error, folder, new_run=not options.resume)

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from deepmil.config import (
+    METHOD_NAMES,
+    MODEL_NAMES,
     SCHEMA,
     SEED_LIMIT,
     ConfigError,
@@ -62,24 +64,35 @@ FLAG_KEYS: dict[str, tuple[str, str]] = {
 # ----------------------------------------------------------------------------- run values
 
 
-def resolve_seed(config: dict) -> int:
-    """Seed of the run: env ``MYSEED`` if set, else ``config['MYSEED']`` (default 0).
-
-    The result is stored in ``config['MYSEED']`` and returned. An invalid env value is an error.
-    """
+def environment_seed() -> int | None:
+    """The seed in the environment variable ``MYSEED``, or None; an invalid value is an error."""
     raw = os.environ.get(SEED_ENV)
     if raw is None:
-        logger.warning(
-            "environment variable %s is not set; using seed MYSEED = %d", SEED_ENV, config["MYSEED"]
-        )
-        return config["MYSEED"]
+        return None
     if not re.fullmatch(r"[0-9]+", raw.strip()) or int(raw) >= SEED_LIMIT:
         raise ConfigError(
             f"environment variable {SEED_ENV} = {raw!r} is not a valid seed "
             f"(expected an integer in [0, 2**32))"
         )
-    config["MYSEED"] = int(raw)
-    return config["MYSEED"]
+    return int(raw)
+
+
+def resolve_seed(config: dict, cli_seed: int | None = None) -> int:
+    """Seed of the run: ``--seed`` if given, else env ``MYSEED`` if set, else
+    ``config['MYSEED']`` (default 0). It is stored in ``config['MYSEED']``, logged with where it
+    came from, and returned."""
+    env_seed = environment_seed()
+    if cli_seed is not None:
+        seed, origin = cli_seed, "--seed"
+        if env_seed is not None and env_seed != cli_seed:
+            origin += f", which overrides {SEED_ENV} = {env_seed}"
+    elif env_seed is not None:
+        seed, origin = env_seed, f"environment variable {SEED_ENV}"
+    else:
+        seed, origin = config["MYSEED"], "the configuration's MYSEED"
+    logger.info("seed %d (%s)", seed, origin)
+    config["MYSEED"] = seed
+    return seed
 
 
 def resolve_data_root(config: Mapping[str, Any], cli_value: str | None) -> str:
@@ -115,6 +128,15 @@ def parse_cudaid(value: str) -> str:
     return parsed
 
 
+def parse_seed(value: str) -> int:
+    """A seed in [0, 2**32), for argparse."""
+    if not re.fullmatch(r"[0-9]+", value.strip()) or int(value) >= SEED_LIMIT:
+        raise argparse.ArgumentTypeError(
+            f"invalid seed {value!r} (expected an integer in [0, 2**32))"
+        )
+    return int(value)
+
+
 def parse_assignment(value: str) -> tuple[str, str]:
     """``section.key=value`` -> ``("section.key", "value")``, for argparse."""
     key, sep, raw = value.partition("=")
@@ -131,29 +153,53 @@ FLAG_TYPES: dict[str, Callable[[str], Any]] = {
 }
 
 
+FLAG_CHOICES = {"method": METHOD_NAMES, "modelname": MODEL_NAMES}
+EPILOG = """examples:
+  python train_deepmil.py --yaml synthetic-no-erasing.yaml --cudaid cpu --seed 1
+  python train_deepmil.py --yaml synthetic-transfer-no-erasing.yaml --kmax 0.2 --kmin 0.2 --epoch 4
+  python train_deepmil.py --resume exps/RUN --crf
+evaluate only (no training) a trained model:
+  python train_deepmil.py --yaml synthetic-cam.yaml --epoch -1 --path_pre_trained FILE
+"""
+
+
+def flag_help(flag: str, dotted: str, kind: str) -> str:
+    """Help text of an override flag, with its allowed values when they are a list."""
+    choices = FLAG_CHOICES.get(flag)
+    return f"overrides {dotted} ({kind})" + (f": {', '.join(choices)}" if choices else "")
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The training command line: ``--yaml``, ``--cudaid``, the original override flags, ``--set``
-    and the run options ``--data-root --exp-root --exp-name --quiet --overwrite --resume``."""
+    and the run options ``--seed --data-root --exp-root --exp-name --crf --quiet --overwrite
+    --resume``, in three groups, with examples."""
     parser = argparse.ArgumentParser(
-        description="Train / evaluate the min-max entropy model.", allow_abbrev=False
+        description="Train and evaluate the min-max entropy model (or a baseline).",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        allow_abbrev=False,
     )
+    overrides = parser.add_argument_group(
+        "configuration overrides", "each is validated like the YAML value it replaces"
+    )
+    run = parser.add_argument_group("run options", "seed, devices, folders and outputs")
     parser.add_argument(
         "--yaml",
         default=None,
         help="config file name in config_yaml/ (or a path to a YAML file); "
         "required unless --resume is given",
     )
-    parser.add_argument(
+    run.add_argument(
         "--cudaid",
         type=parse_cudaid,
         default=None,
         help="cpu, a GPU index or a comma list (default: first GPU, else cpu)",
     )
     for flag, (dotted, kind) in FLAG_KEYS.items():
-        parser.add_argument(
-            f"--{flag}", type=FLAG_TYPES[kind], default=None, help=f"overrides {dotted} ({kind})"
+        overrides.add_argument(
+            f"--{flag}", type=FLAG_TYPES[kind], default=None, help=flag_help(flag, dotted, kind)
         )
-    parser.add_argument(
+    overrides.add_argument(
         "--set",
         action="append",
         type=parse_assignment,
@@ -161,32 +207,38 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECTION.KEY=VALUE",
         help="override any config key (value read as YAML); repeatable",
     )
-    parser.add_argument(
+    run.add_argument(
+        "--seed",
+        type=parse_seed,
+        default=None,
+        help=f"seed of the run (else ${SEED_ENV}, then the config key MYSEED, default 0)",
+    )
+    run.add_argument(
         "--data-root",
         default=None,
         help=f"parent folder of the datasets (else ${DATA_ROOT_ENV}, the config "
         f"key data_root, then {DEFAULT_DATA_ROOT})",
     )
-    parser.add_argument("--exp-root", default=None, help="overrides the config key exp_root")
-    parser.add_argument(
+    run.add_argument("--exp-root", default=None, help="overrides the config key exp_root")
+    run.add_argument(
         "--exp-name",
         default=None,
         metavar="NAME",
         help="name of the experiment folder (default: config, model, fold, "
         "erasing, seed and start time)",
     )
-    parser.add_argument(
+    run.add_argument(
         "--crf",
         action="store_true",
         help="also score CRF-refined masks in the final evaluation (key crf)",
     )
-    parser.add_argument("--quiet", action="store_true", help="log warnings and errors only")
-    parser.add_argument(
+    run.add_argument("--quiet", action="store_true", help="log warnings and errors only")
+    run.add_argument(
         "--overwrite",
         action="store_true",
         help="replace the results of an existing experiment folder",
     )
-    parser.add_argument(
+    run.add_argument(
         "--resume", default=None, metavar="EXP_DIR", help="resume the experiment stored in EXP_DIR"
     )
     return parser
@@ -214,10 +266,11 @@ def resumed_config(args: argparse.Namespace) -> dict:
         )
     config = load_config(path)
     saved_seed = config["MYSEED"]
-    if resolve_seed(config) != saved_seed:
+    if resolve_seed(config, args.seed) != saved_seed:
+        given = "--seed" if args.seed is not None else SEED_ENV
         raise ConfigError(
             f"--resume {args.resume}: the run used seed {saved_seed} but "
-            f"{SEED_ENV} = {config['MYSEED']}; unset it or set it to {saved_seed}"
+            f"{given} = {config['MYSEED']}; drop it or set it to {saved_seed}"
         )
     config["data_root"] = resolve_data_root(config, args.data_root)
     config["cudaid"] = args.cudaid
@@ -267,5 +320,5 @@ def config_from_args(args: argparse.Namespace) -> dict:
     config["data_root"] = resolve_data_root(config, args.data_root)
     config["cudaid"] = args.cudaid
     config["yaml"] = args.yaml
-    resolve_seed(config)
+    resolve_seed(config, args.seed)
     return config

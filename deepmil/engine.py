@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from deepmil.crf import refine_with_crf
 from deepmil.distributed import all_reduce_sum, any_process, broadcast_buffers, gather_objects
@@ -372,6 +373,13 @@ def summarise(rows: Iterable[tuple]) -> dict[str, float]:
     return summary
 
 
+def progress_bar(stream: Iterator[dict], loader: Iterable[dict], label: str) -> Iterator[dict]:
+    """``stream`` of per-image predictions behind a progress bar over this process's images."""
+    sampler = getattr(loader, "sampler", None)
+    total = len(sampler) if sampler is not None else None
+    return iter(tqdm(stream, total=total, desc=label, unit="image", leave=False, disable=None))
+
+
 def evaluate(
     model: nn.Module,
     loader: Iterable[dict],
@@ -379,6 +387,7 @@ def evaluate(
     keep: int = 0,
     crf: Callable | None = None,
     crf_workers: int = 0,
+    progress: str | None = None,
 ) -> Evaluation:
     """Evaluate (no erasing) with ``run``'s method, image by image or in batches of same-size
     images (with per-image mask normalisation: the same results).
@@ -391,13 +400,16 @@ def evaluate(
     per-image results are gathered and summed in image order, so the summary equals a
     single-process evaluation. ``records`` holds the first ``keep`` predictions of this process
     (masks on the CPU) and ``pxap`` the set's counts of map values per bin outside / inside the
-    ground truth. ``run.metrics`` sets the empty-set Dice and the PxAP bins.
+    ground truth. ``run.metrics`` sets the empty-set Dice and the PxAP bins. ``progress``
+    labels a progress bar over the images (shown on a terminal only).
     """
     network = unwrap(model).eval()
     broadcast_buffers(network)
     stream = predictions(network, loader, run)
     if crf is not None:
         stream = with_crf(stream, loader, crf, crf_workers)
+    if progress is not None:
+        stream = progress_bar(stream, loader, progress)
     metrics = run.metrics
     pxap, sweep = PxAPMeter(metrics.pxap_interval), ThresholdSweepMeter(empty=metrics.empty)
     rows, records = [], []

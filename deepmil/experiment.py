@@ -123,10 +123,15 @@ def discard_run(folder: Path) -> None:
         folder.rmdir()
 
 
+FILE_ONLY = {"file_only": True}
+
+
 def setup_logging(quiet: bool = False) -> None:
-    """Log to the console (warnings only when ``quiet``); called once per run."""
+    """Log to the console (warnings only when ``quiet``); called once per run. Records logged
+    with ``extra=FILE_ONLY`` (what the console shows otherwise) go to ``training.log`` only."""
     console = logging.StreamHandler(sys.stdout)
     console.setLevel(logging.WARNING if quiet else logging.INFO)
+    console.addFilter(lambda record: not getattr(record, "file_only", False))
     logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, handlers=[console], force=True)
 
 

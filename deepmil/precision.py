@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from dataclasses import dataclass, field
 
 import torch
 
 from deepmil.errors import ConfigError
 
+LOGGER = logging.getLogger(__name__)
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
@@ -22,6 +24,21 @@ def check_amp(amp: str | None, device: torch.device) -> None:
         raise ConfigError(
             f"amp = 'fp16' needs a CUDA device (float16 autocast is not supported "
             f"for all operations on {device.type}); use amp: bf16 or null"
+        )
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX tiles)."""
+    return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def warn_if_emulated(amp: str | None, device: torch.device) -> None:
+    """Warn that ``bf16`` autocast on a CPU without native bfloat16 is emulated, and slow."""
+    if amp == "bf16" and device.type == "cpu" and not cpu_has_native_bf16():
+        LOGGER.warning(
+            "amp = 'bf16' on a CPU without native bfloat16 instructions (AVX512-BF16 or AMX): "
+            "autocast emulates them and runs many times slower than float32; "
+            "use amp: null (--set amp=null; pretrain.amp for the synthetic trunk)"
         )
 
 
@@ -43,6 +60,7 @@ class Precision:
     def build(cls, amp: str | None, device: torch.device, channels_last: bool = False) -> Precision:
         """The precision of ``amp`` on ``device``, with a fresh scaler for ``fp16``."""
         check_amp(amp, device)
+        warn_if_emulated(amp, device)
         scaler = torch.amp.GradScaler(device.type) if amp == "fp16" else None
         return cls(amp, device.type, channels_last, scaler)
 

@@ -46,8 +46,8 @@ PRETRAIN_VERSION = 1
 @dataclass(frozen=True)
 class PretrainSpec:
     """What determines a pretrained trunk: the trunk, the source set and how it is trained
-    (SGD with Nesterov momentum 0.9, a cosine learning-rate decay, random flips, on the CPU
-    with ``amp`` autocast: bf16 halves the time on 2 cores). Its values come from the
+    (SGD with Nesterov momentum 0.9, a cosine learning-rate decay, random flips, on the CPU,
+    in float32 or under ``amp`` autocast). Its values come from the
     configuration's ``pretrain`` section (:meth:`from_config`)."""
 
     model: str

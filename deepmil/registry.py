@@ -56,8 +56,9 @@ class DatasetSpec:
     (``None``: ``synthetic.num_classes``), training augmentation (``jitter``: colour jitter and
     vertical flips besides the horizontal one), whether stain augmentation applies, its CRF
     parameter set (``crf_params.PARAMETER_SETS``), the ``create_folds.py --dataset`` values that
-    write its fold folders (value -> fold folder name), and its mask rule: foreground is
-    ``> mask_threshold / 255`` of the mask's full scale, or ``!= 0`` when it is ``None``."""
+    write its fold folders (value -> fold folder name), its mask rule (foreground is
+    ``> mask_threshold / 255`` of the mask's full scale, or ``!= 0`` when it is ``None``) and the
+    script of the repository root that downloads it (``None``: generated, not downloaded)."""
 
     name: str
     folder: str
@@ -67,6 +68,7 @@ class DatasetSpec:
     crf: str
     folds: dict[str, str]
     mask_threshold: float | None = None
+    download: str | None = None
 
 
 DATASETS = {
@@ -80,6 +82,7 @@ DATASETS = {
             histology=True,
             crf="glas",
             folds={"glas": "glas"},
+            download="download-glas-dataset.sh",
         ),
         DatasetSpec(
             "Caltech-UCSD-Birds-200-2011",
@@ -93,6 +96,7 @@ DATASETS = {
                 "cub5": "Caltech-UCSD-Birds-200-2011-CUB5",
             },
             mask_threshold=127.5,
+            download="download-caltech-ucsd-birds-200-2011-dataset.sh",
         ),
         DatasetSpec(
             "Oxford-flowers-102",
@@ -102,6 +106,7 @@ DATASETS = {
             histology=False,
             crf="cub",
             folds={"oxf": "Oxford-flowers-102"},
+            download="download-Oxford-flowers-102-dataset.sh",
         ),
         DatasetSpec(
             "synthetic",

@@ -3,7 +3,7 @@
     python -m deepmil.report EXP_DIR [EXP_DIR ...] [--markdown F] [--latex F] [--figure F]
 
 Each folder is a finished run of ``train_deepmil.py`` (``config.yaml`` and
-``final_metrics.json``). Runs whose configurations differ only in run-specific keys (seed, paths,
+``final_metrics.json``), or a folder holding such runs at any depth (e.g. ``exps``). Runs whose configurations differ only in run-specific keys (seed, paths,
 workers...) form one setting: its row gives the mean ± sample standard deviation over the runs
 (the bare value for a single run) of the classification error (and, for min-max entropy, the
 localizer head's own), F1+, F1-, PxAP and, when the runs
@@ -90,6 +90,27 @@ class Setting:
     def seeds(self) -> list[int]:
         """The seeds of the setting's runs."""
         return [run.config["MYSEED"] for run in self.runs]
+
+
+def experiment_folders(paths: list[Path]) -> list[Path]:
+    """The run folders named by ``paths``: a folder with a ``config.yaml`` is one run, any other
+    folder stands for the finished runs found inside it, in sorted order."""
+    folders = []
+    for path in paths:
+        if (path / "config.yaml").is_file() or not path.is_dir():
+            folders.append(path)
+            continue
+        found = sorted(
+            metrics.parent
+            for metrics in path.rglob("final_metrics.json")
+            if (metrics.parent / "config.yaml").is_file()
+        )
+        if not found:
+            raise ReportError(
+                f"{path}: no finished experiment (config.yaml and final_metrics.json) inside"
+            )
+        folders += found
+    return folders
 
 
 def read_run(folder: Path, split: str) -> Run:
@@ -354,7 +375,8 @@ def main(argv: list[str] | None = None) -> int:
     """Print (and write) the tables, draw the figure; 1 on an unusable folder or file."""
     args = parse_args(argv)
     try:
-        settings = group_runs([read_run(folder, args.split) for folder in args.folders])
+        runs = [read_run(folder, args.split) for folder in experiment_folders(args.folders)]
+        settings = group_runs(runs)
         markdown = markdown_tables(settings, args.split)
         print(markdown, end="")
         if args.markdown:

@@ -170,8 +170,8 @@ def test_baselines_load_imagenet_trunk_weights_without_their_heads():
 @pytest.fixture(scope="module")
 def synthetic_loaders(tmp_path_factory):
     config = tiny_synthetic_config(tmp_path_factory.mktemp("baselines"), n_test=4)
-    train_set = loader.build_dataset(config, "train", train=True)
-    test_set = loader.build_dataset(config, "test", train=False)
+    train_set = loader.build_dataset(loader.DataConfig.from_config(config), "train", train=True)
+    test_set = loader.build_dataset(loader.DataConfig.from_config(config), "test", train=False)
     return (
         loader.make_loader(train_set, 4, 0, shuffle=True, seed=0),
         loader.make_loader(test_set, 1, 0, shuffle=False, seed=0),

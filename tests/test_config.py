@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 import tools
-from deepmil.cli import FLAG_KEYS, resolve_seed
+from deepmil.cli import EPILOG, FLAG_KEYS, build_parser, resolve_seed
 from deepmil.config import (
     CONFIG_DIR,
     IGNORED_KEYS,
@@ -833,6 +833,24 @@ def test_env_seed_wins_over_yaml(monkeypatch):
     assert config["MYSEED"] == 7
 
 
+def test_seed_flag_wins_over_env_and_yaml_and_every_source_is_logged(monkeypatch, caplog):
+    args = ["--yaml", "glas-no-erasing.yaml", "--set", "MYSEED=3"]
+    with caplog.at_level(logging.INFO, logger="deepmil.cli"):
+        assert tools.get_yaml_args(args)[0]["MYSEED"] == 3
+        monkeypatch.setenv("MYSEED", "7")
+        assert tools.get_yaml_args([*args, "--seed", "5"])[0]["MYSEED"] == 5
+    seeds = [record.getMessage() for record in caplog.records if "seed" in record.getMessage()]
+    assert seeds == [
+        "seed 3 (the configuration's MYSEED)",
+        "seed 5 (--seed, which overrides MYSEED = 7)",
+    ]
+    assert all(
+        record.levelno == logging.INFO for record in caplog.records if "seed" in record.getMessage()
+    )
+    with pytest.raises(SystemExit):
+        tools.get_yaml_args([*args, "--seed", str(2**32)])
+
+
 def test_seed_without_env_uses_config_value():
     config, _ = tools.get_yaml_args(["--yaml", "glas-no-erasing.yaml"])
     assert config["MYSEED"] == 0
@@ -896,3 +914,26 @@ def test_every_method_of_the_transfer_comparison_has_a_config():
 @pytest.mark.parametrize("name", PAPER_CONFIGS)
 def test_real_dataset_configs_keep_the_imagenet_weights(name):
     assert load_config(CONFIG_DIR / name)["model"]["pretrained"] is True
+
+
+def test_resume_refuses_another_seed_from_the_flag_or_the_environment(tmp_path, monkeypatch):
+    config, _ = tools.get_yaml_args(["--yaml", "synthetic-no-erasing.yaml"])
+    save_config(config, tmp_path / "config.yaml")
+    assert tools.get_yaml_args(["--resume", str(tmp_path), "--seed", "0"])[0]["MYSEED"] == 0
+    with pytest.raises(ConfigError, match="used seed 0 but --seed = 4; drop it or set it to 0"):
+        tools.get_yaml_args(["--resume", str(tmp_path), "--seed", "4"])
+    monkeypatch.setenv("MYSEED", "2")
+    with pytest.raises(ConfigError, match="used seed 0 but MYSEED = 2"):
+        tools.get_yaml_args(["--resume", str(tmp_path)])
+
+
+def test_help_lists_the_choices_and_its_examples_are_valid_commands():
+    text = build_parser().format_help()
+    assert "overrides method (str): " + ", ".join(METHOD_NAMES) in " ".join(text.split())
+    examples = [line.split()[2:] for line in EPILOG.splitlines() if "train_deepmil.py" in line]
+    assert len(examples) == 4
+    for arguments in examples:
+        build_parser().parse_args(arguments)
+    for arguments in examples[:2]:
+        config, _ = tools.get_yaml_args(arguments)
+        assert config["yaml"] == arguments[1]

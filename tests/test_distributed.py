@@ -99,7 +99,7 @@ def test_ranks_agree_and_match_averaged_single_process_gradients(tmp_path, erase
 
 def evaluate_worker(rank: int, store: str, config: dict, out: str) -> None:
     init(rank, store)
-    dataset = loader.build_dataset(config, "test", train=False)
+    dataset = loader.build_dataset(loader.DataConfig.from_config(config), "test", train=False)
     data = loader.make_loader(dataset, 1, 0, shuffle=False, seed=0, rank=rank, world_size=WORLD)
     summary = evaluate(tiny_net(1.0), data, RunSettings()).summary
     torch.save({"summary": summary, "seen": [int(i) for i in data.sampler]}, f"{out}/eval{rank}.pt")
@@ -110,7 +110,7 @@ def test_sharded_evaluation_equals_single_process(tmp_path):
     config = tiny_synthetic_config(tmp_path, n_test=7)
     mp.spawn(evaluate_worker, args=(str(tmp_path / "store"), config, str(tmp_path)), nprocs=WORLD)
     results = [torch.load(tmp_path / f"eval{rank}.pt", weights_only=False) for rank in range(2)]
-    dataset = loader.build_dataset(config, "test", train=False)
+    dataset = loader.build_dataset(loader.DataConfig.from_config(config), "test", train=False)
     single = evaluate(
         tiny_net(1.0), loader.make_loader(dataset, 1, 0, False, 0), RunSettings()
     ).summary

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from deepmil.registry import DATASETS as REGISTRY
 from helpers import REPO
 
 GLAS_INNER = "Warwick QU Dataset (Released 2016_07_08)"
@@ -700,3 +701,12 @@ def test_leftover_staging_folders_are_removed_only_when_stale(owner, removed, tm
     else:
         assert f"Leaving {leftover}: it belongs to process" in result.stderr
         assert (leftover / dataset.folder / "half.bmp").read_bytes() == b"half extracted"
+
+
+def test_the_dataset_registry_names_the_script_that_downloads_each_dataset():
+    downloaded = {
+        row.download: row.folder.split("/")[0] for row in REGISTRY.values() if row.download
+    }
+    assert downloaded == {dataset.script: dataset.folder for dataset in DATASETS.values()}
+    assert all((REPO / script).is_file() for script in downloaded)
+    assert REGISTRY["synthetic"].download is None

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import crf_params
+import deepmil.engine
 import loader
 from deepmil.engine import evaluate, head_errors, image_row, predictions, summarise
 from deepmil.metrics import PxAPMeter, f1_pos_neg, iou_at
@@ -16,7 +17,7 @@ from tools import CRF
 @pytest.fixture(scope="module")
 def test_loader(tmp_path_factory):
     config = tiny_synthetic_config(tmp_path_factory.mktemp("evaluate"))
-    dataset = loader.build_dataset(config, "test", train=False)
+    dataset = loader.build_dataset(loader.DataConfig.from_config(config), "test", train=False)
     return loader.make_loader(dataset, 1, 0, shuffle=False, seed=0)
 
 
@@ -121,3 +122,19 @@ def test_empty_set_convention_in_the_summary():
     )
     assert zero["iou"] == pytest.approx(100 * 2 / 3)
     assert one["mask_area"] == one["truth_area"] == pytest.approx(100 * 1.5 / 3)
+
+
+def test_a_progress_bar_counts_every_image_and_changes_no_metric(test_loader, net, monkeypatch):
+    shown, real_bar = [], deepmil.engine.progress_bar
+
+    def counting_bar(stream, loader, label):
+        bar = real_bar(stream, loader, label)
+        for item in bar:
+            shown.append(label)
+            yield item
+
+    plain = evaluate(net, test_loader, RunSettings()).summary
+    monkeypatch.setattr(deepmil.engine, "progress_bar", counting_bar)
+    with_bar = evaluate(net, test_loader, RunSettings(), progress="evaluating test").summary
+    assert with_bar == plain
+    assert shown == ["evaluating test"] * len(test_loader.dataset)

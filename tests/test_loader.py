@@ -56,7 +56,7 @@ def write_samples(config: dict, split: str, samples: list, ext: str = "png") -> 
 
 
 def write_csv(config: dict, split: str, text: str) -> Path:
-    folder = loader.fold_dir(config)
+    folder = loader.fold_dir(loader.DataConfig.from_config(config))
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{split}_s_0_f_0.csv"
     path.write_text(text)
@@ -132,13 +132,13 @@ def test_glas_training_sample_uses_padded_size(tmp_path):
         [("train_1", random_image(21, 30, 0), np.zeros((21, 30), np.uint8), "benign")],
         ext="bmp",
     )
-    sample = loader.build_dataset(config, "train", train=True)[0]
+    sample = loader.build_dataset(loader.DataConfig.from_config(config), "train", train=True)[0]
     assert sample["image"].shape == (3, 41, 60)
     assert sample["image"].min() >= -1 and sample["image"].max() <= 1
     assert set(sample) == {"image", "label", "index"}
     config["crop_size"] = [42, 60]
     with pytest.raises(ValueError, match="train_1.bmp"):
-        loader.build_dataset(config, "train", train=True)
+        loader.build_dataset(loader.DataConfig.from_config(config), "train", train=True)
 
 
 def test_cub_geometry_and_samples_after_upscale(tmp_path):
@@ -154,7 +154,7 @@ def test_cub_geometry_and_samples_after_upscale(tmp_path):
     write_samples(
         config, "test", [("bird", image, np.full((103, 200), 200, np.uint8), "b")], ext="jpg"
     )
-    evaluation = loader.build_dataset(config, "test", train=False)
+    evaluation = loader.build_dataset(loader.DataConfig.from_config(config), "test", train=False)
     assert evaluation.geometry[0] == Geometry(
         original=(103, 200), upscaled=(499, 970), padded=(512, 992), padding=(6, 7, 11, 11)
     )
@@ -168,7 +168,7 @@ def test_cub_geometry_and_samples_after_upscale(tmp_path):
         stored.convert("RGB").resize((970, 499), Image.Resampling.BILINEAR)
     )
     assert torch.equal(sample["image"][:, 6:505, 11:981], upscaled)
-    training = loader.build_dataset(config, "test", train=True)
+    training = loader.build_dataset(loader.DataConfig.from_config(config), "test", train=True)
     flips = set()
     for epoch in range(8):
         training.set_epoch(epoch)
@@ -185,7 +185,7 @@ def test_evaluation_padding_is_reflection(tmp_path):
     mask = np.zeros((40, 775), np.uint8)
     mask[5:10, 100:200] = 2
     write_samples(config, "valid", [("testA_1", image, mask, "malignant")], ext="bmp")
-    dataset = loader.build_dataset(config, "valid", train=False)
+    dataset = loader.build_dataset(loader.DataConfig.from_config(config), "valid", train=False)
     assert dataset.geometry[0] == Geometry((40, 775), (40, 775), (64, 800), (12, 12, 12, 13))
     sample = dataset[0]
     out = sample["image"]
@@ -231,7 +231,9 @@ def test_dataset_masks_are_binarised_at_original_size(tmp_path, dataset, expecte
     )
     write_samples(config, "test", [("m", random_image(2, 2, 0), mask, "1")])
     for preload in (False, True):
-        sample = loader.build_dataset(config, "test", train=False, preload=preload)[0]
+        sample = loader.build_dataset(
+            loader.DataConfig.from_config(config), "test", train=False, preload=preload
+        )[0]
         assert sample["mask"].dtype == torch.float32
         assert sample["mask"].tolist() == [expected]
 
@@ -240,7 +242,9 @@ def test_dataset_masks_are_binarised_at_original_size(tmp_path, dataset, expecte
 
 
 def epoch_batches(config: dict, num_workers: int, preload: bool, epochs: int = 2) -> list:
-    dataset = loader.build_dataset(config, "train", train=True, preload=preload)
+    dataset = loader.build_dataset(
+        loader.DataConfig.from_config(config), "train", train=True, preload=preload
+    )
     data = loader.make_loader(
         dataset, batch_size=4, num_workers=num_workers, shuffle=True, seed=config["MYSEED"]
     )
@@ -277,16 +281,24 @@ def test_training_batches_independent_of_workers_and_preload(synthetic_config):
 
 def test_evaluation_samples_independent_of_preload(synthetic_config):
     write_samples(synthetic_config, "valid", synthetic_samples(3, size=21))
-    lazy = loader.build_dataset(synthetic_config, "valid", train=False, preload=False)
-    eager = loader.build_dataset(synthetic_config, "valid", train=False, preload=True)
+    lazy = loader.build_dataset(
+        loader.DataConfig.from_config(synthetic_config), "valid", train=False, preload=False
+    )
+    eager = loader.build_dataset(
+        loader.DataConfig.from_config(synthetic_config), "valid", train=False, preload=True
+    )
     for index in range(3):
         assert torch.equal(lazy[index]["image"], eager[index]["image"])
         assert torch.equal(lazy[index]["mask"], eager[index]["mask"])
 
 
 def test_sample_depends_only_on_seed_epoch_index(synthetic_config):
-    first = loader.build_dataset(synthetic_config, "train", train=True)
-    second = loader.build_dataset(synthetic_config, "train", train=True)
+    first = loader.build_dataset(
+        loader.DataConfig.from_config(synthetic_config), "train", train=True
+    )
+    second = loader.build_dataset(
+        loader.DataConfig.from_config(synthetic_config), "train", train=True
+    )
     first.set_epoch(3)
     expected = {index: first[index]["image"] for index in (4, 1, 3)}
     second.set_epoch(0)
@@ -294,7 +306,9 @@ def test_sample_depends_only_on_seed_epoch_index(synthetic_config):
     second.set_epoch(3)
     for index in (3, 3, 1, 4):
         assert torch.equal(second[index]["image"], expected[index])
-    reseeded = loader.build_dataset(dict(synthetic_config, MYSEED=1), "train", train=True)
+    reseeded = loader.build_dataset(
+        loader.DataConfig.from_config(dict(synthetic_config, MYSEED=1)), "train", train=True
+    )
     reseeded.set_epoch(3)
     assert not torch.equal(reseeded[4]["image"], expected[4])
 
@@ -304,7 +318,11 @@ def test_loader_leaves_global_rng_untouched(synthetic_config):
     expected = torch.rand(3)
     torch.manual_seed(0)
     data = loader.make_loader(
-        loader.build_dataset(synthetic_config, "train", train=True), 4, 0, True, 0
+        loader.build_dataset(loader.DataConfig.from_config(synthetic_config), "train", train=True),
+        4,
+        0,
+        True,
+        0,
     )
     loader.set_loader_epoch(data, 1)
     list(data)
@@ -312,7 +330,9 @@ def test_loader_leaves_global_rng_untouched(synthetic_config):
 
 
 def test_distributed_ranks_partition_the_dataset(synthetic_config):
-    dataset = loader.build_dataset(synthetic_config, "train", train=True)
+    dataset = loader.build_dataset(
+        loader.DataConfig.from_config(synthetic_config), "train", train=True
+    )
     seen = []
     for rank in range(2):
         data = loader.make_loader(dataset, 2, 0, True, 0, rank=rank, world_size=2)
@@ -324,7 +344,9 @@ def test_distributed_ranks_partition_the_dataset(synthetic_config):
 
 def test_evaluation_loader_is_sequential_and_collates_masks(synthetic_config):
     write_samples(synthetic_config, "test", synthetic_samples(3))
-    dataset = loader.build_dataset(synthetic_config, "test", train=False)
+    dataset = loader.build_dataset(
+        loader.DataConfig.from_config(synthetic_config), "test", train=False
+    )
     batches = list(loader.make_loader(dataset, 2, 0, False, 0))
     assert [batch["index"].tolist() for batch in batches] == [[0, 1], [2]]
     first = batches[0]
@@ -346,12 +368,15 @@ def test_fold_dir_and_dataset_root(tmp_path):
         fold=3,
     )
     assert (
-        loader.fold_dir(config)
+        loader.fold_dir(loader.DataConfig.from_config(config))
         == tmp_path / "folds" / "Caltech-UCSD-Birds-200-2011-CUB5" / "split_1" / "fold_3"
     )
     glas = make_config(tmp_path, "glas")
     (tmp_path / "data" / GLAS_SUBFOLDER).mkdir(parents=True)
-    assert loader.dataset_root(glas) == tmp_path / "data" / GLAS_SUBFOLDER
+    assert (
+        loader.dataset_root(loader.DataConfig.from_config(glas))
+        == tmp_path / "data" / GLAS_SUBFOLDER
+    )
     assert dataset_spec("Oxford-flowers-102").folds == {"oxf": "Oxford-flowers-102"}
     with pytest.raises(ValueError, match="bach"):
         dataset_spec("bach")
@@ -360,7 +385,7 @@ def test_fold_dir_and_dataset_root(tmp_path):
 def test_missing_data_root_names_path_and_options(tmp_path):
     config = make_config(tmp_path, data_root=str(tmp_path / "nowhere"))
     with pytest.raises(FileNotFoundError) as error:
-        loader.dataset_root(config)
+        loader.dataset_root(loader.DataConfig.from_config(config))
     message = str(error.value)
     assert str(tmp_path / "nowhere" / "synthetic") in message
     assert "--data-root" in message and "DEEPMIL_DATA_ROOT" in message
@@ -400,8 +425,12 @@ def test_encoding_file_in_fold_folder(tmp_path):
         model={"num_classes": 3},
     )
     write_samples(config, "valid", [("f", random_image(4, 4, 0), np.zeros((4, 4), np.uint8), "2")])
-    (loader.fold_dir(config) / "encoding.yaml").write_text("{'0': 0, '1': 1, '2': 2}\n")
-    assert loader.build_dataset(config, "valid", train=False).labels == [2]
+    (loader.fold_dir(loader.DataConfig.from_config(config)) / "encoding.yaml").write_text(
+        "{'0': 0, '1': 1, '2': 2}\n"
+    )
+    assert loader.build_dataset(
+        loader.DataConfig.from_config(config), "valid", train=False
+    ).labels == [2]
 
 
 # ----------------------------------------------------------------------------- errors
@@ -409,13 +438,13 @@ def test_encoding_file_in_fold_folder(tmp_path):
 
 def test_missing_csv_is_named(synthetic_config):
     with pytest.raises(FileNotFoundError, match="valid_s_0_f_0.csv"):
-        loader.build_dataset(synthetic_config, "valid", train=False)
+        loader.build_dataset(loader.DataConfig.from_config(synthetic_config), "valid", train=False)
 
 
 def test_empty_csv_is_named(synthetic_config):
     path = write_csv(synthetic_config, "valid", "")
     with pytest.raises(ValueError, match="empty") as error:
-        loader.build_dataset(synthetic_config, "valid", train=False)
+        loader.build_dataset(loader.DataConfig.from_config(synthetic_config), "valid", train=False)
     assert str(path) in str(error.value)
 
 
@@ -426,7 +455,7 @@ def test_bad_column_count_names_line(synthetic_config):
         "images/img_0.png,masks/img_0.png,class_0\nimages/img_1.png,class_1\n",
     )
     with pytest.raises(ValueError, match="line 2") as error:
-        loader.build_dataset(synthetic_config, "valid", train=False)
+        loader.build_dataset(loader.DataConfig.from_config(synthetic_config), "valid", train=False)
     assert str(path) in str(error.value) and "got 2" in str(error.value)
 
 
@@ -438,7 +467,7 @@ def test_unknown_class_names_line(synthetic_config):
         "images/img_2.png,masks/img_2.png,class_9\n",
     )
     with pytest.raises(ValueError, match="line 3") as error:
-        loader.build_dataset(synthetic_config, "valid", train=False)
+        loader.build_dataset(loader.DataConfig.from_config(synthetic_config), "valid", train=False)
     assert str(path) in str(error.value) and "class_9" in str(error.value)
 
 
@@ -449,7 +478,7 @@ def test_missing_image_names_file_and_csv(synthetic_config):
         "images/img_0.png,masks/img_0.png,class_0\nimages/gone.png,masks/img_1.png,class_1\n",
     )
     with pytest.raises(FileNotFoundError) as error:
-        loader.build_dataset(synthetic_config, "valid", train=False)
+        loader.build_dataset(loader.DataConfig.from_config(synthetic_config), "valid", train=False)
     assert (
         "gone.png" in str(error.value)
         and str(path) in str(error.value)
@@ -461,8 +490,12 @@ def test_truncated_png_is_named(synthetic_config):
     image_path = Path(synthetic_config["data_root"]) / "synthetic" / "images" / "img_1.png"
     image_path.write_bytes(image_path.read_bytes()[:200])
     with pytest.raises(ValueError, match="img_1.png"):
-        loader.build_dataset(synthetic_config, "train", train=True, preload=True)
-    lazy = loader.build_dataset(synthetic_config, "train", train=True, preload=False)
+        loader.build_dataset(
+            loader.DataConfig.from_config(synthetic_config), "train", train=True, preload=True
+        )
+    lazy = loader.build_dataset(
+        loader.DataConfig.from_config(synthetic_config), "train", train=True, preload=False
+    )
     lazy[0]
     with pytest.raises(ValueError, match="img_1.png"):
         lazy[1]
@@ -472,7 +505,7 @@ def test_mask_size_mismatch_names_both_files(synthetic_config):
     mask_path = Path(synthetic_config["data_root"]) / "synthetic" / "masks" / "img_2.png"
     Image.fromarray(np.zeros((20, 19), np.uint8), mode="L").save(mask_path)
     with pytest.raises(ValueError) as error:
-        loader.build_dataset(synthetic_config, "train", train=True)
+        loader.build_dataset(loader.DataConfig.from_config(synthetic_config), "train", train=True)
     message = str(error.value)
     assert "masks/img_2.png" in message and "images/img_2.png" in message
     assert "(20, 19)" in message and "(20, 20)" in message
@@ -481,7 +514,7 @@ def test_mask_size_mismatch_names_both_files(synthetic_config):
 def test_encoding_class_count_must_match_model(synthetic_config):
     synthetic_config["model"]["num_classes"] = 3
     with pytest.raises(ValueError, match="2 classes but model.num_classes is 3"):
-        loader.build_dataset(synthetic_config, "train", train=True)
+        loader.build_dataset(loader.DataConfig.from_config(synthetic_config), "train", train=True)
 
 
 def test_batched_evaluation_needs_images_of_one_size():

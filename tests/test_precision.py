@@ -1,10 +1,12 @@
 """Mixed precision (``amp``), the fp16 gradient scaler and channels-last format on the CPU."""
 
 import copy
+import logging
 
 import pytest
 import torch
 
+import deepmil.precision
 import train_deepmil
 from deepmil.checkpoint import read_checkpoint
 from deepmil.engine import erasing_step, plain_step, predictions, train_one_epoch
@@ -97,6 +99,19 @@ def test_fp16_is_refused_on_the_cpu():
         check_amp("fp8", CPU)
     check_amp("bf16", CPU)
     check_amp(None, CPU)
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_emulated_bf16_on_the_cpu_is_warned_about(native, monkeypatch, caplog):
+    monkeypatch.setattr(deepmil.precision, "cpu_has_native_bf16", lambda: native)
+    with caplog.at_level(logging.WARNING, logger="deepmil.precision"):
+        Precision.build(None, CPU)
+        Precision.build("bf16", torch.device("meta"))
+        assert not caplog.records
+        Precision.build("bf16", CPU)
+    warned = [record.getMessage() for record in caplog.records]
+    assert warned == ([] if native else [warned[0]])
+    assert native or "use amp: null" in warned[0]
 
 
 def test_grad_scaler_scales_gradients_and_unscales_the_step():

@@ -19,7 +19,14 @@ import create_folds
 import deepmil.engine
 import deepmil.synthetic
 from deepmil import checkpoint, experiment, files
-from deepmil.config import CONFIG_DIR, ConfigError, load_config, save_config
+from deepmil.config import (
+    CONFIG_DIR,
+    ConfigError,
+    default_values,
+    load_config,
+    merge_sections,
+    save_config,
+)
 from deepmil.registry import dataset_spec
 from deepmil.synthetic import SyntheticSpec
 from helpers import (
@@ -33,7 +40,7 @@ from helpers import (
     tiny_args,
     wait_for_epochs,
 )
-from loader import dataset_root, load_mask, load_rgb, read_fold_csv, read_size
+from loader import DataConfig, dataset_root, load_mask, load_rgb, read_fold_csv, read_size
 from tools import get_yaml_args
 
 SPEC_A = SyntheticSpec(image_size=32, n_train=4, n_test=2)
@@ -70,9 +77,18 @@ def test_synthetic_sets_of_other_fold_names_live_side_by_side(tmp_path):
             assert deepmil.synthetic.is_complete(data / "synthetic", SPEC_A)
             assert deepmil.synthetic.is_complete(data / "synthetic-b", SPEC_B)
             assert fold_b == folds / "synthetic-b" / "split_0" / "fold_0"
-    config = {"data_root": str(data), "dataset": "synthetic", "fold_name": "synthetic-b"}
-    assert dataset_root(config) == data / "synthetic-b"
-    assert dataset_root(config | {"fold_name": None}) == data / "synthetic"
+    config = merge_sections(
+        default_values(),
+        {
+            "data_root": str(data),
+            "dataset": "synthetic",
+            "fold_name": "synthetic-b",
+            "name_classes": "encoding.yaml",
+            "model": {"num_classes": 2},
+        },
+    )
+    assert dataset_root(DataConfig.from_config(config)) == data / "synthetic-b"
+    assert dataset_root(DataConfig.from_config(config | {"fold_name": None})) == data / "synthetic"
 
 
 def test_a_locked_experiment_folder_is_refused_and_left_alone(cli, dataset, reference, tmp_path):

@@ -125,6 +125,8 @@ def test_sigterm_stops_with_a_resume_hint(dataset):
     assert process.returncode == 128 + signal.SIGTERM, err
     assert "interrupted by SIGTERM" in err
     assert f"python train_deepmil.py --resume {folder}" in err
+    assert "ERROR the run stopped: Interrupted: SIGTERM" in (folder / "training.log").read_text()
+    assert "the run stopped" not in err
     state = checkpoint.read_checkpoint(folder / "checkpoint.pt")
     assert state["epoch"] + 1 == len(epoch_metrics(folder))
     assert not temporary_files(folder)

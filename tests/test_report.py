@@ -121,6 +121,30 @@ def test_missing_metric_and_bad_folder(tmp_path, capsys):
     assert "no 'valid' metrics" in capsys.readouterr().err
 
 
+def test_a_parent_folder_stands_for_the_finished_runs_inside_it(tmp_path, capsys):
+    exps = tmp_path / "exps"
+    (exps / "seed1").mkdir(parents=True)
+    runs = [
+        fake_run(exps, "cam0", "cam", 0, metrics(2, 40, 60, 30)),
+        fake_run(exps / "seed1", "cam1", "cam", 1, metrics(4, 42, 60, 28)),
+    ]
+    (exps / "unfinished").mkdir()
+    (exps / "unfinished" / "config.yaml").write_text("MYSEED: 5\n")
+    assert report.experiment_folders([exps]) == runs
+    assert report.main([str(exps)]) == 0
+    assert "| CAM | 0,1 | 3.00 ± 1.41 | 41.00 ± 1.41 | 60.00 ± 0.00 | 29.00 ± 1.41 |" in (
+        capsys.readouterr().out
+    )
+    assert report.main([str(exps / "unfinished")]) == 1
+    assert "final_metrics.json not found" in capsys.readouterr().err
+    assert report.main([str(tmp_path / "empty")]) == 1
+    (tmp_path / "empty").mkdir()
+    assert report.main([str(tmp_path / "empty")]) == 1
+    assert "no finished experiment (config.yaml and final_metrics.json) inside" in (
+        capsys.readouterr().err
+    )
+
+
 def test_figure_uses_the_same_images_for_every_method(tmp_path):
     folders = [
         fake_run(tmp_path, "cam", "cam", 0, metrics(1, 2, 3, 4)),

@@ -36,7 +36,10 @@ def test_cli_writes_the_experiment_folder(reference_run, reference):
     records = epoch_metrics(reference)
     assert [record["epoch"] for record in records] == [0, 1, 2]
     assert final["best_epoch"] in (0, 1, 2)
-    assert "F1+ of an all-ones mask" in reference_run.stdout
+    assert reference_run.stdout.count("F1+ of an all-ones mask") == 1
+    log = (reference / "training.log").read_text()
+    assert f"selected epoch {final['best_epoch']}; results in {reference}" in log
+    assert f"test: cl. error {final['test']['cl_error']:.2f}%" in log
 
 
 def test_two_runs_give_identical_metrics(reference, dataset):
@@ -90,12 +93,16 @@ def test_batched_evaluation_run_gives_the_image_by_image_metrics(reference, data
     assert batched["best_epoch"] == image_by_image["best_epoch"]
     # Batched convolutions round differently (~1e-6); on the near-flat maps of a three-epoch model
     # that flips a few pixels lying at the 0.5 threshold: localisation metrics (x100) may move by
-    # a few hundredths, losses by about 1e-6, the predicted classes not at all.
+    # a few hundredths, losses by about 1e-7 of their value (the untrained localizer's loss can
+    # be in the thousands), the predicted classes not at all.
     for name in ("valid", "test", "train_eval"):
         assert batched[name]["cl_error"] == image_by_image[name]["cl_error"]
         for key, value in image_by_image[name].items():
-            tolerance = 1e-4 if key.startswith("loss") else 0.05
-            assert batched[name][key] == pytest.approx(value, abs=tolerance), (name, key)
+            if key.startswith("loss"):
+                expected = pytest.approx(value, rel=1e-6, abs=1e-4)
+            else:
+                expected = pytest.approx(value, abs=0.05)
+            assert batched[name][key] == expected, (name, key)
 
 
 def test_bf16_channels_last_run(tmp_path):
