@@ -10,6 +10,7 @@ validation, test and training sets. Everything is written to one experiment fold
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -511,6 +512,18 @@ def on_main(context: DistributedContext, function: Callable[[], Any]) -> Any:
     return value
 
 
+def finished_results(folder: Path, crf: bool) -> dict | None:
+    """The final metrics of a finished run in ``folder``; None when it is not finished, or when
+    ``crf`` asks for CRF figures it lacks (the final evaluation then runs again)."""
+    path = folder / "final_metrics.json"
+    if not path.is_file():
+        return None
+    final = json.loads(path.read_text(encoding="utf-8"))
+    if crf and "crf_f1_pos" not in final.get("test", {}):
+        return None
+    return final
+
+
 def run(argv: list[str]) -> dict[str, dict]:
     """The whole experiment; returns the final metrics.
 
@@ -565,6 +578,15 @@ def run_in_folder(
     """The run, once its folder exists and is locked: resume or clear it, train, evaluate."""
     state = None
     if options.resume:
+        finished = on_main(context, lambda: finished_results(folder, view.crf))
+        if finished is not None:
+            if context.is_main:
+                print(
+                    f"{folder}: the run is already finished; its results are in "
+                    f"final_metrics.json and results.md (--crf evaluates it again with the CRF "
+                    f"if it had none)"
+                )
+            return finished
         state = on_main(context, lambda: resume_state(folder))
         if state is not None:
             model.load_state_dict(state["model"])

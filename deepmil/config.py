@@ -342,7 +342,7 @@ PRETRAIN_SCHEMA: dict[str, Any] = {
     "lr": Field(0.01, POSITIVE),
     "weight_decay": Field(1e-4, NON_NEGATIVE),
     "seed": Field(0, integer(0, SEED_LIMIT - 1)),
-    "amp": Field(None, choice(None, "bf16")),
+    "amp": Field("auto", choice("auto", None, "bf16")),
 }
 
 METRICS_SCHEMA: dict[str, Any] = {

@@ -35,7 +35,7 @@ from deepmil.baselines import CAMNet
 from deepmil.config import default_values
 from deepmil.errors import DeepMILError, WeightsError
 from deepmil.losses import classifier_loss
-from deepmil.precision import Precision
+from deepmil.precision import Precision, cpu_has_native_bf16
 from deepmil.registry import DEEP_STEM_MODELS
 from deepmil.source import SourceSpec, render_source_image
 
@@ -43,12 +43,21 @@ LOGGER = logging.getLogger(__name__)
 PRETRAIN_VERSION = 1
 
 
+def resolve_amp(amp: str | None) -> str | None:
+    """``auto``: bf16 on a CPU that computes it natively (about twice as fast as float32 on 2
+    cores), float32 (None) elsewhere, where bf16 is emulated and far slower; others as given."""
+    if amp != "auto":
+        return amp
+    return "bf16" if cpu_has_native_bf16() else None
+
+
 @dataclass(frozen=True)
 class PretrainSpec:
     """What determines a pretrained trunk: the trunk, the source set and how it is trained
     (SGD with Nesterov momentum 0.9, a cosine learning-rate decay, random flips, on the CPU,
     in float32 or under ``amp`` autocast). Its values come from the
-    configuration's ``pretrain`` section (:meth:`from_config`)."""
+    configuration's ``pretrain`` section (:meth:`from_config`), with ``amp: auto`` resolved for
+    this CPU, so that the resolved value names the cached trunk."""
 
     model: str
     source: SourceSpec
@@ -76,7 +85,7 @@ class PretrainSpec:
             section["lr"],
             section["weight_decay"],
             section["seed"],
-            section["amp"],
+            resolve_amp(section["amp"]),
         )
 
     def __post_init__(self) -> None:

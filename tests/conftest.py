@@ -54,7 +54,8 @@ def reference(dataset, reference_run) -> Path:
 
 @pytest.fixture
 def cli(monkeypatch, capsys):
-    """Run ``train_deepmil.main`` in this process; returns ``(exit code, stderr)``.
+    """Run ``train_deepmil.main`` in this process; returns ``(exit code, stderr)`` and keeps the
+    last call's stdout in ``call.stdout``.
 
     Signal handlers, logging handlers and torch's determinism flags are restored afterwards.
     """
@@ -69,7 +70,9 @@ def cli(monkeypatch, capsys):
 
     def call(args: list[str]) -> tuple[int, str]:
         code = train_deepmil.main(args)
-        return code, capsys.readouterr().err
+        captured = capsys.readouterr()
+        call.stdout = captured.out
+        return code, captured.err
 
     yield call
     for signum, handler in handlers.items():

@@ -80,6 +80,17 @@ def test_the_cache_is_reused_and_rebuilt_when_the_spec_changes(tmp_path, monkeyp
     assert len(calls) == 1
 
 
+@pytest.mark.parametrize("native", [False, True])
+def test_auto_precision_is_resolved_for_the_cpu_and_names_the_trunk(native, monkeypatch):
+    monkeypatch.setattr(pretrain, "cpu_has_native_bf16", lambda: native)
+    automatic = tiny_spec()
+    assert default_values()["pretrain"]["amp"] == "auto"
+    assert automatic.amp == ("bf16" if native else None)
+    assert automatic == tiny_spec(amp="bf16" if native else None)
+    assert tiny_spec(amp=None).amp is None and tiny_spec(amp="bf16").amp == "bf16"
+    assert pretrain.trunk_path(tiny_spec(amp=None)) != pretrain.trunk_path(tiny_spec(amp="bf16"))
+
+
 def test_same_spec_gives_the_same_trunk(tmp_path):
     spec = tiny_spec()
     first = read_trunk(ensure_trunk(spec, tmp_path / "a", quiet=True))

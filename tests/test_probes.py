@@ -9,6 +9,7 @@ import shutil
 import signal
 import stat
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,26 +92,27 @@ def test_synthetic_sets_of_other_fold_names_live_side_by_side(tmp_path):
     assert dataset_root(DataConfig.from_config(config | {"fold_name": None})) == data / "synthetic"
 
 
-def test_a_locked_experiment_folder_is_refused_and_left_alone(cli, dataset, reference, tmp_path):
-    """Symptom: a second run with the same --exp-name and --overwrite wrote its config beside
-    the first run's metrics, and its clean-up deleted the first run's config.yaml."""
-    folder = shutil.copytree(reference, tmp_path / "exps" / "busy")
-    before = {
+def run_files(folder: Path) -> dict[str, bytes]:
+    """The bytes of every file of a run folder but its lock file (which holds the owner's pid)."""
+    return {
         path.name: path.read_bytes()
         for path in folder.iterdir()
         if path.is_file() and path.name != experiment.LOCK_FILE
     }
+
+
+def test_a_locked_experiment_folder_is_refused_and_left_alone(cli, dataset, reference, tmp_path):
+    """Symptom: a second run with the same --exp-name and --overwrite wrote its config beside
+    the first run's metrics, and its clean-up deleted the first run's config.yaml."""
+    folder = shutil.copytree(reference, tmp_path / "exps" / "busy")
+    before = run_files(folder)
     args = tiny_args(dataset, "--exp-name", "busy", "--overwrite", exp_root=str(tmp_path / "exps"))
     with experiment.folder_lock(folder):
         code, err = cli(args)
         assert code == 1 and f"experiment folder {folder} is in use by another run" in err
         code, err = cli(["--resume", str(folder), "--cudaid", "cpu", "--quiet"])
         assert code == 1 and "is in use by another run" in err
-    assert before == {
-        path.name: path.read_bytes()
-        for path in folder.iterdir()
-        if path.is_file() and path.name != experiment.LOCK_FILE
-    }
+    assert run_files(folder) == before
 
 
 # ----------------------------------------------------------------------------- signals
@@ -205,10 +207,21 @@ def test_resume_with_crf_scores_the_crf_masks(cli, reference, tmp_path):
     assert "crf_f1_pos" not in final_metrics(reference)["test"]
 
 
+def test_resume_of_a_finished_run_says_so_and_changes_nothing(cli, reference, tmp_path):
+    """Symptom: ``--resume`` on a finished run ran the whole final evaluation again."""
+    folder = shutil.copytree(reference, tmp_path / "done")
+    before = run_files(folder)
+    code, err = cli(["--resume", str(folder), "--cudaid", "cpu"])
+    assert code == 0, err
+    assert f"{folder}: the run is already finished" in cli.stdout
+    assert run_files(folder) == before
+
+
 def test_bare_weights_in_place_of_the_checkpoint(cli, reference, tmp_path):
     """Symptom: an uncaught ``KeyError: 'history'``."""
     folder = shutil.copytree(reference, tmp_path / "weights")
     shutil.copy(folder / "best_model.pt", folder / "checkpoint.pt")
+    (folder / "final_metrics.json").unlink()
     code, err = cli(["--resume", str(folder), "--cudaid", "cpu", "--quiet"])
     assert code == 1
     assert f"{folder / 'checkpoint.pt'} is not a training checkpoint (no epoch, model" in err
