@@ -1,4 +1,5 @@
-"""Train/valid/test folds of GlaS, CUB-200-2011, CUB5, Oxford Flowers 102 and the synthetic dataset.
+"""Train/valid/test folds of GlaS, CUB-200-2011, CUB5, Oxford Flowers 102, the synthetic dataset
+and a folder of your own images (one sub-folder per class).
 
 The random draws follow the procedure that produced the paper's splits (seed 0, Python's
 ``random.shuffle`` applied 1 000 times per list, the per-class shuffles of two splits drawn before
@@ -8,6 +9,7 @@ be checked against their sha256 digests (``--verify``).
 Usage::
 
     python create_folds.py --dataset {glas,cub,cub5,oxf,synthetic} --data-root DIR [--out folds]
+    python create_folds.py --dataset folder --root DIR [--out folds]
 """
 
 from __future__ import annotations
@@ -55,6 +57,11 @@ OXF_BLUE_TOLERANCE = 60.0
 OXF_SET_KEYS = ("trnid", "valid", "tstid")
 CUB_METADATA_FILES = ("classes", "images", "image_class_labels", "train_test_split")
 SEED_FILE_TEXT = f"MYSEED: {SEED}"
+TEST_PERCENT = 20
+MIN_CLASS_IMAGES = 3
+IMAGE_SUFFIXES = (".bmp", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
+MASKS_FOLDER = "masks"
+SHOWN_FILES = 5
 SPEC_STAMP = "spec.sha256"
 DATASETS = tuple(FOLD_BUILDERS)
 DATASET_SUBFOLDERS = {builder: spec.folder for builder, spec in FOLD_BUILDERS.items()}
@@ -531,6 +538,130 @@ def synthetic_folds_held(
         yield synthetic_fold_dir(fold_folder, fold_name)
 
 
+# ----------------------------------------------------------------------------- a folder per class
+
+
+def class_test_size(n_items: int) -> int:
+    """Test images of a class of ``n_items`` images (``folder``): ``ceil(n * TEST_PERCENT / 100)``."""
+    return math.ceil(n_items * TEST_PERCENT / 100)
+
+
+def visible(path: Path, root: Path) -> bool:
+    """Whether no part of ``path`` below ``root`` is hidden (starts with a dot)."""
+    return not any(part.startswith(".") for part in path.relative_to(root).parts)
+
+
+def image_files(folder: Path) -> list[Path]:
+    """The image files (by suffix, any case) under ``folder``, hidden ones left out, sorted."""
+    return sorted(
+        path
+        for path in folder.rglob("*")
+        if path.suffix.lower() in IMAGE_SUFFIXES and path.is_file() and visible(path, folder)
+    )
+
+
+def image_size(path: Path) -> tuple[int, int]:
+    """(height, width) of an image from its header; an unreadable file is a ``DataError``."""
+    try:
+        with Image.open(path) as image:
+            width, height = image.size
+    except (OSError, SyntaxError, ValueError) as error:
+        raise DataError(f"cannot read image {path}: {error}") from error
+    return height, width
+
+
+def shown(paths: Sequence[object]) -> str:
+    """The first few of ``paths``, for a message."""
+    return ", ".join(map(str, paths[:SHOWN_FILES])) + (" ..." if len(paths) > SHOWN_FILES else "")
+
+
+def class_images(root: Path) -> dict[str, list[Path]]:
+    """The image files of each class folder of ``root`` (classes in sorted order)."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset folder not found: {root} (--root)")
+    folders = sorted(
+        path
+        for path in root.iterdir()
+        if path.is_dir() and path.name != MASKS_FOLDER and not path.name.startswith(".")
+    )
+    if len(folders) < 2:
+        raise DataError(
+            f"{root} holds {len(folders)} class folder(s) ({', '.join(p.name for p in folders)}); "
+            f"expected at least 2, one sub-folder of images per class"
+        )
+    per_class = {folder.name: image_files(folder) for folder in folders}
+    if not any(per_class.values()):
+        raise DataError(f"no image ({', '.join(IMAGE_SUFFIXES)}) in the class folders of {root}")
+    small = [
+        f"{name!r} ({len(paths)})"
+        for name, paths in per_class.items()
+        if len(paths) < MIN_CLASS_IMAGES
+    ]
+    if small:
+        raise DataError(
+            f"classes with too few images in {root}: {', '.join(small)}; each class needs at "
+            f"least {MIN_CLASS_IMAGES} (one each for the test, validation and training sets)"
+        )
+    return per_class
+
+
+def folder_rows(root: Path, per_class: Mapping[str, Sequence[Path]]) -> dict[str, list[Row]]:
+    """Fold rows of every class; the mask of ``<class>/<path>.<ext>``, when it exists, is
+    ``masks/<class>/<path>.png`` and must have the image's size."""
+    masks_root = root / MASKS_FOLDER
+    used = set()
+    rows: dict[str, list[Row]] = {}
+    for name, paths in per_class.items():
+        rows[name] = []
+        for path in paths:
+            relative = path.relative_to(root)
+            size = image_size(path)
+            mask = masks_root / relative.with_suffix(".png")
+            mask_field = ""
+            if mask.is_file():
+                mask_size = image_size(mask)
+                if mask_size != size:
+                    raise DataError(
+                        f"mask size {mask_size} of {mask} differs from image size {size} of "
+                        f"{path} (sizes are (height, width))"
+                    )
+                used.add(mask)
+                mask_field = mask.relative_to(root).as_posix()
+            rows[name].append((relative.as_posix(), mask_field, name))
+    orphans = sorted(set(image_files(masks_root)) - used) if masks_root.is_dir() else []
+    if orphans:
+        raise DataError(
+            f"{len(orphans)} mask(s) in {masks_root} match no image (the mask of "
+            f"<class>/<name>.<ext> is {MASKS_FOLDER}/<class>/<name>.png): {shown(orphans)}"
+        )
+    return rows
+
+
+def folder_folds(root: Path) -> FoldSet:
+    """Folds of a folder of one sub-folder of images per class (``--dataset folder``).
+
+    Classes are the sub-folder names in sorted order (their ids in that order), images are
+    taken in sorted path order. Per class, a copy of its list is shuffled 1 000 times and its
+    first ``ceil(n * TEST_PERCENT / 100)`` images are the test set; the rest are split into
+    training and validation like CUB's official training images (per-class shuffles of two
+    splits, then the first ``ceil(n * VALID_PERCENT / 100)`` of each class of split 0 are
+    validation). One random stream (seed ``SEED``) serves every draw, in that order.
+    """
+    per_class = folder_rows(Path(root), class_images(Path(root)))
+    rng = random.Random(SEED)
+    test: list[Row] = []
+    pool: dict[str, list[Row]] = {}
+    for name, items in per_class.items():
+        shuffled = shuffle_times(rng, list(items))
+        size = class_test_size(len(shuffled))
+        test += shuffled[:size]
+        pool[name] = shuffled[size:]
+    split = draw_class_splits(rng, pool)[WRITTEN_SPLIT]
+    train, valid = stratified_fold(rng, split, WRITTEN_FOLD)
+    encoding = {name: index for index, name in enumerate(per_class)}
+    return FoldSet(train=train, valid=valid, test=test, encoding=encoding)
+
+
 # ----------------------------------------------------------------------------- writing and checking
 
 
@@ -605,7 +736,10 @@ def print_digest_check(out: Path, fold_name: str) -> None:
 
 
 def build_folds(dataset: str, root: Path) -> FoldSet:
-    """Fold rows of a real dataset (``glas``, ``cub``, ``cub5`` or ``oxf``) found in ``root``."""
+    """Fold rows of a dataset found in ``root``: a real one (``glas``, ``cub``, ``cub5`` or
+    ``oxf``) or a folder per class (``folder``)."""
+    if dataset == "folder":
+        return folder_folds(root)
     if dataset == "glas":
         return glas_folds(root)
     if dataset in ("cub", "cub5"):
@@ -635,7 +769,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dataset", required=True, choices=DATASETS)
     parser.add_argument(
-        "--data-root", required=True, type=Path, help="parent folder of every dataset"
+        "--data-root", type=Path, help="parent folder of every dataset (all but folder)"
+    )
+    parser.add_argument(
+        "--root",
+        type=Path,
+        help="--dataset folder: the folder holding one sub-folder of images per class (and "
+        "optionally masks/<class>/<name>.png); the training's --data-root",
     )
     parser.add_argument(
         "--out", type=Path, default=Path("folds"), help="fold folder (default: folds)"
@@ -647,12 +787,35 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="compare the written files with the published sha256 digests "
         "(default: on for the real datasets)",
     )
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.dataset == "folder" and (args.root is None or args.data_root is not None):
+        parser.error("--dataset folder takes --root DIR (and no --data-root)")
+    if args.dataset != "folder" and (args.data_root is None or args.root is not None):
+        parser.error(f"--dataset {args.dataset} takes --data-root DIR (and no --root)")
+    return args
+
+
+def print_folder_summary(fold_dir: Path, root: Path, out: Path) -> None:
+    """The masks found in each split of a ``folder`` dataset and the command that trains on it."""
+    masked = []
+    for split, path in zip(("train", "valid", "test"), fold_paths(fold_dir)):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        rows = list(csv.reader(lines, delimiter=",", quotechar="|"))
+        masked.append(f"{split} {sum(bool(row[1]) for row in rows)} of {len(rows)}")
+    print(f"images with a mask: {', '.join(masked)}")
+    classes = len(yaml.safe_load((fold_dir / "encoding.yaml").read_text(encoding="utf-8")))
+    folds = "" if out == Path("folds") else f" --set fold_folder={out}"
+    print(
+        f"train with: python train_deepmil.py --yaml folder.yaml --data-root {root}{folds} "
+        f"--set nbr_classes={classes} --set model.num_classes={classes}"
+    )
 
 
 def run(args: argparse.Namespace) -> None:
     """Generate the folds asked for by ``args`` and print the checks."""
-    root = args.data_root / DATASET_SUBFOLDERS[args.dataset]
+    root = (
+        args.root if args.dataset == "folder" else args.data_root / DATASET_SUBFOLDERS[args.dataset]
+    )
     fold_name = FOLD_NAMES[args.dataset]
     print(f"{args.dataset}: reading {root}", flush=True)
     if args.dataset == "synthetic":
@@ -662,7 +825,11 @@ def run(args: argparse.Namespace) -> None:
         fold_dir = write_folds(args.out / fold_name, build_folds(args.dataset, root))
     counts = [len(path.read_text(encoding="utf-8").splitlines()) for path in fold_paths(fold_dir)]
     print(f"wrote {fold_dir}: train {counts[0]}, valid {counts[1]}, test {counts[2]}")
-    verify = args.verify if args.verify is not None else args.dataset != "synthetic"
+    if args.dataset == "folder":
+        print_folder_summary(fold_dir, args.root, args.out)
+    verify = args.verify
+    if verify is None:
+        verify = FOLD_BUILDERS[args.dataset].download is not None
     if verify:
         print_digest_check(args.out, fold_name)
 

@@ -43,7 +43,8 @@ DATA_ROOT_HINT = "set it with --data-root or the DEEPMIL_DATA_ROOT environment v
 
 
 class FoldRow(NamedTuple):
-    """One fold CSV row: image and mask paths relative to the dataset root, class name."""
+    """One fold CSV row: image and mask paths relative to the dataset root (the mask empty for
+    an image without one, where the dataset allows it), class name."""
 
     image: str
     mask: str
@@ -126,8 +127,9 @@ def fold_dir(data: DataConfig) -> Path:
 # ----------------------------------------------------------------------------- CSV and encoding
 
 
-def read_fold_csv(path: str | Path) -> list[FoldRow]:
-    """Rows of a header-less fold CSV (``,`` delimiter, ``|`` quote character, 3 columns)."""
+def read_fold_csv(path: str | Path, optional_mask: bool = False) -> list[FoldRow]:
+    """Rows of a header-less fold CSV (``,`` delimiter, ``|`` quote character, 3 columns); with
+    ``optional_mask`` the mask column may be empty."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"fold CSV not found: {path}")
@@ -142,7 +144,8 @@ def read_fold_csv(path: str | Path) -> list[FoldRow]:
                 raise DataError(
                     f"{path}, line {line}: expected 3 columns (image, mask, class), got {len(fields)}"
                 )
-            if not all(fields):
+            required = (fields[0], fields[2]) if optional_mask else fields
+            if not all(required):
                 raise DataError(f"{path}, line {line}: empty field in {fields}")
             rows.append(FoldRow(*fields))
     if not rows:
@@ -382,6 +385,12 @@ def pad_image(image: Image.Image, padding: Sequence[int], mode: str) -> Image.Im
     return Image.fromarray(array)
 
 
+def eval_input(image: Image.Image, geometry: Geometry) -> torch.Tensor:
+    """The network input of an evaluated image: up-scaled, reflect-padded, normalised."""
+    image = resize_image(image, geometry.upscaled)
+    return to_normalized_tensor(pad_image(image, geometry.padding, "reflect"))
+
+
 def _randint(high: int, generator: torch.Generator) -> int:
     """Uniform integer in [0, high)."""
     return int(torch.randint(high, (1,), generator=generator).item())
@@ -449,7 +458,8 @@ class PhotoDataset(Dataset):
     """Images, labels and masks of one fold CSV.
 
     Training mode returns an augmented crop; evaluation mode returns the whole (up-scaled,
-    padded) image and its binary mask at the original size. Augmentation randomness comes only
+    padded) image and its binary mask at the original size (``None`` for an image without one,
+    which a dataset with ``optional_masks`` allows). Augmentation randomness comes only
     from ``reproducibility.sample_generator(seed, epoch, index)``, so a sample depends on
     (seed, epoch, index) and never on worker or access order. With ``preload`` the images (and,
     in evaluation mode, the masks) are decoded into RAM at construction.
@@ -490,29 +500,28 @@ class PhotoDataset(Dataset):
         self.csv_path = Path(csv_path)
         self.labels = encode_labels(self.rows, encoding, self.csv_path)
         self.image_paths = [root / row.image for row in self.rows]
-        self.mask_paths = [root / row.mask for row in self.rows]
+        self.mask_paths = [root / row.mask if row.mask else None for row in self.rows]
         self._check_files_exist()
         self.geometry = [self._read_geometry(i) for i in range(len(self.rows))]
         if train:
             self._check_crop_fits()
         self.images = [load_rgb(path) for path in self.image_paths] if preload else None
         self.masks = (
-            [load_mask(path, spec.mask_threshold) for path in self.mask_paths]
-            if preload and not train
-            else None
+            [self._load_mask(path) for path in self.mask_paths] if preload and not train else None
         )
 
     def _check_files_exist(self) -> None:
         for line, paths in enumerate(zip(self.image_paths, self.mask_paths), start=1):
             for path in paths:
-                if not path.is_file():
+                if path is not None and not path.is_file():
                     raise FileNotFoundError(
                         f"file not found: {path} (listed in {self.csv_path}, line {line})"
                     )
 
     def _read_geometry(self, index: int) -> Geometry:
         image_path, mask_path = self.image_paths[index], self.mask_paths[index]
-        image_size, mask_size = read_size(image_path), read_size(mask_path)
+        image_size = read_size(image_path)
+        mask_size = image_size if mask_path is None else read_size(mask_path)
         if image_size != mask_size:
             raise DataError(
                 f"mask size {mask_size} of {mask_path} differs from image size {image_size} of {image_path} "
@@ -551,10 +560,19 @@ class PhotoDataset(Dataset):
         """Image ``index`` as stored (RGB, h x w x 3 uint8), for the CRF and the figures."""
         return np.asarray(self._image(index))
 
-    def _mask(self, index: int) -> np.ndarray:
+    def _load_mask(self, path: Path | None) -> np.ndarray | None:
+        return None if path is None else load_mask(path, self.spec.mask_threshold)
+
+    def _mask(self, index: int) -> np.ndarray | None:
         if self.masks is not None:
             return self.masks[index]
-        return load_mask(self.mask_paths[index], self.spec.mask_threshold)
+        return self._load_mask(self.mask_paths[index])
+
+    def truth(self, index: int) -> torch.Tensor | None:
+        """The ground truth of image ``index`` as the evaluation reads it (``1 x h x w``), or
+        None for an image without a mask."""
+        mask = self._mask(index)
+        return None if mask is None else mask_tensor(mask)
 
     def _train_image(self, index: int) -> torch.Tensor:
         generator = reproducibility.sample_generator(self.seed, self.epoch, index)
@@ -574,9 +592,7 @@ class PhotoDataset(Dataset):
         return to_normalized_tensor(image)
 
     def _eval_image(self, index: int) -> torch.Tensor:
-        geometry = self.geometry[index]
-        image = resize_image(self._image(index), geometry.upscaled)
-        return to_normalized_tensor(pad_image(image, geometry.padding, "reflect"))
+        return eval_input(self._image(index), self.geometry[index])
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         index = operator.index(index)
@@ -586,12 +602,12 @@ class PhotoDataset(Dataset):
             "image": self._eval_image(index),
             "label": self.labels[index],
             "index": index,
-            "mask": mask_tensor(self._mask(index)),
+            "mask": self.truth(index),
         }
 
 
 def collate(batch: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
-    """Stack images, labels and indices; masks (different sizes) stay a list."""
+    """Stack images, labels and indices; masks (different sizes, or ``None``) stay a list."""
     collated = {
         "image": torch.stack([sample["image"] for sample in batch]),
         "label": torch.tensor([sample["label"] for sample in batch], dtype=torch.long),
@@ -610,10 +626,28 @@ def fold_hint(data: DataConfig) -> str:
     )
     if dataset is None:
         return f"fold folder {name!r} is not one that create_folds.py writes"
+    root = "--data-root" if FOLD_BUILDERS[dataset].folder else "--root"
     return (
         f"generate it with: python create_folds.py --dataset {dataset} "
-        f"--data-root {data.data_root} --out {data.fold_folder} (split 0, fold 0 only)"
+        f"{root} {data.data_root} --out {data.fold_folder} (split 0, fold 0 only)"
     )
+
+
+def log_localized(rows: Sequence[FoldRow], csv_path: Path) -> None:
+    """Say on how many of the images of an evaluation set the localisation is measured."""
+    localized = sum(bool(row.mask) for row in rows)
+    if localized:
+        logger.info(
+            "%s: localisation on %d of %d images (those with a mask)",
+            csv_path,
+            localized,
+            len(rows),
+        )
+    else:
+        logger.warning(
+            "%s: no image has a mask; its localisation metrics (F1+, F1-, IoU, PxAP) are NaN",
+            csv_path,
+        )
 
 
 def build_dataset(
@@ -621,7 +655,9 @@ def build_dataset(
 ) -> PhotoDataset:
     """Dataset of ``fold_dir(data)/{split}_s_<s>_f_<f>.csv``.
 
-    ``preload=None`` preloads the train and valid sets and loads the test set lazily.
+    ``preload=None`` preloads the train and valid sets and loads the test set lazily. For an
+    evaluation set of a dataset whose masks are optional, the log says how many images have
+    one (the localisation metrics are computed on those).
     """
     if split not in SPLITS:
         raise DataError(f"split must be one of {SPLITS}, got {split!r}")
@@ -629,18 +665,22 @@ def build_dataset(
     csv_path = data.csv_path(split)
     if not csv_path.is_file():
         raise FileNotFoundError(f"fold CSV not found: {csv_path}; {fold_hint(data)}")
-    rows = read_fold_csv(csv_path)
+    spec = dataset_spec(data.dataset)
+    rows = read_fold_csv(csv_path, optional_mask=spec.optional_masks)
     encoding = load_encoding(data.name_classes, fold_dir(data))
     if len(encoding) != data.num_classes:
         raise DataError(
             f"the class encoding (config key 'name_classes' = {data.name_classes!r}) has "
-            f"{len(encoding)} classes but model.num_classes is {data.num_classes}"
+            f"{len(encoding)} classes but model.num_classes is {data.num_classes} (set "
+            f"nbr_classes and model.num_classes to {len(encoding)})"
         )
+    if spec.optional_masks and not train:
+        log_localized(rows, csv_path)
     return PhotoDataset(
         rows,
         root,
         encoding,
-        dataset_spec(data.dataset),
+        spec,
         train=train,
         crop_size=data.crop_size,
         padding_size=data.padding_size,

@@ -16,7 +16,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,13 +30,15 @@ import reproducibility
 from create_folds import synthetic_folds_held
 from deepmil import checkpoint, distributed, experiment, files, plots
 from deepmil.config import save_config
-from deepmil.distributed import DistributedContext
+from deepmil.distributed import DistributedContext, select_device
 from deepmil.engine import evaluate, train_one_epoch, unwrap
-from deepmil.errors import ConfigError, DeepMILError
+from deepmil.errors import ConfigError, DeepMILError, RunError
 from deepmil.methods import build_network
 from deepmil.metrics import best_threshold_report
 from deepmil.optim import build_optimizer, learning_rate, set_learning_rate
+from deepmil.predict import network_config, write_class_names
 from deepmil.pretrain import pretrained_trunk_record
+from deepmil.scoremaps import scoremap_path, scoremap_writer
 from deepmil.settings import RunSettings
 from deepmil.synthetic import SyntheticSpec
 from tools import CRF, get_yaml_args
@@ -44,6 +46,10 @@ from tools import CRF, get_yaml_args
 LOGGER = logging.getLogger("train_deepmil")
 PANEL_IMAGES = 6
 HISTOGRAM_BINS = 50
+# The evaluated sets by loader name (``train_eval``: the training set with evaluation
+# transforms) and the split each one reads.
+EVALUATED_SPLITS = {"valid": "valid", "test": "test", "train_eval": "train"}
+EVALUATED = tuple(EVALUATED_SPLITS)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -77,6 +83,7 @@ class DriverConfig:
     optimizer: Mapping[str, Any]
     crf: bool
     crf_workers: int | None
+    save_scoremaps: bool
     exp_root: Path
     title: str
     cudaid: str | None
@@ -95,45 +102,23 @@ class DriverConfig:
             optimizer=config["optimizer"],
             crf=config["crf"],
             crf_workers=config["crf_workers"],
+            save_scoremaps=config["save_scoremaps"],
             exp_root=Path(config["exp_root"]),
             title=Path(config["yaml"]).stem,
             cudaid=config["cudaid"],
         )
 
 
-def select_device(cudaid: str | None) -> torch.device:
-    """``None``: the first GPU if there is one, else the CPU; ``"cpu"``; or a GPU index.
-
-    Under ``torchrun`` each process takes the GPU of its local rank (unless ``cpu``).
-    """
-    if distributed.launched_by_torchrun() and cudaid != "cpu":
-        if not torch.cuda.is_available():
-            return torch.device("cpu")
-        return torch.device(f"cuda:{distributed.local_rank()}")
-    if cudaid is None:
-        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
-    if cudaid == "cpu":
-        return torch.device("cpu")
-    if "," in cudaid:
-        raise ConfigError(
-            f"--cudaid {cudaid}: several GPUs are used through torchrun, e.g. "
-            f"'torchrun --nproc_per_node=2 train_deepmil.py ...'"
-        )
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if count == 0:
-        raise ConfigError(f"--cudaid {cudaid}: no GPU is visible; use --cudaid cpu")
-    if not cudaid.isdigit() or int(cudaid) >= count:
-        raise ConfigError(
-            f"--cudaid {cudaid}: no such GPU ({count} visible); use --cudaid cpu "
-            f"or an index below {count}"
-        )
-    return torch.device(f"cuda:{cudaid}")
-
-
 def build_data(
-    config: DriverConfig, context: DistributedContext, stack: contextlib.ExitStack
+    config: DriverConfig,
+    context: DistributedContext,
+    stack: contextlib.ExitStack,
+    evaluated: Sequence[str] = EVALUATED,
+    training: bool = True,
 ) -> dict[str, torch.utils.data.DataLoader]:
-    """Loaders of the training set (augmented) and of the three evaluation sets.
+    """Loaders of the training set (augmented; unless ``training`` is false) and of the
+    ``evaluated`` sets (``valid``, ``test``, ``train_eval``: the training set seen with
+    evaluation transforms).
 
     With ``preload`` the training and validation images are decoded into RAM up front; the test
     set and the training set seen with evaluation transforms are read lazily, but every file is
@@ -153,13 +138,14 @@ def build_data(
         distributed.barrier()
     seed, workers = data.seed, config.num_workers
     shard = {"rank": context.rank, "world_size": context.world_size}
-    train_set = loader.build_dataset(data, "train", train=True, preload=config.preload)
-    loaders = {
-        "train": loader.make_loader(
+    loaders = {}
+    if training:
+        train_set = loader.build_dataset(data, "train", train=True, preload=config.preload)
+        loaders["train"] = loader.make_loader(
             train_set, config.batch_size, workers, shuffle=True, seed=seed, **shard
         )
-    }
-    for split, name in (("valid", "valid"), ("test", "test"), ("train", "train_eval")):
+    for name in evaluated:
+        split = EVALUATED_SPLITS[name]
         preload = config.preload and name == "valid"
         dataset = loader.build_dataset(data, split, train=False, preload=preload)
         batch = config.eval_batch_size
@@ -167,8 +153,9 @@ def build_data(
         loaders[name] = loader.make_loader(
             dataset, batch, workers, shuffle=False, seed=seed, **shard
         )
-    datasets = [loaders[name].dataset for name in ("train", "valid", "test", "train_eval")]
-    loader.check_disjoint_splits({dataset.csv_path: dataset.rows for dataset in datasets[:3]})
+    datasets = [item.dataset for item in loaders.values()]
+    by_file = {dataset.csv_path: dataset.rows for dataset in datasets}
+    loader.check_disjoint_splits(by_file)
     on_main(context, lambda: loader.verify_images(lazy_files(datasets), max(1, workers)))
     return loaders
 
@@ -180,7 +167,7 @@ def lazy_files(datasets: list[loader.PhotoDataset]) -> list[Path]:
         if dataset.images is None:
             files += dataset.image_paths
         if not dataset.train and dataset.masks is None:
-            files += dataset.mask_paths
+            files += [path for path in dataset.mask_paths if path is not None]
     return files
 
 
@@ -326,25 +313,38 @@ def final_evaluation(
     settings: RunSettings,
     folder: Path,
     context: DistributedContext,
+    evaluated: Sequence[str] = EVALUATED,
 ) -> dict[str, dict]:
-    """Evaluate the selected model on the validation, test and training sets.
+    """Evaluate the selected model on the ``evaluated`` sets (by default validation, test and
+    training sets).
 
-    With ``crf`` the CRF-refined masks are scored beside the raw ones. The threshold that
-    maximises the validation F1+ is reported with the test metrics at that threshold.
+    With ``crf`` the CRF-refined masks are scored beside the raw ones. When both the validation
+    and test sets are evaluated, the threshold that maximises the validation F1+ is reported
+    with the test metrics at that threshold.
     """
     crf = CRF(crf_params.params_for(config.data.dataset)) if config.crf else None
     results, sweeps = {}, {}
-    for name in ("valid", "test", "train_eval"):
+    for name in evaluated:
         keep = PANEL_IMAGES if name == "test" and context.is_main else 0
-        evaluation = evaluate(
-            model,
-            loaders[name],
-            settings,
-            keep=keep,
-            crf=crf,
-            crf_workers=crf_worker_count(config, settings.device),
-            progress=bar_label(f"evaluating {name}", options, context),
-        )
+        with contextlib.ExitStack() as stack:
+            save = None
+            if name == "test" and config.save_scoremaps:
+                dataset = loaders[name].dataset
+                path = scoremap_path(folder, name)
+                if context.world_size > 1:
+                    path = path.with_suffix(f".rank{context.rank}.npz")
+                images = [row.image for row in dataset.rows]
+                save = stack.enter_context(scoremap_writer(path, images))
+            evaluation = evaluate(
+                model,
+                loaders[name],
+                settings,
+                keep=keep,
+                crf=crf,
+                crf_workers=crf_worker_count(config, settings.device),
+                progress=bar_label(f"evaluating {name}", options, context),
+                on_item=save,
+            )
         results[name], sweeps[name] = evaluation.summary, evaluation.sweep
         if evaluation.records:
             class_names = loader.load_encoding(
@@ -355,36 +355,46 @@ def final_evaluation(
                 samples, folder / "test_predictions.png", title="test predictions"
             )
             experiment.save_prediction_samples(samples, folder / "test_predictions.npz")
-            coarse = evaluation.pxap.coarse_counts(HISTOGRAM_BINS)
-            plots.plot_score_histograms(
-                coarse,
-                folder / "test_mask_histograms.png",
-                title="test set: mask values inside / outside the ground truth",
-            )
-    results["best_threshold"] = best_threshold_report(sweeps["valid"], sweeps["test"])
+            if evaluation.sweep.n_images:
+                plots.plot_score_histograms(
+                    evaluation.pxap.coarse_counts(HISTOGRAM_BINS),
+                    folder / "test_mask_histograms.png",
+                    title="test set: mask values inside / outside the ground truth",
+                )
+            else:
+                LOGGER.warning("no test image has a mask: test_mask_histograms.png is not drawn")
+    if "valid" in sweeps and "test" in sweeps:
+        results["best_threshold"] = best_threshold_report(sweeps["valid"], sweeps["test"])
     return results
 
 
 def prediction_samples(
     records: list[dict], dataset: loader.PhotoDataset, encoding: dict[str, int]
 ) -> list[dict]:
-    """Image, ground truth, continuous (and CRF) mask and a caption for a few test images."""
+    """Image, ground truth (when the image has one), continuous (and CRF) mask and a caption
+    for a few test images."""
     names = {value: key for key, value in encoding.items()}
     samples = []
     for record in records:
         image = dataset.original_image(record["index"])
+        truth = record["truth"]
+        localization = (
+            "no mask"
+            if truth is None
+            else f"F1+ {100 * record['f1_pos']:.1f} F1- {100 * record['f1_neg']:.1f}"
+        )
         caption = (
             f"true {names[record['label']]} | predicted {names[record['predicted']]} "
-            f"({100 * record['probability']:.0f}%) | F1+ {100 * record['f1_pos']:.1f} "
-            f"F1- {100 * record['f1_neg']:.1f}"
+            f"({100 * record['probability']:.0f}%) | {localization}"
         )
         sample = {
             "index": record["index"],
             "image": image,
-            "gt_mask": record["truth"][0].numpy(),
             "pred_mask": record["mask"][0].numpy(),
             "caption": caption,
         }
+        if truth is not None:
+            sample["gt_mask"] = truth[0].numpy()
         if "crf_mask" in record:
             sample["crf_mask"] = record["crf_mask"][0].numpy()
         samples.append(sample)
@@ -404,14 +414,16 @@ def planned_folder(config: dict, exp_root: Path, options) -> Path:
 
 
 def open_folder(folder: Path, config: dict, options) -> None:
-    """Record the run in ``folder``: configuration and environment for a new run, the
-    environment of the resume for a resumed one (whose configuration stays as it was)."""
+    """Record the run in ``folder``: configuration, class names and environment for a new run,
+    the environment of the resume for a resumed one (whose configuration stays as it was)."""
     record = experiment.environment_record(config, sys.argv) | pretrained_trunk_record(config)
     if options.resume:
         experiment.add_resume_record(record, folder / "environment.json")
         return
     save_config(config, folder / "config.yaml")
     files.write_json(record, folder / "environment.json")
+    data = loader.DataConfig.from_config(config)
+    write_class_names(folder, loader.load_encoding(data.name_classes, loader.fold_dir(data)))
 
 
 def resume_state(folder: Path) -> dict | None:
@@ -451,26 +463,80 @@ def train_and_evaluate(
         )
     results = final_evaluation(config, options, model, loaders, settings, folder, context)
     final = {"best_epoch": best["epoch"], **results}
-    if not context.is_main:
-        return final
-    files.write_json(final, folder / "final_metrics.json")
-    table = experiment.results_table(
-        {name: results[name] for name in ("valid", "test", "train_eval")}
-    )
-    files.write_text(
-        f"# {config.title}\n\nbest epoch: {best['epoch']}\n\n{table}",
-        folder / "results.md",
-    )
-    summary = results_summary(results["test"], best["epoch"], folder, table)
-    print(summary)
-    LOGGER.info("%s", summary, extra=experiment.FILE_ONLY)
+    if context.is_main:
+        selected = (
+            f"selected epoch {best['epoch']}"
+            if best["epoch"] >= 0
+            else "no epoch trained: the initial weights (path_pre_trained, if set) were evaluated"
+        )
+        write_results(final, config.title, selected, folder)
     return final
 
 
-def results_summary(test: dict, best_epoch: int, folder: Path, table: str) -> str:
-    """What a finished run prints: the selected epoch, the table and the test metrics."""
-    lines = [
-        f"\nselected epoch {best_epoch}; results in {folder}\n{table}",
+def selected_weights(folder: Path, config: dict) -> tuple[Path, str]:
+    """The weights ``--evaluate`` scores and what they are: the run's ``best_model.pt`` (its
+    selected epoch), or the ``path_pre_trained`` of a run that trained no epoch."""
+    if (folder / "best_model.pt").is_file():
+        epoch = "?"
+        if (folder / "checkpoint.pt").is_file():
+            epoch = checkpoint.read_training_state(folder / "checkpoint.pt")["best"]["epoch"]
+        return folder / "best_model.pt", f"selected epoch {epoch} (best_model.pt)"
+    if config["path_pre_trained"]:
+        weights = Path(config["path_pre_trained"])
+        return weights, f"no epoch trained: the weights of {weights}"
+    raise RunError(
+        f"--evaluate {folder}: no best_model.pt (no epoch of the run has finished) and no "
+        f"path_pre_trained in its config.yaml"
+    )
+
+
+def evaluate_experiment(
+    config: dict,
+    view: DriverConfig,
+    options,
+    settings: RunSettings,
+    context: DistributedContext,
+) -> dict[str, dict]:
+    """``--evaluate EXP_DIR``: the run's selected model on the ``--sets`` (default: test), with
+    the CRF if asked, written to ``EXP_DIR/evaluation/``; the run's own files stay as they
+    are."""
+    folder = Path(options.evaluate)
+    out = folder / experiment.EVALUATION_FOLDER
+    names = ["train_eval" if name == "train" else name for name in options.sets or ("test",)]
+    weights, selected = on_main(context, lambda: selected_weights(folder, config))
+    with contextlib.ExitStack() as stack:
+        loaders = build_data(view, context, stack, names, training=False)
+        model = build_network(network_config(config), settings.device)
+        checkpoint.load_model_weights(model, weights)
+        if context.is_main:
+            stack.enter_context(experiment.folder_lock(folder))
+            out.mkdir(exist_ok=True)
+            stack.enter_context(experiment.file_logging(out / "evaluation.log"))
+        LOGGER.info("evaluating %s: %s, on %s", folder, selected, ", ".join(names))
+        results = final_evaluation(view, options, model, loaders, settings, out, context, names)
+        if context.is_main:
+            write_results(results, view.title, selected, out)
+    return results
+
+
+def write_results(final: dict, title: str, selected: str, folder: Path) -> None:
+    """``final_metrics.json`` and ``results.md`` in ``folder``; print and log the summary.
+    ``selected`` says which weights were evaluated."""
+    files.write_json(final, folder / "final_metrics.json")
+    table = experiment.results_table({name: final[name] for name in EVALUATED if name in final})
+    files.write_text(f"# {title}\n\n{selected}\n\n{table}", folder / "results.md")
+    summary = results_summary(final.get("test"), selected, folder, table)
+    print(summary)
+    LOGGER.info("%s", summary, extra=experiment.FILE_ONLY)
+
+
+def results_summary(test: dict | None, selected: str, folder: Path, table: str) -> str:
+    """What a finished evaluation prints: the evaluated weights, the table and the test
+    metrics (when the test set was evaluated)."""
+    lines = [f"\n{selected}; results in {folder}\n{table}"]
+    if test is None:
+        return lines[0]
+    lines += [
         f"test: cl. error {test['cl_error']:.2f}% | F1+ {test['f1_pos']:.2f} | "
         f"F1- {test['f1_neg']:.2f} | F1+ of an all-ones mask {test['f1_pos_all_ones']:.2f} | "
         f"IoU {test['iou']:.2f} | PxAP {test['pxap']:.2f}",
@@ -538,6 +604,8 @@ def run(argv: list[str]) -> dict[str, dict]:
     settings = RunSettings.from_config(config, device)
     context = distributed.init_distributed(use_cuda=device.type == "cuda")
     try:
+        if options.evaluate:
+            return evaluate_experiment(config, view, options, settings, context)
         return run_experiment(config, view, options, settings, context)
     finally:
         distributed.shutdown_distributed(context)

@@ -75,6 +75,15 @@ def timed(function: Callable[[], None], device: torch.device, warmup: int, repea
     return statistics.median(times)
 
 
+# JSON key suffix -> unit, scale and decimals of the printed figure (first match wins).
+UNITS = (
+    ("_img_s", "images/s", 1.0, 1),
+    ("_ms", "ms", 1.0, 2),
+    ("_s", "ms", 1000.0, 2),
+    ("_mb", "MiB", 1.0, 0),
+)
+
+
 def peak_memory_mb(device: torch.device) -> dict[str, float]:
     """Peak CUDA memory of the section, or the process's peak RSS so far on the CPU."""
     if device.type == "cuda":
@@ -527,11 +536,26 @@ def main(argv: list[str] | None = None) -> dict:
     for section, values in results.items():
         print(section)
         for name, value in values.items():
-            print(f"  {name:<38} {value:12.4f}")
+            label, shown = readable(name, value)
+            print(f"  {label:<48} {shown}")
     report = {"setting": setting, **results}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     files.write_json(report, args.json)
+    print(f"figures (seconds, images/s, MiB, ratios) written to {args.json}")
     return report
+
+
+def readable(key: str, value: float) -> tuple[str, str]:
+    """A figure's label and value with its unit, from its JSON key: ``*_s`` in ms, ``*_ms``,
+    ``*_img_s`` in images/s, ``*_mb`` in MiB, ratios and speed-ups with ``x``; counts bare."""
+    words = key.replace("fwd_bwd", "forward+backward")
+    for suffix, unit, scale, digits in UNITS:
+        if words.endswith(suffix):
+            label = words.removesuffix(suffix).replace("_", " ")
+            return label, f"{value * scale:12.{digits}f} {unit}"
+    if "ratio" in words or "speedup" in words:
+        return words.replace("_", " "), f"{value:12.2f} x"
+    return words.replace("_", " "), f"{value:12g}"
 
 
 if __name__ == "__main__":

@@ -34,6 +34,9 @@ logger = logging.getLogger(__name__)
 DEFAULT_DATA_ROOT = "./data"
 DATA_ROOT_ENV = "DEEPMIL_DATA_ROOT"
 SEED_ENV = "MYSEED"
+# The sets --evaluate can score, in the order they are evaluated (``train``: the training set
+# seen with evaluation transforms).
+EVALUATION_SETS = ("valid", "test", "train")
 
 # Command-line flags of the original driver, and --method: flag -> (dotted key, value type).
 FLAG_KEYS: dict[str, tuple[str, str]] = {
@@ -158,7 +161,9 @@ EPILOG = """examples:
   python train_deepmil.py --yaml synthetic-no-erasing.yaml --cudaid cpu --seed 1
   python train_deepmil.py --yaml synthetic-transfer-no-erasing.yaml --kmax 0.2 --kmin 0.2 --epoch 4
   python train_deepmil.py --resume exps/RUN --crf
-evaluate only (no training) a trained model:
+evaluate the selected model of a run again (no training), here with the CRF:
+  python train_deepmil.py --evaluate exps/RUN --sets test --crf
+evaluate weights trained elsewhere:
   python train_deepmil.py --yaml synthetic-cam.yaml --epoch -1 --path_pre_trained FILE
 """
 
@@ -241,22 +246,47 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--resume", default=None, metavar="EXP_DIR", help="resume the experiment stored in EXP_DIR"
     )
+    run.add_argument(
+        "--evaluate",
+        default=None,
+        metavar="EXP_DIR",
+        help="evaluate the selected model of EXP_DIR again, without training; results in "
+        "EXP_DIR/evaluation/",
+    )
+    run.add_argument(
+        "--sets",
+        type=set_list,
+        default=None,
+        help=f"with --evaluate: comma list of {','.join(EVALUATION_SETS)} (default test)",
+    )
     return parser
 
 
-def resumed_config(args: argparse.Namespace) -> dict:
-    """The configuration saved in the experiment folder ``args.resume``.
+def set_list(text: str) -> tuple[str, ...]:
+    """``"test,valid"`` -> the evaluation sets in their fixed order, checked, for argparse."""
+    names = {item.strip() for item in text.split(",") if item.strip()}
+    unknown = sorted(names - set(EVALUATION_SETS))
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown sets {unknown}; expected some of {','.join(EVALUATION_SETS)}"
+        )
+    return tuple(name for name in EVALUATION_SETS if name in names)
 
-    Only the run options (``--cudaid``, ``--data-root``, ``--quiet``, ``--crf``) may change on
-    resume; the seed must stay the one the run started with.
+
+def saved_config(args: argparse.Namespace) -> dict:
+    """The configuration saved in the experiment folder of ``--resume`` or ``--evaluate``.
+
+    Only the run options (``--cudaid``, ``--data-root``, ``--quiet``, ``--crf``) may change;
+    the seed must stay the one the run started with.
     """
-    path = Path(args.resume) / "config.yaml"
+    flag, folder = ("--resume", args.resume) if args.resume else ("--evaluate", args.evaluate)
+    path = Path(folder) / "config.yaml"
     if not path.is_file():
-        raise ConfigError(f"--resume {args.resume}: {path} not found; is it an experiment folder?")
-    changed = [f"--{flag}" for flag in FLAG_KEYS if getattr(args, flag) is not None]
+        raise ConfigError(f"{flag} {folder}: {path} not found; is it an experiment folder?")
+    changed = [f"--{name}" for name in FLAG_KEYS if getattr(args, name) is not None]
     if args.yaml or args.set or args.exp_root or changed:
         raise ConfigError(
-            "--resume continues a run with its saved configuration; drop "
+            f"{flag} reads the run's saved configuration; drop "
             + ", ".join(
                 changed
                 + ["--yaml"] * bool(args.yaml)
@@ -269,7 +299,7 @@ def resumed_config(args: argparse.Namespace) -> dict:
     if resolve_seed(config, args.seed) != saved_seed:
         given = "--seed" if args.seed is not None else SEED_ENV
         raise ConfigError(
-            f"--resume {args.resume}: the run used seed {saved_seed} but "
+            f"{flag} {folder}: the run used seed {saved_seed} but "
             f"{given} = {config['MYSEED']}; drop it or set it to {saved_seed}"
         )
     config["data_root"] = resolve_data_root(config, args.data_root)
@@ -282,14 +312,18 @@ def resumed_config(args: argparse.Namespace) -> dict:
 def config_from_args(args: argparse.Namespace) -> dict:
     """The fully resolved configuration of a parsed command line (:func:`build_parser`).
 
-    With ``--resume``: :func:`resumed_config`. Otherwise the ``--yaml`` file with the flag and
+    With ``--resume`` or ``--evaluate``: :func:`saved_config`. Otherwise the ``--yaml`` file with the flag and
     ``--set`` overrides applied (each logged as ``key: old -> new``), ``strict`` true unless
     ``--strict`` says otherwise, ``MYSEED`` by :func:`resolve_seed`, ``data_root`` by
     :func:`resolve_data_root`, ``exp_root`` from ``--exp-root`` if given, ``cudaid`` and
     ``yaml`` as given. Invalid values raise ``ConfigError`` (a ``ValueError``).
     """
-    if args.resume:
-        return resumed_config(args)
+    if args.resume and args.evaluate:
+        raise ConfigError("--resume and --evaluate exclude each other; give one")
+    if args.sets and not args.evaluate:
+        raise ConfigError("--sets chooses the sets of --evaluate EXP_DIR; give --evaluate too")
+    if args.resume or args.evaluate:
+        return saved_config(args)
     if not args.yaml:
         raise ConfigError("--yaml NAME is required (a file of config_yaml/ or a path)")
     path = resolve_yaml_path(args.yaml)

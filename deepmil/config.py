@@ -388,6 +388,7 @@ SCHEMA: dict[str, Any] = {
     "crf": Field(False, boolean()),
     "stain_augmentation": Field(False, boolean()),
     "crf_workers": Field(None, integer(0, nullable=True), run_option=True),
+    "save_scoremaps": Field(True, boolean(), run_option=True),
     "normalize": Field(True, boolean(), ignored=True),
     "alpha": Field(128, integer(0, 255), ignored=True),
     "floating": Field(2, integer(0), ignored=True),
@@ -508,8 +509,10 @@ def _check_class_counts(config: dict, source: str) -> None:
             f"differ (expected the same number)"
         )
     dataset = config["dataset"]
-    allowed = dataset_spec(dataset).class_counts or (config["synthetic"]["num_classes"],)
-    if nbr not in allowed:
+    allowed = dataset_spec(dataset).class_counts
+    if dataset == "synthetic":
+        allowed = (config["synthetic"]["num_classes"],)
+    if allowed is not None and nbr not in allowed:
         expected = " or ".join(str(a) for a in allowed)
         if dataset == "synthetic":
             expected = f"synthetic.num_classes = {expected}"

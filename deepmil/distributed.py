@@ -24,6 +24,8 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from deepmil.errors import ConfigError
+
 LOGGER = logging.getLogger(__name__)
 SYNC_BN_ENV = "ACTIVATE_SYNC_BN"
 
@@ -181,3 +183,32 @@ def gather_objects(items: list[Any]) -> Iterator[Any]:
     gathered: list[list[Any]] = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, items)
     return (item for part in gathered for item in part)
+
+
+def select_device(cudaid: str | None) -> torch.device:
+    """``None``: the first GPU if there is one, else the CPU; ``"cpu"``; or a GPU index.
+
+    Under ``torchrun`` each process takes the GPU of its local rank (unless ``cpu``).
+    """
+    if launched_by_torchrun() and cudaid != "cpu":
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        return torch.device(f"cuda:{local_rank()}")
+    if cudaid is None:
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    if cudaid == "cpu":
+        return torch.device("cpu")
+    if "," in cudaid:
+        raise ConfigError(
+            f"--cudaid {cudaid}: several GPUs are used through torchrun, e.g. "
+            f"'torchrun --nproc_per_node=2 train_deepmil.py ...'"
+        )
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if count == 0:
+        raise ConfigError(f"--cudaid {cudaid}: no GPU is visible; use --cudaid cpu")
+    if not cudaid.isdigit() or int(cudaid) >= count:
+        raise ConfigError(
+            f"--cudaid {cudaid}: no such GPU ({count} visible); use --cudaid cpu "
+            f"or an index below {count}"
+        )
+    return torch.device(f"cuda:{cudaid}")

@@ -17,6 +17,7 @@ from deepmil.geometry import restore_mask_geometry
 from deepmil.losses import classifier_loss, localizer_loss, negative_loss, positive_loss
 from deepmil.metrics import (
     LocalizationMeter,
+    MetricSettings,
     PxAPMeter,
     ThresholdSweepMeter,
     all_ones_f1,
@@ -244,7 +245,7 @@ class Evaluation(NamedTuple):
 @torch.no_grad()
 def predictions(network: nn.Module, loader: Iterable[dict], run: RunSettings) -> Iterator[dict]:
     """Per-image predictions of ``run``'s method: the localisation at the ground-truth geometry,
-    class, losses.
+    class, losses, and the ground truth (``truth``; ``None`` for an image without a mask).
 
     The forward pass runs under ``run``'s autocast (unless the method refuses it) and its
     outputs are cast to float32. A loader of batches larger than one (``eval_batch_size``)
@@ -270,6 +271,7 @@ def predictions(network: nn.Module, loader: Iterable[dict], run: RunSettings) ->
         for row, label in enumerate(labels.tolist()):
             index = int(batch["index"][row])
             shape = geometry[index]
+            truth = batch["mask"][row]
             yield {
                 "index": index,
                 "label": label,
@@ -280,7 +282,7 @@ def predictions(network: nn.Module, loader: Iterable[dict], run: RunSettings) ->
                 "mask": restore_mask_geometry(
                     masks[row], shape.padded, shape.upscaled, shape.original, exact=run.exact_crop
                 ),
-                "truth": batch["mask"][row].to(device),
+                "truth": None if truth is None else truth.to(device),
             }
 
 
@@ -304,19 +306,27 @@ def empty_dice_cases(item: dict) -> int:
     return int(both_empty) + int(both_full)
 
 
+def localization(mask: torch.Tensor, truth: torch.Tensor | None, empty: float) -> dict:
+    """F1+, F1- and IoU of ``mask >= 0.5`` against ``truth`` (each ``None`` without a ground
+    truth); ``empty`` is the Dice and IoU of two empty sets."""
+    if truth is None:
+        return dict.fromkeys(("f1_pos", "f1_neg", "iou"))
+    f1_pos, f1_neg = f1_pos_neg(mask, truth, empty=empty)
+    iou = iou_at(mask, truth, empty=empty)
+    return {"f1_pos": float(f1_pos), "f1_neg": float(f1_neg), "iou": float(iou)}
+
+
 def image_row(item: dict, empty: float = 1.0) -> tuple:
     """The per-image numbers that make up a summary (``index`` first, for ordering);
-    ``empty`` is the Dice and IoU of two empty sets."""
-    f1_pos, f1_neg = f1_pos_neg(item["mask"], item["truth"], empty=empty)
-    ones_pos, _ = all_ones_f1(item["truth"], empty)
+    ``empty`` is the Dice and IoU of two empty sets. An image without a ground truth has
+    ``None`` for every localisation number."""
+    truth = item["truth"]
     row = {
-        "f1_pos": float(f1_pos),
-        "f1_neg": float(f1_neg),
-        "iou": float(iou_at(item["mask"], item["truth"], empty=empty)),
-        "f1_pos_all_ones": float(ones_pos),
+        **localization(item["mask"], truth, empty),
+        "f1_pos_all_ones": None if truth is None else float(all_ones_f1(truth, empty)[0]),
         "mask_area": float((item["mask"] >= 0.5).float().mean()),
-        "truth_area": float((item["truth"] >= 0.5).float().mean()),
-        "empty_dice": empty_dice_cases(item),
+        "truth_area": None if truth is None else float((truth >= 0.5).float().mean()),
+        "empty_dice": 0 if truth is None else empty_dice_cases(item),
         "correct": item["predicted"] == item["label"],
         "head_correct": {
             name: predicted == item["label"] for name, predicted in item["head_predicted"].items()
@@ -324,12 +334,8 @@ def image_row(item: dict, empty: float = 1.0) -> tuple:
         "losses": item["losses"],
     }
     if "crf_mask" in item:
-        crf_pos, crf_neg = f1_pos_neg(item["crf_mask"], item["truth"], empty=empty)
-        row.update(
-            crf_f1_pos=float(crf_pos),
-            crf_f1_neg=float(crf_neg),
-            crf_iou=float(iou_at(item["crf_mask"], item["truth"], empty=empty)),
-        )
+        crf = localization(item["crf_mask"], truth, empty)
+        row.update({f"crf_{key}": value for key, value in crf.items()})
     return item["index"], row
 
 
@@ -342,11 +348,15 @@ def head_errors(correct: list[dict[str, bool]]) -> dict[str, float]:
     }
 
 
-def summarise(rows: Iterable[tuple]) -> dict[str, float]:
+def summarise(rows: Iterable[tuple], count_localized: bool = False) -> dict[str, float]:
     """Per-image means over all processes' rows, summed in image order: the localisation
     metrics, the share (%) of the image that the mask and the ground truth cover
     (``mask_area``, ``truth_area``), the other heads' errors, and the number of F1 values that
-    are a Dice of two empty sets (``n_empty_dice``)."""
+    are a Dice of two empty sets (``n_empty_dice``).
+
+    The classification error, the losses and ``mask_area`` are over every image; the
+    localisation metrics and ``truth_area`` over the images with a ground truth (NaN when none
+    has one); with ``count_localized``, ``n_localized`` is their number."""
     meter, crf_meter = LocalizationMeter(), LocalizationMeter()
     rows = sorted(gather_objects(list(rows)), key=lambda item: item[0])
     for _, row in rows:
@@ -364,12 +374,15 @@ def summarise(rows: Iterable[tuple]) -> dict[str, float]:
             )
     summary = meter.compute()
     summary["n_empty_dice"] = sum(row["empty_dice"] for _, row in rows)
-    for key in ("mask_area", "truth_area"):
-        summary[key] = 100.0 * sum(row[key] for _, row in rows) / max(len(rows), 1)
+    summary["mask_area"] = 100.0 * sum(row["mask_area"] for _, row in rows) / max(len(rows), 1)
+    truth_areas = [row["truth_area"] for _, row in rows if row["truth_area"] is not None]
+    summary["truth_area"] = 100.0 * sum(truth_areas) / len(truth_areas) if truth_areas else math.nan
     summary.update(head_errors([row["head_correct"] for _, row in rows]))
     if crf_meter.n_images:
         crf = crf_meter.compute()
         summary.update({f"crf_{key}": crf[key] for key in ("f1_pos", "f1_neg", "iou", "top1_loc")})
+    if count_localized:
+        summary["n_localized"] = meter.n_localized
     return summary
 
 
@@ -388,6 +401,7 @@ def evaluate(
     crf: Callable | None = None,
     crf_workers: int = 0,
     progress: str | None = None,
+    on_item: Callable[[dict], None] | None = None,
 ) -> Evaluation:
     """Evaluate (no erasing) with ``run``'s method, image by image or in batches of same-size
     images (with per-image mask normalisation: the same results).
@@ -401,7 +415,12 @@ def evaluate(
     single-process evaluation. ``records`` holds the first ``keep`` predictions of this process
     (masks on the CPU) and ``pxap`` the set's counts of map values per bin outside / inside the
     ground truth. ``run.metrics`` sets the empty-set Dice and the PxAP bins. ``progress``
-    labels a progress bar over the images (shown on a terminal only).
+    labels a progress bar over the images (shown on a terminal only); ``on_item`` is called
+    with each per-image prediction (e.g. to save its map).
+
+    Images without a mask (where the dataset's masks are optional) count in the classification
+    error and the losses only; the localisation metrics, PxAP and the sweep are over the others
+    (NaN when there are none), and the summary says how many they are (``n_localized``).
     """
     network = unwrap(model).eval()
     broadcast_buffers(network)
@@ -410,13 +429,31 @@ def evaluate(
         stream = with_crf(stream, loader, crf, crf_workers)
     if progress is not None:
         stream = progress_bar(stream, loader, progress)
-    metrics = run.metrics
+    if on_item is not None:
+        stream = observed(stream, on_item)
+    return score(stream, run.metrics, keep, loader.dataset.spec.optional_masks)
+
+
+def observed(stream: Iterable[dict], on_item: Callable[[dict], None]) -> Iterator[dict]:
+    """``stream``, calling ``on_item`` with each item before passing it on."""
+    for item in stream:
+        on_item(item)
+        yield item
+
+
+def score(
+    stream: Iterable[dict], metrics: MetricSettings, keep: int = 0, optional_masks: bool = False
+) -> Evaluation:
+    """The :class:`Evaluation` of a stream of per-image predictions with their ground truth
+    (``truth``, ``None`` for an image without one), as :func:`evaluate` describes it; shards of
+    several processes are gathered. ``optional_masks`` adds ``n_localized`` to the summary."""
     pxap, sweep = PxAPMeter(metrics.pxap_interval), ThresholdSweepMeter(empty=metrics.empty)
     rows, records = [], []
     for item in stream:
         rows.append(image_row(item, metrics.empty))
-        pxap.update(item["mask"], item["truth"])
-        sweep.update(item["mask"], item["truth"])
+        if item["truth"] is not None:
+            pxap.update(item["mask"], item["truth"])
+            sweep.update(item["mask"], item["truth"])
         if len(records) < keep:
             records.append(
                 {
@@ -427,6 +464,6 @@ def evaluate(
             )
     pxap.reduce(all_reduce_sum)
     sweep.reduce(all_reduce_sum)
-    summary = summarise(rows)
-    summary["pxap"] = pxap.compute()
+    summary = summarise(rows, count_localized=optional_masks)
+    summary["pxap"] = pxap.compute() if sweep.n_images else math.nan
     return Evaluation(summary, records, sweep, pxap)

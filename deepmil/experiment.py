@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -29,6 +30,7 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
 REPOSITORY = Path(__file__).resolve().parents[1]
 RUN_FILES = (
     "config.yaml",
+    "classes.yaml",
     "environment.json",
     "training.log",
     "metrics.jsonl",
@@ -40,7 +42,10 @@ RUN_FILES = (
     "test_predictions.png",
     "test_predictions.npz",
     "test_mask_histograms.png",
+    "test_scoremaps.npz",
 )
+# The sub-folder of the results of ``--evaluate`` (removed with the run's files).
+EVALUATION_FOLDER = "evaluation"
 LOCK_FILE = ".lock"
 
 
@@ -105,6 +110,7 @@ def remove_run_files(folder: Path) -> None:
     """Delete the files a run writes (and temporary files of interrupted writes) in ``folder``."""
     for name in RUN_FILES:
         (folder / name).unlink(missing_ok=True)
+    shutil.rmtree(folder / EVALUATION_FOLDER, ignore_errors=True)
     remove_temporary_files(folder)
 
 
@@ -212,7 +218,9 @@ TABLE_COLUMNS = (
 
 
 def results_table(final: Mapping[str, Mapping[str, Any]]) -> str:
-    """Markdown table of the final metrics of each evaluated set (CRF columns when present)."""
+    """Markdown table of the final metrics of each evaluated set (CRF columns when present),
+    followed, for the sets that count them (``n_localized``), by the number of images the
+    localisation metrics are computed on."""
     first = next(iter(final.values()))
     columns = [(key, title) for key, title in TABLE_COLUMNS if key in first]
     lines = [
@@ -222,6 +230,14 @@ def results_table(final: Mapping[str, Mapping[str, Any]]) -> str:
     for name, metrics in final.items():
         values = " | ".join(f"{metrics[key]:.2f}" for key, _ in columns)
         lines.append(f"| {name} | {metrics['n_images']} | {values} |")
+    counted = [(name, metrics) for name, metrics in final.items() if "n_localized" in metrics]
+    if counted:
+        lines.append("")
+    for name, metrics in counted:
+        lines.append(
+            f"{name}: localisation on {metrics['n_localized']} of {metrics['n_images']} images "
+            f"(those with a mask)"
+        )
     return "\n".join(lines) + "\n"
 
 

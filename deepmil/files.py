@@ -80,11 +80,21 @@ def atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
 
 def _atomic_write(path: Path, write: Callable[[IO[bytes]], Any]) -> None:
     """:func:`atomic_write` without the signal deferral."""
+    with atomic_file(path) as stream:
+        write(stream)
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[IO[bytes]]:
+    """A temporary binary file next to ``path`` that replaces ``path`` (fsynced, with the usual
+    permissions) when the block ends, and is removed if it raises: for files written over a
+    long time, such as the score maps of a whole evaluation. Signals are not deferred."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(handle, "wb") as stream:
-            write(stream)
+            yield stream
             stream.flush()
             os.fsync(stream.fileno())
         os.chmod(temporary, FILE_MODE)

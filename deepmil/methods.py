@@ -87,6 +87,14 @@ class Method:
         epochs where recursive erasing runs. Returns the logged values and ``scores``."""
         return engine.classifier_step(model, images, labels, seed, precision)
 
+    def predict(
+        self, network: nn.Module, images: torch.Tensor, batched: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Class scores and localisation map in [0, 1] at the input size (float32) of
+        ``images``, as :meth:`outputs` gives them; ``batched`` when a batch holds several
+        images."""
+        raise NotImplementedError
+
     def outputs(
         self, network: nn.Module, images: torch.Tensor, labels: torch.Tensor, batched: bool
     ) -> Outputs:
@@ -125,18 +133,29 @@ class MinMaxEntropy(Method):
         average_gradients(model)
         return stats
 
-    def outputs(
-        self, network: nn.Module, images: torch.Tensor, labels: torch.Tensor, batched: bool
-    ) -> Outputs:
-        """Scores of ``R+``, the mask ``R+``, the per-image ``L_seg``, ``L_pos``, ``L_neg``
-        and the localizer head's scores (``localizer``).
+    def forward(self, network: nn.Module, images: torch.Tensor, batched: bool) -> ModelOutput:
+        """Every output of the network for ``images``, in float32.
 
         The mask is min-max normalised per image, as in a batch of one, whatever the batch
         size; ``batched`` also sends the positive and negative regions through the network
         together.
         """
         out = network(images, mask_normalization="sample", fused_regions=batched)
-        out = ModelOutput(*(tensor.float() for tensor in out))
+        return ModelOutput(*(tensor.float() for tensor in out))
+
+    def predict(
+        self, network: nn.Module, images: torch.Tensor, batched: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores of ``R+`` and the mask ``R+``."""
+        out = self.forward(network, images, batched)
+        return out.pos_scores, out.mask
+
+    def outputs(
+        self, network: nn.Module, images: torch.Tensor, labels: torch.Tensor, batched: bool
+    ) -> Outputs:
+        """Scores of ``R+``, the mask ``R+``, the per-image ``L_seg``, ``L_pos``, ``L_neg``
+        and the localizer head's scores (``localizer``)."""
+        out = self.forward(network, images, batched)
         losses = {
             "loss_seg": localizer_loss(out.seg_scores, labels, reduction="none"),
             "loss_pos": positive_loss(out.pos_scores, labels, reduction="none"),
@@ -163,11 +182,16 @@ class ClassifierBaseline(Method):
         classes = output.scores.argmax(dim=1)
         return output.scores, class_map_mask(output.maps.float(), classes, tuple(images.shape[-2:]))
 
+    def predict(
+        self, network: nn.Module, images: torch.Tensor, batched: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        scores, mask = self.localize(network, images)
+        return scores.float(), mask
+
     def outputs(
         self, network: nn.Module, images: torch.Tensor, labels: torch.Tensor, batched: bool
     ) -> Outputs:
-        scores, mask = self.localize(network, images)
-        scores = scores.float()
+        scores, mask = self.predict(network, images, batched)
         losses = {"loss_cl": classifier_loss(scores, labels, reduction="none")}
         return Outputs(scores, mask, losses, {})
 

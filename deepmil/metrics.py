@@ -18,6 +18,7 @@ Every meter has ``update(...)`` (add images), ``compute()`` (the result) and
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
@@ -141,6 +142,10 @@ class LocalizationMeter:
     """Per-image F1+, F1-, IoU, top-1 localisation, classification error and losses of one
     evaluation pass, averaged per image.
 
+    An image without a ground truth (F1+ and F1- ``None``) counts in the classification error
+    and the losses only: the localisation quantities are averaged over the images that gave
+    them (``n_localized``), and are NaN when none did.
+
     The state is sums and counts: ``n_images``, ``errors`` (misclassified images), ``hits``
     (top-1 localisation hits), and per quantity its sum (``sums``) and the number of images
     that gave it (``counts``). Sums accumulate in update order, so one meter updated with the
@@ -158,19 +163,24 @@ class LocalizationMeter:
         self.sums: dict[str, float] = {}
         self.counts: dict[str, int] = {}
 
+    @property
+    def n_localized(self) -> int:
+        """The number of images recorded with a ground truth (an F1+)."""
+        return self.counts.get("f1_pos", 0)
+
     def update(
         self,
-        f1_pos: float,
-        f1_neg: float,
+        f1_pos: float | None,
+        f1_neg: float | None,
         correct: bool,
         losses: Mapping[str, float] | None = None,
         f1_pos_all_ones: float | None = None,
         iou: float | None = None,
     ) -> None:
-        """Record one image: its F1+/F1- (fractions), whether its label was right, its losses
-        (e.g. ``{"loss": .., "loss_pos": .., "loss_neg": .., "loss_seg": ..}``; names other than
-        those of ``METRICS``) and optionally the F1+ of an all-ones prediction and the IoU of the
-        prediction (fraction)."""
+        """Record one image: its F1+/F1- (fractions; ``None`` without a ground truth), whether
+        its label was right, its losses (e.g. ``{"loss": .., "loss_pos": .., "loss_neg": ..,
+        "loss_seg": ..}``; names other than those of ``METRICS``) and optionally the F1+ of an
+        all-ones prediction and the IoU of the prediction (fraction)."""
         clashing = set(losses or {}) & set(self.METRICS)
         if clashing:
             raise ValueError(
@@ -195,26 +205,33 @@ class LocalizationMeter:
     def compute(self) -> dict[str, float | int | None]:
         """Per-image means: ``cl_error`` (%), ``f1_pos``/``f1_neg``/``f1_pos_all_ones`` (x100,
         None when never given), one entry per loss name, and ``n_images``. When IoUs were given:
-        ``iou`` (x100) and ``top1_loc`` (% of images with the right class and IoU >= 0.5)."""
-        n = self.n_images
+        ``iou`` (x100) and ``top1_loc`` (% of images with the right class and IoU >= 0.5).
+        The localisation means are over the images with a ground truth; when no image had one,
+        all five are NaN."""
+        n, localized = self.n_images, self.n_localized
         if n == 0:
             raise ValueError("LocalizationMeter.compute: no image was recorded")
         for name, count in self.counts.items():
-            if count != n:
+            expected = localized if name in self.METRICS else n
+            if count != expected:
                 raise ValueError(
-                    f"LocalizationMeter.compute: '{name}' given for {count} of {n} images"
+                    f"LocalizationMeter.compute: '{name}' given for {count} of {expected} images"
                 )
+        if localized == 0:
+            localization = dict.fromkeys(("f1_pos", "f1_neg", "f1_pos_all_ones", "iou"), math.nan)
+            localization["top1_loc"] = math.nan
+        else:
+            localization = {
+                name: 100.0 * self.sums[name] / localized if name in self.sums else None
+                for name in ("f1_pos", "f1_neg", "f1_pos_all_ones")
+            }
+            if "iou" in self.sums:
+                localization["iou"] = 100.0 * self.sums["iou"] / localized
+                localization["top1_loc"] = 100.0 * (self.hits / localized)
         out: dict[str, float | int | None] = {
             "cl_error": error_rate(self.errors, n),
-            "f1_pos": 100.0 * self.sums["f1_pos"] / n,
-            "f1_neg": 100.0 * self.sums["f1_neg"] / n,
-            "f1_pos_all_ones": (
-                100.0 * self.sums["f1_pos_all_ones"] / n if "f1_pos_all_ones" in self.sums else None
-            ),
+            **localization,
         }
-        if "iou" in self.sums:
-            out["iou"] = 100.0 * self.sums["iou"] / n
-            out["top1_loc"] = 100.0 * (self.hits / n)
         out.update(
             {name: total / n for name, total in self.sums.items() if name not in self.METRICS}
         )
@@ -381,9 +398,13 @@ def best_threshold_report(
     valid: ThresholdSweepMeter, test: ThresholdSweepMeter
 ) -> dict[str, float]:
     """Pick the threshold maximising the mean validation F1+ (lowest on ties) and report the
-    test F1+, F1- and IoU (x100) at it, with the validation F1+ and the threshold."""
+    test F1+, F1- and IoU (x100) at it, with the validation F1+ and the threshold. Every value
+    is NaN when either set recorded no image (none had a ground truth)."""
     if not torch.equal(valid.thresholds, test.thresholds):
         raise ValueError("best_threshold_report: the two meters sweep different thresholds")
+    if valid.n_images == 0 or test.n_images == 0:
+        names = ("threshold", "valid_f1_pos", *(f"test_{name}" for name in test.METRICS))
+        return dict.fromkeys(names, math.nan)
     valid_f1 = valid.compute()["f1_pos"]
     index = int(torch.argmax(valid_f1))
     report = {"threshold": float(valid.thresholds[index]), "valid_f1_pos": float(valid_f1[index])}

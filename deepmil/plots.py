@@ -23,6 +23,7 @@ REGION_ALPHA = 0.55
 TRUTH_OUTLINE = "yellow"
 MOVING_AVERAGE = 20
 PANEL_TITLES = ("image", "ground truth", "prediction (R+ >= 0.5)", "continuous R+")
+NO_TRUTH_TITLE = "no ground truth"
 CRF_TITLE = "CRF-refined R+"
 CURVE_GROUPS = (
     ("losses", "loss", lambda key: "loss" in key),
@@ -190,7 +191,7 @@ def denormalize_image(tensor: torch.Tensor) -> np.ndarray:
 
 
 def _check_sample(index: int, sample: Mapping[str, object]) -> None:
-    missing = [k for k in ("image", "gt_mask", "pred_mask", "caption") if k not in sample]
+    missing = [k for k in ("image", "pred_mask", "caption") if k not in sample]
     if missing:
         raise ValueError(f"save_mask_panels: sample {index} lacks keys {missing}")
     image = np.asarray(sample["image"])
@@ -219,8 +220,9 @@ def save_mask_panels(
 ) -> Path:
     """One row per sample: image, ground-truth overlay, thresholded prediction overlay and
     continuous prediction overlay ('seismic' colormap, alpha 128/255: blue = 0, red = 1), with
-    the sample's caption above the row. When the samples carry a ``crf_mask`` (all of them or
-    none), a fifth column overlays it. Returns the written PNG path."""
+    the sample's caption above the row. A sample without ``gt_mask`` (an image without a
+    ground truth) shows the plain image in its place. When the samples carry a ``crf_mask``
+    (all of them or none), a fifth column overlays it. Returns the written PNG path."""
     if not samples:
         raise ValueError(f"save_mask_panels: no sample to draw into {path}")
     for index, sample in enumerate(samples):
@@ -243,12 +245,13 @@ def save_mask_panels(
     for row, sample in zip(rows, samples):
         image = np.asarray(sample["image"])
         pred = np.asarray(sample["pred_mask"], dtype=float)
-        gt = np.asarray(sample["gt_mask"], dtype=float)
+        gt = np.asarray(sample["gt_mask"], dtype=float) if "gt_mask" in sample else None
         panels = (None, gt, (pred >= 0.5).astype(float), pred)
         if "crf_mask" in sample:
             panels += (np.asarray(sample["crf_mask"], dtype=float),)
+        row_titles = titles if gt is not None else (titles[0], NO_TRUTH_TITLE, *titles[2:])
         axes = row.subplots(1, len(titles))
-        for ax, panel_title, mask in zip(axes, titles, panels):
+        for ax, panel_title, mask in zip(axes, row_titles, panels):
             if mask is None:
                 ax.imshow(image)
             else:
@@ -262,8 +265,11 @@ def save_mask_panels(
     return _save(fig, path)
 
 
-def _region_overlay(ax: Axes, image: np.ndarray, region: np.ndarray, truth: np.ndarray) -> None:
-    """``image`` with ``region`` (a binary mask) tinted red and the outline of ``truth``."""
+def _region_overlay(
+    ax: Axes, image: np.ndarray, region: np.ndarray, truth: np.ndarray | None
+) -> None:
+    """``image`` with ``region`` (a binary mask) tinted red and the outline of ``truth`` (none
+    without a ground truth)."""
     ax.imshow(image)
     ax.imshow(
         np.ma.masked_where(region < 0.5, region),
@@ -273,20 +279,21 @@ def _region_overlay(ax: Axes, image: np.ndarray, region: np.ndarray, truth: np.n
         alpha=REGION_ALPHA,
         interpolation="nearest",
     )
-    if truth.min() != truth.max():
+    if truth is not None and truth.min() != truth.max():
         ax.contour(truth, levels=[0.5], colors=TRUTH_OUTLINE, linewidths=1.0)
 
 
 def save_method_comparison(
     images: Sequence[np.ndarray],
-    truths: Sequence[np.ndarray],
+    truths: Sequence[np.ndarray | None],
     methods: Sequence[tuple[str, Sequence[np.ndarray]]],
     path: str | Path,
     title: str | None = None,
 ) -> Path:
     """One row per test image: the image, its ground truth, then each method's map thresholded
-    at 0.5, tinted red over the image with the ground truth outlined in yellow. ``methods``
-    holds ``(label, maps)`` with one map per image. Returns the written PNG path."""
+    at 0.5, tinted red over the image with the ground truth outlined in yellow (a truth of
+    ``None``: the image has none). ``methods`` holds ``(label, maps)`` with one map per image.
+    Returns the written PNG path."""
     if not images:
         raise ValueError(f"save_method_comparison: no image to draw into {path}")
     for label, maps in methods:
@@ -303,7 +310,8 @@ def save_method_comparison(
     )
     axes = np.atleast_2d(fig.subplots(len(images), len(titles)))
     for row, (image, truth) in enumerate(zip(images, truths)):
-        image, truth = np.asarray(image), np.asarray(truth, dtype=float)
+        image = np.asarray(image)
+        truth = None if truth is None else np.asarray(truth, dtype=float)
         regions = [None, truth] + [
             (np.asarray(maps[row], dtype=float) >= 0.5).astype(float) for _, maps in methods
         ]

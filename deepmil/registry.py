@@ -52,13 +52,16 @@ def feature_map_size(size: int, num_downsamplings: int = TRUNK_DOWNSAMPLINGS) ->
 
 @dataclass(frozen=True)
 class DatasetSpec:
-    """A dataset: its ``dataset:`` value, folder under ``data_root``, allowed class counts
-    (``None``: ``synthetic.num_classes``), training augmentation (``jitter``: colour jitter and
-    vertical flips besides the horizontal one), whether stain augmentation applies, its CRF
-    parameter set (``crf_params.PARAMETER_SETS``), the ``create_folds.py --dataset`` values that
-    write its fold folders (value -> fold folder name), its mask rule (foreground is
-    ``> mask_threshold / 255`` of the mask's full scale, or ``!= 0`` when it is ``None``) and the
-    script of the repository root that downloads it (``None``: generated, not downloaded)."""
+    """A dataset: its ``dataset:`` value, folder under ``data_root`` (empty: ``data_root`` is
+    the dataset's own folder), allowed class counts (``None``: any; the synthetic set has
+    ``synthetic.num_classes``), training augmentation (``jitter``: colour jitter and vertical
+    flips besides the horizontal one), whether stain augmentation applies, its CRF parameter set
+    (``crf_params.PARAMETER_SETS``), the ``create_folds.py --dataset`` values that write its fold
+    folders (value -> fold folder name), its mask rule (foreground is ``> mask_threshold / 255``
+    of the mask's full scale, or ``!= 0`` when it is ``None``), the script of the repository root
+    that downloads it (``None``: generated or the user's own, not downloaded) and whether a fold
+    CSV row may leave its mask empty (``optional_masks``: the localisation metrics are then
+    computed on the images that have one)."""
 
     name: str
     folder: str
@@ -69,6 +72,7 @@ class DatasetSpec:
     folds: dict[str, str]
     mask_threshold: float | None = None
     download: str | None = None
+    optional_masks: bool = False
 
 
 DATASETS = {
@@ -117,6 +121,16 @@ DATASETS = {
             crf="cub",
             folds={"synthetic": "synthetic"},
         ),
+        DatasetSpec(
+            "folder",
+            "",
+            None,
+            jitter=False,
+            histology=False,
+            crf="cub",
+            folds={"folder": "folder"},
+            optional_masks=True,
+        ),
     )
 }
 DATASET_NAMES = tuple(DATASETS)
@@ -125,9 +139,10 @@ FOLD_BUILDERS = {builder: spec for spec in DATASETS.values() for builder in spec
 
 
 def data_folder(dataset: str, fold_name: str | None) -> str:
-    """The folder under ``data_root`` of ``dataset``'s files. The synthetic set lives in the
-    folder named like its folds (``fold_name``, ``synthetic`` by default), so that sets of
-    different ``synthetic:`` parameters live side by side."""
+    """The folder under ``data_root`` of ``dataset``'s files (empty for ``folder``: its
+    ``data_root`` is the user's dataset folder itself). The synthetic set lives in the folder
+    named like its folds (``fold_name``, ``synthetic`` by default), so that sets of different
+    ``synthetic:`` parameters live side by side."""
     if dataset == "synthetic" and fold_name:
         return fold_name
     return dataset_spec(dataset).folder

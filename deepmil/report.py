@@ -35,9 +35,11 @@ COLUMNS = (
     ("localizer_cl_error", "localizer cl. error (%)", r"localizer cl. error (\%)"),
     ("f1_pos", "F1+ (%)", r"F1$^+$ (\%)"),
     ("f1_neg", "F1- (%)", r"F1$^-$ (\%)"),
+    ("iou", "IoU (%)", r"IoU (\%)"),
     ("pxap", "PxAP (%)", r"PxAP (\%)"),
     ("crf_f1_pos", "CRF F1+ (%)", r"CRF F1$^+$ (\%)"),
     ("crf_f1_neg", "CRF F1- (%)", r"CRF F1$^-$ (\%)"),
+    ("crf_iou", "CRF IoU (%)", r"CRF IoU (\%)"),
 )
 NOT_COMPARED = frozenset(RUN_OPTIONS + IGNORED_KEYS)
 CURVE_PANELS = (
@@ -316,7 +318,7 @@ def comparison_figure(settings: list[Setting], path: Path, images: int) -> list[
         written.append(
             plots.save_method_comparison(
                 [sample["image"] for sample in reference],
-                [sample["gt_mask"] for sample in reference],
+                [sample.get("gt_mask") for sample in reference],
                 methods,
                 target,
                 title=f"{dataset}: test images, masks thresholded at 0.5",

@@ -98,7 +98,20 @@ def test_bench_writes_every_section(tmp_path, capsys):
     assert 1 <= written["step"]["erasing_passes_run"] <= 2
     assert written["eval"]["padded_height"] == written["eval"]["padded_width"] == 64
     assert written["step"]["consumed_no_erasing_img_s"] == 2 / written["step"]["step_no_erasing_s"]
-    assert "ratio_eval_vs_trunk" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert f"figures (seconds, images/s, MiB, ratios) written to {path}" in out
+    shown = f"{written['eval']['ratio_eval_vs_trunk']:12.2f} x"
+    assert f"  {'ratio eval vs trunk':<48} {shown}" in out.splitlines()
+
+
+def test_figures_are_printed_with_their_units():
+    assert bench.readable("step_no_erasing_s", 0.0125) == ("step no erasing", "       12.50 ms")
+    assert bench.readable("trunk_fwd_bwd_s", 2.0)[0] == "trunk forward+backward"
+    assert bench.readable("480_raw_ms", 3.456) == ("480 raw", "        3.46 ms")
+    assert bench.readable("eval_img_s", 40.04) == ("eval", "        40.0 images/s")
+    assert bench.readable("peak_rss_mb", 1500.4) == ("peak rss", "        1500 MiB")
+    assert bench.readable("48_pool_speedup", 1.5) == ("48 pool speedup", "        1.50 x")
+    assert bench.readable("padded_height", 64.0) == ("padded height", "          64")
 
 
 def test_sections_can_be_selected(tmp_path):

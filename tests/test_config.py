@@ -1,6 +1,7 @@
 """Configuration: shipped files, schema errors, command-line overrides, seed and data root."""
 
 import logging
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,7 @@ from deepmil.config import (
 )
 from deepmil.pooling import get_k
 from deepmil.registry import METHOD_NAMES, feature_map_size
+from helpers import REPO
 
 PAPER_CONFIGS = [
     f"{name}-{tag}.yaml"
@@ -41,6 +43,7 @@ DATASET_PREFIXES = ("glas", "cub5", "cuball", "oxford-flowers", "synthetic", "sy
 BASELINE_CONFIGS = [
     f"{prefix}-{method}.yaml" for prefix in DATASET_PREFIXES for method in BASELINES
 ]
+OWN_DATA_CONFIGS = ["folder.yaml"]
 README_COMMAND = (
     "--cudaid 1 --yaml glas-no-erase.yaml --kmin 0.09 --kmax 0.09 --dout 0.0 "
     "--epoch 2 --nbrerase 0 --epocherase 1 --stepsize 40 --bsize 8 --modalities 5 "
@@ -78,10 +81,14 @@ def without(config: dict, key: str) -> dict:
 
 
 def test_shipped_config_set():
-    assert available_configs() == sorted(PAPER_CONFIGS + SYNTHETIC_CONFIGS + BASELINE_CONFIGS)
+    assert available_configs() == sorted(
+        PAPER_CONFIGS + SYNTHETIC_CONFIGS + BASELINE_CONFIGS + OWN_DATA_CONFIGS
+    )
 
 
-@pytest.mark.parametrize("name", PAPER_CONFIGS + SYNTHETIC_CONFIGS + BASELINE_CONFIGS)
+@pytest.mark.parametrize(
+    "name", PAPER_CONFIGS + SYNTHETIC_CONFIGS + BASELINE_CONFIGS + OWN_DATA_CONFIGS
+)
 def test_every_config_loads(name):
     config = load_config(resolve_yaml_path(name))
     assert config["nbr_classes"] == config["model"]["num_classes"]
@@ -544,6 +551,28 @@ def test_readme_command_verbatim():
     assert config["strict"] is True
 
 
+def readme_commands(marker: str) -> list[list[str]]:
+    """The arguments of README's ``python train_deepmil.py`` commands that contain ``marker``
+    (continuation lines joined)."""
+    text = (REPO / "README.md").read_text().replace("\\\n", " ")
+    return [
+        shlex.split(line.split("python train_deepmil.py", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("python train_deepmil.py") and marker in line
+    ]
+
+
+def test_readme_override_examples_are_valid_as_written():
+    """Symptom: README's only override example stopped on the synthetic configuration."""
+    (synthetic,) = readme_commands("synthetic-no-erasing.yaml --cudaid cpu --epoch 2")
+    config, _ = tools.get_yaml_args(synthetic)
+    assert config["dataset"] == "synthetic" and config["max_epochs"] == 2
+    assert config["model"]["mask_normalization"] == "sample" and config["MYSEED"] == 3
+    (paper,) = readme_commands("glas-no-erase.yaml --kmin 0.09")
+    config, _ = tools.get_yaml_args(paper)
+    assert config["dataset"] == "glas" and config["model"]["kmax"] == 0.09
+
+
 def test_readme_command_maps_every_flag():
     argv = (
         "--cudaid 1 --yaml glas-no-erase.yaml --kmin 0.07 --kmax 0.08 --dout 0.1 --epoch 2 "
@@ -931,7 +960,8 @@ def test_help_lists_the_choices_and_its_examples_are_valid_commands():
     text = build_parser().format_help()
     assert "overrides method (str): " + ", ".join(METHOD_NAMES) in " ".join(text.split())
     examples = [line.split()[2:] for line in EPILOG.splitlines() if "train_deepmil.py" in line]
-    assert len(examples) == 4
+    assert len(examples) == 5
+    assert any("--evaluate" in arguments for arguments in examples)
     for arguments in examples:
         build_parser().parse_args(arguments)
     for arguments in examples[:2]:

@@ -1,6 +1,7 @@
 """Tests of the fold generator (create_folds.py)."""
 
 import hashlib
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -11,26 +12,41 @@ from scipy import io as sio
 import create_folds
 from deepmil.synthetic import SyntheticSpec
 
-REFERENCE = Path(__file__).resolve().parents[2] / "shared" / "reference" / "upstream-folds"
-needs_reference = pytest.mark.skipif(
-    not REFERENCE.is_dir(), reason="published reference folds not available"
-)
+PUBLISHED = Path(__file__).resolve().parent / "data" / "published-folds.tar.gz"
 GLAS_HEADER = "name,patient ID,grade (GlaS),grade (Sirinukunwattana et al. 2015)"
 CUB_CLASSES = ("001.Black_footed_Albatross", "002.Laysan_Albatross", "003.Sooty_Albatross")
 
 
-def _reference_file(fold_name: str, file_name: str) -> Path:
-    return REFERENCE / fold_name / "split_0" / "fold_0" / file_name
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The published GlaS and CUB (200 classes) fold CSVs and CUB5's class list, unpacked from
+    ``tests/data``; every CSV is checked against its published digest first."""
+    root = tmp_path_factory.mktemp("published")
+    with tarfile.open(PUBLISHED) as archive:
+        archive.extractall(root, filter="data")
+    csvs = sorted(root.rglob("*.csv"))
+    assert len(csvs) == 6
+    for path in csvs:
+        assert _sha256(path) == create_folds.PUBLISHED_SHA256[path.relative_to(root).as_posix()]
+    return root
 
 
-def _reference_rows(fold_name: str, set_name: str) -> list[tuple[str, str, str]]:
-    text = _reference_file(fold_name, f"{set_name}_s_0_f_0.csv").read_text()
+def _reference_file(reference: Path, fold_name: str, file_name: str) -> Path:
+    return reference / fold_name / "split_0" / "fold_0" / file_name
+
+
+def _reference_rows(reference: Path, fold_name: str, set_name: str) -> list[tuple[str, str, str]]:
+    text = _reference_file(reference, fold_name, f"{set_name}_s_0_f_0.csv").read_text()
     return [tuple(line.split(",")) for line in text.splitlines()]
 
 
-def _glas_grades() -> list[tuple[str, str]]:
+def _glas_grades(reference: Path) -> list[tuple[str, str]]:
     """(name, grade) of every published GlaS row, in lexicographic name order."""
-    rows = [row for name in ("train", "valid", "test") for row in _reference_rows("glas", name)]
+    rows = [
+        row
+        for name in ("train", "valid", "test")
+        for row in _reference_rows(reference, "glas", name)
+    ]
     return sorted((image[: -len(".bmp")], grade) for image, _, grade in rows)
 
 
@@ -51,28 +67,28 @@ def _write_grade_csv(folder: Path, samples: list[tuple[str, str]]) -> None:
 # ----------------------------------------------------------------------------- GlaS
 
 
-@needs_reference
-def test_glas_rebuilt_grade_csv_reproduces_the_published_files(tmp_path, capsys):
-    _write_grade_csv(tmp_path / "data" / create_folds.DATASET_SUBFOLDERS["glas"], _glas_grades())
+def test_glas_rebuilt_grade_csv_reproduces_the_published_files(reference, tmp_path, capsys):
+    grades = _glas_grades(reference)
+    _write_grade_csv(tmp_path / "data" / create_folds.DATASET_SUBFOLDERS["glas"], grades)
     out = tmp_path / "folds"
     argv = ["--dataset", "glas", "--data-root", str(tmp_path / "data"), "--out", str(out)]
     assert create_folds.main(argv) == 0
     printed = capsys.readouterr().out
     assert "3 of 3 files match the published digests" in printed
     assert "expected to differ" not in printed
-    names = ("train_s_0_f_0.csv", "valid_s_0_f_0.csv", "test_s_0_f_0.csv", "seed.txt")
-    for name in names:
+    for name in ("train_s_0_f_0.csv", "valid_s_0_f_0.csv", "test_s_0_f_0.csv"):
         ours = out / "glas" / "split_0" / "fold_0" / name
-        assert ours.read_bytes() == _reference_file("glas", name).read_bytes()
+        assert ours.read_bytes() == _reference_file(reference, "glas", name).read_bytes()
+    seed = (out / "glas" / "split_0" / "fold_0" / "seed.txt").read_text()
+    assert seed.strip() == create_folds.SEED_FILE_TEXT
 
 
-@needs_reference
-def test_glas_training_file_needs_the_draws_of_two_splits(tmp_path, monkeypatch):
-    _write_grade_csv(tmp_path, _glas_grades())
+def test_glas_training_file_needs_the_draws_of_two_splits(reference, tmp_path, monkeypatch):
+    _write_grade_csv(tmp_path, _glas_grades(reference))
     monkeypatch.setattr(create_folds, "N_SPLITS", 1)
     folds = create_folds.glas_folds(tmp_path)
-    assert folds.valid == _reference_rows("glas", "valid")
-    assert folds.train != _reference_rows("glas", "train")
+    assert folds.valid == _reference_rows(reference, "glas", "valid")
+    assert folds.train != _reference_rows(reference, "glas", "train")
 
 
 def test_grade_csv_parsing_removes_every_space_and_names_bad_lines(tmp_path):
@@ -184,8 +200,7 @@ def test_cub5_selection_is_18_170_107_98_177_with_seed_0():
     assert create_folds.select_cub5_classes(names) == [names[i] for i in (18, 170, 107, 98, 177)]
 
 
-@needs_reference
-def test_cub_reference_recovered_order_reproduces_cub5_and_encodings(tmp_path):
+def test_cub_reference_recovered_order_reproduces_cub5_and_encodings(reference, tmp_path):
     """The published 200-class fold determines the official training order per class.
 
     The shuffles are a fixed permutation of positions (``random.shuffle`` consumes the stream
@@ -196,7 +211,9 @@ def test_cub_reference_recovered_order_reproduces_cub5_and_encodings(tmp_path):
     CUB5 split, drawn from a different random stream, must then match its published digests.
     """
     fold_name = create_folds.FOLD_NAMES["cub"]
-    train, valid, test = (_reference_rows(fold_name, name) for name in ("train", "valid", "test"))
+    train, valid, test = (
+        _reference_rows(reference, fold_name, name) for name in ("train", "valid", "test")
+    )
     classes = sorted({row[2] for row in test})
     assert len(classes) == 200
 
@@ -223,7 +240,7 @@ def test_cub_reference_recovered_order_reproduces_cub5_and_encodings(tmp_path):
     expected = create_folds.PUBLISHED_SHA256[f"{fold_name}/encoding.yaml"]
     assert _sha256(out / "cub-encoding.yaml") == expected
     origin = "encoding-origine.yaml"
-    assert (out / cub5_name / origin).read_bytes() == (REFERENCE / cub5_name / origin).read_bytes()
+    assert (out / cub5_name / origin).read_bytes() == (reference / cub5_name / origin).read_bytes()
 
 
 # ----------------------------------------------------------------------------- Oxford Flowers 102

@@ -4,6 +4,7 @@ away. Fixtures (the tiny dataset, the reference run, the in-process command line
 tests/conftest.py, helpers from tests/helpers.py."""
 
 import errno
+import json
 import os
 import shutil
 import signal
@@ -395,3 +396,48 @@ def test_a_saved_config_with_a_shared_value_loads_again(tmp_path):
     save_config(config, tmp_path / "config.yaml")
     assert "&" not in (tmp_path / "config.yaml").read_text()
     assert load_config(tmp_path / "config.yaml")["padding_size"] == config["model"]["scale"]
+
+
+# ----------------------------------------------------------------------------- --evaluate
+
+
+def test_evaluate_scores_the_selected_model_again_and_leaves_the_run_alone(
+    cli, reference, tmp_path
+):
+    """Symptom: evaluate-only needed --yaml, printed "selected epoch -1", named its folder like
+    a training run and always evaluated the training set too."""
+    folder = shutil.copytree(reference, tmp_path / "run")
+    before = run_files(folder)
+    code, err = cli(["--evaluate", str(folder), "--cudaid", "cpu", "--quiet"])
+    assert code == 0, err
+    trained = json.loads((folder / "final_metrics.json").read_text())
+    evaluated = json.loads((folder / "evaluation" / "final_metrics.json").read_text())
+    assert set(evaluated) == {"test"} and evaluated["test"] == trained["test"]
+    assert f"selected epoch {trained['best_epoch']} (best_model.pt); results in" in cli.stdout
+    assert (folder / "evaluation" / "test_predictions.png").is_file()
+    assert "evaluating" in (folder / "evaluation" / "evaluation.log").read_text()
+    assert run_files(folder) == before
+    code, err = cli(["--evaluate", str(folder), "--sets", "test,valid", "--cudaid", "cpu"])
+    assert code == 0, err
+    evaluated = json.loads((folder / "evaluation" / "final_metrics.json").read_text())
+    assert list(evaluated) == ["valid", "test", "best_threshold"]
+    assert evaluated == {name: trained[name] for name in evaluated}
+
+
+def test_evaluate_refuses_what_it_cannot_do(cli, reference, tmp_path):
+    folder = str(reference)
+    cases = [
+        (["--sets", "test", "--yaml", "synthetic-no-erasing.yaml"], "--sets chooses the sets"),
+        (["--evaluate", folder, "--yaml", "x.yaml"], "--evaluate reads the run's saved"),
+        (["--evaluate", folder, "--resume", folder], "--resume and --evaluate exclude"),
+        (["--evaluate", str(tmp_path)], f"{tmp_path / 'config.yaml'} not found"),
+    ]
+    for args, message in cases:
+        code, err = cli([*args, "--cudaid", "cpu", "--quiet"])
+        assert code == 1 and message in err, (args, err)
+    with pytest.raises(SystemExit):
+        cli(["--evaluate", folder, "--sets", "test,holdout"])
+    untrained = shutil.copytree(reference, tmp_path / "untrained")
+    (untrained / "best_model.pt").unlink()
+    code, err = cli(["--evaluate", str(untrained), "--cudaid", "cpu", "--quiet"])
+    assert code == 1 and "no best_model.pt (no epoch of the run has finished)" in err

@@ -44,16 +44,20 @@ def fake_run(root, name, method, seed, test, erase=0, crf=True, indices=(3, 5)):
     return folder
 
 
-def metrics(cl_error, f1_pos, f1_neg, pxap, crf=None):
+def metrics(cl_error, f1_pos, f1_neg, pxap, crf=None, iou=None):
     values = {"cl_error": cl_error, "f1_pos": f1_pos, "f1_neg": f1_neg, "pxap": pxap}
     if crf is not None:
         values.update(crf_f1_pos=crf[0], crf_f1_neg=crf[1])
+    if iou is not None:
+        values.update(iou=iou[0], **({"crf_iou": iou[1]} if crf is not None else {}))
     return values
 
 
 def test_two_folders_give_the_expected_table(tmp_path, capsys):
-    first = fake_run(tmp_path, "ours", "minmax", 0, metrics(10, 50, 60, 40, crf=(52, 61)), erase=4)
-    second = fake_run(tmp_path, "cam", "cam", 0, metrics(5, 30.125, 70, 35.5, crf=(31, 69)))
+    first = fake_run(
+        tmp_path, "ours", "minmax", 0, metrics(10, 50, 60, 40, (52, 61), (33, 35)), erase=4
+    )
+    second = fake_run(tmp_path, "cam", "cam", 0, metrics(5, 30.125, 70, 35.5, (31, 69), (18, 19)))
     markdown, latex = tmp_path / "t.md", tmp_path / "t.tex"
     assert (
         report.main([str(first), str(second), "--markdown", str(markdown), "--latex", str(latex)])
@@ -61,17 +65,17 @@ def test_two_folders_give_the_expected_table(tmp_path, capsys):
     )
     expected = (
         "### synthetic: test set, mean ± std over seeds\n\n"
-        "| method | seeds | cl. error (%) | F1+ (%) | F1- (%) | PxAP (%) | CRF F1+ (%) "
-        "| CRF F1- (%) |\n"
-        "|---|---|---:|---:|---:|---:|---:|---:|\n"
-        "| CAM | 0 | 5.00 | 30.12 | 70.00 | 35.50 | 31.00 | 69.00 |\n"
-        "| Min-max entropy, 4 erasing passes | 0 | 10.00 | 50.00 | 60.00 | 40.00 | 52.00 "
-        "| 61.00 |\n"
+        "| method | seeds | cl. error (%) | F1+ (%) | F1- (%) | IoU (%) | PxAP (%) | CRF F1+ (%) "
+        "| CRF F1- (%) | CRF IoU (%) |\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "| CAM | 0 | 5.00 | 30.12 | 70.00 | 18.00 | 35.50 | 31.00 | 69.00 | 19.00 |\n"
+        "| Min-max entropy, 4 erasing passes | 0 | 10.00 | 50.00 | 60.00 | 33.00 | 40.00 | 52.00 "
+        "| 61.00 | 35.00 |\n"
     )
     assert markdown.read_text() == expected
     assert capsys.readouterr().out == expected
     lines = latex.read_text().splitlines()
-    assert r"CAM & 0 & 5.00 & 30.12 & 70.00 & 35.50 & 31.00 & 69.00 \\" in lines
+    assert r"CAM & 0 & 5.00 & 30.12 & 70.00 & 18.00 & 35.50 & 31.00 & 69.00 & 19.00 \\" in lines
     assert lines[0] == r"\begin{table}[t]" and lines[-1] == r"\end{table}"
 
 
