@@ -31,7 +31,7 @@ from create_folds import synthetic_folds_held
 from deepmil import checkpoint, distributed, experiment, files, plots
 from deepmil.config import save_config
 from deepmil.distributed import DistributedContext, select_device
-from deepmil.engine import evaluate, train_one_epoch, unwrap
+from deepmil.engine import Evaluation, evaluate, train_one_epoch, unwrap
 from deepmil.errors import ConfigError, DeepMILError, RunError
 from deepmil.methods import build_network
 from deepmil.metrics import best_threshold_report
@@ -45,6 +45,8 @@ from tools import CRF, get_yaml_args
 
 LOGGER = logging.getLogger("train_deepmil")
 PANEL_IMAGES = 6
+PANEL_MISCLASSIFIED = 3
+PANEL_WORST = 3
 HISTOGRAM_BINS = 50
 # The evaluated sets by loader name (``train_eval``: the training set with evaluation
 # transforms) and the split each one reads.
@@ -269,7 +271,13 @@ def train(
             record["seconds"],
         )
     if history and context.is_main:
-        plots.plot_learning_curves(history, folder / "learning_curves.png")
+        erasing = settings.erasing
+        plots.plot_learning_curves(
+            history,
+            folder / "learning_curves.png",
+            selected_epoch=best["epoch"],
+            erasing_start=erasing.start_epoch if erasing.passes > 0 else None,
+        )
     distributed.barrier()
     return best
 
@@ -320,12 +328,13 @@ def final_evaluation(
 
     With ``crf`` the CRF-refined masks are scored beside the raw ones. When both the validation
     and test sets are evaluated, the threshold that maximises the validation F1+ is reported
-    with the test metrics at that threshold.
+    with the test metrics at that threshold. Rank 0 draws the test figures (see
+    :func:`draw_test_figures`).
     """
     crf = CRF(crf_params.params_for(config.data.dataset)) if config.crf else None
-    results, sweeps = {}, {}
+    results, evaluations = {}, {}
     for name in evaluated:
-        keep = PANEL_IMAGES if name == "test" and context.is_main else 0
+        panels = name == "test" and context.is_main
         with contextlib.ExitStack() as stack:
             save = None
             if name == "test" and config.save_scoremaps:
@@ -339,40 +348,55 @@ def final_evaluation(
                 model,
                 loaders[name],
                 settings,
-                keep=keep,
+                keep=PANEL_IMAGES if panels else 0,
                 crf=crf,
                 crf_workers=crf_worker_count(config, settings.device),
                 progress=bar_label(f"evaluating {name}", options, context),
                 on_item=save,
+                keep_misclassified=PANEL_MISCLASSIFIED if panels else 0,
+                keep_worst=PANEL_WORST if panels else 0,
             )
-        results[name], sweeps[name] = evaluation.summary, evaluation.sweep
-        if evaluation.records:
-            class_names = loader.load_encoding(
-                config.data.name_classes, loader.fold_dir(config.data)
-            )
-            samples = prediction_samples(evaluation.records, loaders[name].dataset, class_names)
-            plots.save_mask_panels(
-                samples, folder / "test_predictions.png", title="test predictions"
-            )
-            experiment.save_prediction_samples(samples, folder / "test_predictions.npz")
-            if evaluation.sweep.n_images:
-                plots.plot_score_histograms(
-                    evaluation.pxap.coarse_counts(HISTOGRAM_BINS),
-                    folder / "test_mask_histograms.png",
-                    title="test set: mask values inside / outside the ground truth",
-                )
-            else:
-                LOGGER.warning("no test image has a mask: test_mask_histograms.png is not drawn")
-    if "valid" in sweeps and "test" in sweeps:
-        results["best_threshold"] = best_threshold_report(sweeps["valid"], sweeps["test"])
+        results[name], evaluations[name] = evaluation.summary, evaluation
+    if "valid" in evaluations and "test" in evaluations:
+        sweeps = evaluations["valid"].sweep, evaluations["test"].sweep
+        results["best_threshold"] = best_threshold_report(*sweeps)
+    if "test" in evaluations and evaluations["test"].records:
+        threshold = results.get("best_threshold", {}).get("threshold")
+        draw_test_figures(config, evaluations["test"], loaders["test"].dataset, threshold, folder)
     return results
+
+
+def draw_test_figures(
+    config: DriverConfig,
+    evaluation: Evaluation,
+    dataset: loader.PhotoDataset,
+    best_threshold: float | None,
+    folder: Path,
+) -> None:
+    """``test_predictions.png`` and ``.npz`` from the kept test records, and
+    ``test_mask_histograms.png`` (with the lines at 0.5 and at ``best_threshold``, the
+    validation set's best) when a test image has a mask."""
+    class_names = loader.load_encoding(config.data.name_classes, loader.fold_dir(config.data))
+    samples = prediction_samples(evaluation.records, dataset, class_names)
+    plots.save_mask_panels(samples, folder / "test_predictions.png", title="test predictions")
+    experiment.save_prediction_samples(samples, folder / "test_predictions.npz")
+    if evaluation.sweep.n_images:
+        plots.plot_score_histograms(
+            evaluation.pxap.coarse_counts(HISTOGRAM_BINS),
+            folder / "test_mask_histograms.png",
+            title="test set: mask values inside / outside the ground truth",
+            best_threshold=best_threshold,
+        )
+    else:
+        LOGGER.warning("no test image has a mask: test_mask_histograms.png is not drawn")
 
 
 def prediction_samples(
     records: list[dict], dataset: loader.PhotoDataset, encoding: dict[str, int]
 ) -> list[dict]:
-    """Image, ground truth (when the image has one), continuous (and CRF) mask and a caption
-    for a few test images."""
+    """Image, ground truth (when the image has one), continuous (and CRF) mask, caption,
+    correctness and CRF scores of the kept test records. The caption of a record kept for
+    being misclassified or of lowest F1+ starts with that reason."""
     names = {value: key for key, value in encoding.items()}
     samples = []
     for record in records:
@@ -383,8 +407,9 @@ def prediction_samples(
             if truth is None
             else f"F1+ {100 * record['f1_pos']:.1f} F1- {100 * record['f1_neg']:.1f}"
         )
+        reason = "" if record["kept"] == "first" else f"{record['kept']} | "
         caption = (
-            f"true {names[record['label']]} | predicted {names[record['predicted']]} "
+            f"{reason}true {names[record['label']]} | predicted {names[record['predicted']]} "
             f"({100 * record['probability']:.0f}%) | {localization}"
         )
         sample = {
@@ -392,11 +417,16 @@ def prediction_samples(
             "image": image,
             "pred_mask": record["mask"][0].numpy(),
             "caption": caption,
+            "correct": record["correct"],
         }
         if truth is not None:
             sample["gt_mask"] = truth[0].numpy()
         if "crf_mask" in record:
             sample["crf_mask"] = record["crf_mask"][0].numpy()
+            if truth is not None:
+                sample["crf_caption"] = (
+                    f"F1+ {100 * record['crf_f1_pos']:.1f} F1- {100 * record['crf_f1_neg']:.1f}"
+                )
         samples.append(sample)
     return samples
 

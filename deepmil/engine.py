@@ -386,6 +386,54 @@ def summarise(rows: Iterable[tuple], count_localized: bool = False) -> dict[str,
     return summary
 
 
+class KeptRecords:
+    """The predictions an evaluation keeps as records, at most ``first + misclassified + worst``
+    of them whatever the set's size: the first ``first`` images, the first ``misclassified``
+    misclassified images after them, and those of the ``worst`` images of lowest F1+ in the
+    whole set (ties: the lower image index; images without a ground truth left out) that are
+    not already kept.
+
+    A record is the prediction (tensors on the CPU) with its per-image numbers and ``kept``:
+    ``"first"``, ``"misclassified"`` or ``"lowest F1+"``."""
+
+    def __init__(self, first: int = 0, misclassified: int = 0, worst: int = 0) -> None:
+        self.limits = (first, misclassified, worst)
+        self.first: list[dict] = []
+        self.misclassified: list[dict] = []
+        self.worst: list[tuple[float, int, dict | None]] = []
+
+    @property
+    def records(self) -> list[dict]:
+        """The first images, the misclassified ones, then the worst by increasing F1+."""
+        worst = [record for _, _, record in self.worst if record is not None]
+        return self.first + self.misclassified + worst
+
+    def offer(self, item: dict, row: dict) -> None:
+        """Keep the prediction ``item`` (with its :func:`image_row` numbers ``row``) if the
+        rule selects it among the images offered so far."""
+        first, misclassified, worst = self.limits
+        shown = True
+        if len(self.first) < first:
+            self.first.append(kept_record(item, row, "first"))
+        elif not row["correct"] and len(self.misclassified) < misclassified:
+            self.misclassified.append(kept_record(item, row, "misclassified"))
+        else:
+            shown = False
+        if not worst or row["f1_pos"] is None:
+            return
+        rank = (row["f1_pos"], item["index"])
+        if len(self.worst) == worst and rank >= self.worst[-1][:2]:
+            return
+        record = None if shown else kept_record(item, row, "lowest F1+")
+        self.worst = sorted([*self.worst, (*rank, record)], key=lambda entry: entry[:2])[:worst]
+
+
+def kept_record(item: dict, row: dict, kept: str) -> dict:
+    """``item`` with its tensors on the CPU, its per-image numbers ``row`` and ``kept``."""
+    on_cpu = {key: value.cpu() if torch.is_tensor(value) else value for key, value in item.items()}
+    return on_cpu | row | {"kept": kept}
+
+
 def progress_bar(stream: Iterator[dict], loader: Iterable[dict], label: str) -> Iterator[dict]:
     """``stream`` of per-image predictions behind a progress bar over this process's images."""
     sampler = getattr(loader, "sampler", None)
@@ -402,6 +450,8 @@ def evaluate(
     crf_workers: int = 0,
     progress: str | None = None,
     on_item: Callable[[dict], None] | None = None,
+    keep_misclassified: int = 0,
+    keep_worst: int = 0,
 ) -> Evaluation:
     """Evaluate (no erasing) with ``run``'s method, image by image or in batches of same-size
     images (with per-image mask normalisation: the same results).
@@ -412,11 +462,13 @@ def evaluate(
     a threshold sweep. With ``crf`` (e.g. ``tools.CRF``) the CRF-refined mask is scored too
     (``crf_*`` keys). Under ``torch.distributed`` each process evaluates its shard and the
     per-image results are gathered and summed in image order, so the summary equals a
-    single-process evaluation. ``records`` holds the first ``keep`` predictions of this process
-    (masks on the CPU) and ``pxap`` the set's counts of map values per bin outside / inside the
-    ground truth. ``run.metrics`` sets the empty-set Dice and the PxAP bins. ``progress``
-    labels a progress bar over the images (shown on a terminal only); ``on_item`` is called
-    with each per-image prediction (e.g. to save its map).
+    single-process evaluation. ``records`` holds the predictions of this process that
+    :class:`KeptRecords` selects (masks on the CPU): the first ``keep``, then the first
+    ``keep_misclassified`` misclassified ones and those of the ``keep_worst`` of lowest F1+
+    that are not kept already. ``pxap`` holds the set's counts of map values per bin outside /
+    inside the ground truth. ``run.metrics`` sets the empty-set Dice and the PxAP bins.
+    ``progress`` labels a progress bar over the images (shown on a terminal only); ``on_item``
+    is called with each per-image prediction (e.g. to save its map).
 
     Images without a mask (where the dataset's masks are optional) count in the classification
     error and the losses only; the localisation metrics, PxAP and the sweep are over the others
@@ -431,7 +483,8 @@ def evaluate(
         stream = progress_bar(stream, loader, progress)
     if on_item is not None:
         stream = observed(stream, on_item)
-    return score(stream, run.metrics, keep, loader.dataset.spec.optional_masks)
+    kept = KeptRecords(keep, keep_misclassified, keep_worst)
+    return score(stream, run.metrics, kept, loader.dataset.spec.optional_masks)
 
 
 def observed(stream: Iterable[dict], on_item: Callable[[dict], None]) -> Iterator[dict]:
@@ -442,28 +495,26 @@ def observed(stream: Iterable[dict], on_item: Callable[[dict], None]) -> Iterato
 
 
 def score(
-    stream: Iterable[dict], metrics: MetricSettings, keep: int = 0, optional_masks: bool = False
+    stream: Iterable[dict],
+    metrics: MetricSettings,
+    kept: KeptRecords | None = None,
+    optional_masks: bool = False,
 ) -> Evaluation:
     """The :class:`Evaluation` of a stream of per-image predictions with their ground truth
     (``truth``, ``None`` for an image without one), as :func:`evaluate` describes it; shards of
-    several processes are gathered. ``optional_masks`` adds ``n_localized`` to the summary."""
+    several processes are gathered. ``kept`` selects the records (none by default);
+    ``optional_masks`` adds ``n_localized`` to the summary."""
     pxap, sweep = PxAPMeter(metrics.pxap_interval), ThresholdSweepMeter(empty=metrics.empty)
-    rows, records = [], []
+    kept = KeptRecords() if kept is None else kept
+    rows = []
     for item in stream:
         rows.append(image_row(item, metrics.empty))
         if item["truth"] is not None:
             pxap.update(item["mask"], item["truth"])
             sweep.update(item["mask"], item["truth"])
-        if len(records) < keep:
-            records.append(
-                {
-                    key: value.cpu() if torch.is_tensor(value) else value
-                    for key, value in item.items()
-                }
-                | dict(rows[-1][1])
-            )
+        kept.offer(item, rows[-1][1])
     pxap.reduce(all_reduce_sum)
     sweep.reduce(all_reduce_sum)
     summary = summarise(rows, count_localized=optional_masks)
     summary["pxap"] = pxap.compute() if sweep.n_images else math.nan
-    return Evaluation(summary, records, sweep, pxap)
+    return Evaluation(summary, kept.records, sweep, pxap)

@@ -1,44 +1,104 @@
-"""Figures: learning curves, mask overlay panels and mask-value histograms written as PNG files.
+"""Figures: learning curves, prediction panels and mask-value histograms written as PNG files.
 
-Figures are built with ``matplotlib.figure.Figure`` (rendered by Agg, never registered with
-pyplot), so no global backend or figure state is touched and nothing stays open after saving.
+Each figure is built by a ``*_figure`` function that returns a ``matplotlib.figure.Figure``
+(rendered by Agg, never registered with pyplot), so no global backend or figure state is
+touched; its ``plot_*`` / ``save_*`` twin writes it and returns the path.
 """
 
 from __future__ import annotations
 
+import math
 import textwrap
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+from matplotlib import patheffects
 from matplotlib.axes import Axes
+from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator, PercentFormatter
 
 from deepmil.files import atomic_write
 
-OVERLAY_ALPHA = 128 / 255
+TRUTH_OUTLINE = "yellow"
+OUTLINE_STROKE = [patheffects.withStroke(linewidth=3.0, foreground="black")]
+TRUTH_FILL = "gold"
+PREDICTION_FILL = "red"
+FILL_ALPHA = 0.45
+MAP_COLORMAP = "viridis"
+MISCLASSIFIED_COLOR = "tab:red"
 REGION_COLORMAP = "Reds"
 REGION_ALPHA = 0.55
-TRUTH_OUTLINE = "yellow"
-MOVING_AVERAGE = 20
 PANEL_TITLES = ("image", "ground truth", "prediction (R+ >= 0.5)", "continuous R+")
 NO_TRUTH_TITLE = "no ground truth"
-CRF_TITLE = "CRF-refined R+"
-CURVE_GROUPS = (
-    ("losses", "loss", lambda key: "loss" in key),
-    ("classification error", "error (%)", lambda key: "error" in key),
-    ("localisation", "F1", lambda key: "f1" in key),
-    ("learning rate", "lr", lambda key: key == "lr" or key.endswith("_lr")),
+CRF_TITLE = "CRF-refined (>= 0.5)"
+PANELS_KEY = (
+    "yellow outline: ground truth; red: predicted region (over the image in grey); "
+    "red caption: misclassified"
 )
-LR_GROUP = 3
+MOVING_WINDOW = 20
+OUTLIER_FACTOR = 5.0
+SPLIT_STYLES = {"train": "-", "valid": "--"}
+LOSS_TITLES = {
+    "loss": "total loss",
+    "loss_seg": "L_seg (localizer head, CE)",
+    "loss_pos": "L_pos (positive region, CE)",
+    "loss_neg": "L_neg (negative region, CE to uniform)",
+    "loss_cl": "L_cl (baselines, CE)",
+}
+LINE_DETAILS = {
+    "localizer_cl_error": "localizer head",
+    "loss_seg_pass_mean": "mean over erasing passes",
+    "f1_pos": "F1+",
+    "f1_neg": "F1-",
+    "f1_pos_all_ones": "F1+ of an all-ones mask",
+}
+SELECTED_STYLE = {"color": "black", "linestyle": "-", "linewidth": 1.2, "alpha": 0.6}
+ERASING_STYLE = {"color": "tab:purple", "linestyle": ":", "linewidth": 1.8}
+DEFAULT_THRESHOLD = 0.5
 
 
-def _group_of(key: str) -> int | None:
-    for index, (_, _, matches) in enumerate(CURVE_GROUPS):
-        if matches(key):
-            return index
-    return None
+# ----------------------------------------------------------------------------- learning curves
+
+
+@dataclass(frozen=True)
+class CurvePanel:
+    """One panel of the learning curves: its title, y-axis label and history keys, the quantity
+    its line labels leave unsaid (``family``), and whether its values are percentages (``%``
+    ticks) or drawn on a log scale."""
+
+    title: str
+    ylabel: str
+    keys: tuple[str, ...]
+    family: str | None = None
+    percent: bool = False
+    log: bool = False
+
+
+def _split_of(key: str) -> tuple[str | None, str]:
+    """``"valid_loss_pos"`` -> ``("valid", "loss_pos")``; ``"lr"`` -> ``(None, "lr")``."""
+    split, _, name = key.partition("_")
+    return (split, name) if split in SPLIT_STYLES and name else (None, key)
+
+
+def _loss_family(key: str) -> str:
+    """The loss of a key, whatever its split (``train_loss_seg_pass_mean``: ``loss_seg``)."""
+    return _split_of(key)[1].removesuffix("_pass_mean")
+
+
+def _line_label(key: str, family: str | None) -> str:
+    """``"valid"``, ``"train, mean over erasing passes"``, ``"valid, F1+"``..."""
+    split, name = _split_of(key)
+    detail = "" if name == family else LINE_DETAILS.get(name, name)
+    return ", ".join(part for part in (split, detail) if part)
+
+
+def _is_lr(key: str) -> bool:
+    return key == "lr" or key.endswith("_lr")
 
 
 def _series(history: Sequence[Mapping[str, object]], key: str) -> np.ndarray:
@@ -54,65 +114,208 @@ def _series(history: Sequence[Mapping[str, object]], key: str) -> np.ndarray:
     return out
 
 
-def _moving_average(values: np.ndarray, window: int) -> np.ndarray:
-    """Trailing mean over up to ``window`` previous values (NaNs ignored)."""
+def _constant(values: np.ndarray) -> bool:
+    finite = values[np.isfinite(values)]
+    return len(finite) > 0 and bool((finite == finite[0]).all())
+
+
+def curve_panels(history: Sequence[Mapping[str, object]]) -> list[CurvePanel]:
+    """The panels of :func:`learning_curves_figure`: one per loss (its training and validation
+    values together), the classification errors, the F1 values, and the learning rate unless
+    it is constant. Keys without any finite value are left out."""
+    keys = sorted({key for entry in history for key in entry if key != "epoch"})
+    drawn = [
+        key
+        for key in keys
+        if ("loss" in key or "error" in key or "f1" in key or _is_lr(key))
+        and np.isfinite(_series(history, key)).any()
+    ]
+    families = {_loss_family(key) for key in drawn if "loss" in key}
+    ordered = [name for name in LOSS_TITLES if name in families] + sorted(
+        families - set(LOSS_TITLES)
+    )
+    panels = [
+        CurvePanel(
+            LOSS_TITLES.get(family, family),
+            "loss",
+            tuple(key for key in drawn if "loss" in key and _loss_family(key) == family),
+            family,
+        )
+        for family in ordered
+    ]
+    groups = (
+        ("classification error", "error", "cl_error", "error"),
+        ("localisation (threshold 0.5)", "F1", None, "f1"),
+    )
+    for title, ylabel, family, word in groups:
+        chosen = tuple(key for key in drawn if word in key and "loss" not in key)
+        if chosen:
+            panels.append(CurvePanel(title, ylabel, chosen, family, percent=True))
+    rates = tuple(key for key in drawn if _is_lr(key))
+    if rates and not all(_constant(_series(history, key)) for key in rates):
+        panels.append(CurvePanel("learning rate", "lr", rates, log=True))
+    return panels
+
+
+def outlier_limits(values: np.ndarray) -> tuple[float, float] | None:
+    """y limits that leave out the largest of ``values`` when it alone would stretch the axis
+    over more than ``OUTLIER_FACTOR`` times the span of the others (at least 3 finite values);
+    None when the axis can show every value."""
+    finite = np.sort(values[np.isfinite(values)])
+    if len(finite) < 3:
+        return None
+    low, rest, top = finite[0], finite[-2], finite[-1]
+    span = rest - low
+    if top - low <= OUTLIER_FACTOR * span:
+        return None
+    margin = 0.08 * span if span > 0 else 0.1 * max(abs(rest), 1.0)
+    return low - margin, rest + margin
+
+
+def _moving_median(values: np.ndarray, window: int) -> np.ndarray:
+    """Trailing median over up to ``window`` previous values (NaNs ignored), which a lone
+    outlier does not drag along."""
     out = np.full_like(values, np.nan)
     for i in range(len(values)):
         chunk = values[max(0, i - window + 1) : i + 1]
         if np.isfinite(chunk).any():
-            out[i] = np.nanmean(chunk)
+            out[i] = np.nanmedian(chunk)
     return out
 
 
-def plot_learning_curves(history: Sequence[Mapping[str, object]], path: str | Path) -> Path:
-    """Plot per-epoch statistics into a PNG: one subplot per group (losses, errors, F1, lr).
+def _draw_panel(
+    ax: Axes, panel: CurvePanel, epochs: np.ndarray, history: Sequence[Mapping[str, object]]
+) -> None:
+    """The panel's lines: one colour per quantity, the split as line style; a lone outlier is
+    left off the axis and marked by a triangle at its top edge with its value."""
+    smooth = len(history) > MOVING_WINDOW and not panel.log
+    colours: dict[str, str] = {}
+    drawn = []
+    for key in panel.keys:
+        values = _series(history, key)
+        split, name = _split_of(key)
+        colour = colours.setdefault(name, f"C{len(colours)}")
+        drawn.append((colour, values))
+        style = SPLIT_STYLES.get(split or "", "-")
+        label = _line_label(key, panel.family) or key
+        if smooth:
+            ax.plot(epochs, values, color=colour, linewidth=0.8, alpha=0.3)
+            values = _moving_median(values, MOVING_WINDOW)
+        ax.plot(
+            epochs,
+            values,
+            color=colour,
+            linestyle=style,
+            marker="." if len(values) < 50 else None,
+            label=label,
+        )
+    limits = None if panel.log else outlier_limits(np.concatenate([v for _, v in drawn]))
+    if limits is not None:
+        ax.set_ylim(*limits)
+        middle = (np.nanmin(epochs) + np.nanmax(epochs)) / 2
+        for colour, values in drawn:
+            for epoch, value in zip(epochs, values):
+                if value > limits[1]:
+                    right = epoch > middle
+                    ax.plot(epoch, limits[1], marker="^", color=colour, clip_on=False)
+                    ax.annotate(
+                        f"{value:.3g}",
+                        (epoch, limits[1]),
+                        xytext=(-5 if right else 5, -11),
+                        textcoords="offset points",
+                        ha="right" if right else "left",
+                        fontsize=8,
+                        color=colour,
+                    )
+    if panel.log:
+        ax.set_yscale("log")
+    if panel.percent:
+        ax.yaxis.set_major_formatter(PercentFormatter(xmax=100, decimals=0))
+    title = panel.title
+    if smooth:
+        title += f" ({MOVING_WINDOW}-epoch moving median; faint: per epoch)"
+    if limits is not None:
+        title += " (clipped: ▲ above the axis)"
+    ax.set_title(title, fontsize=10)
+    ax.set_ylabel(panel.ylabel)
+    ax.set_xlabel("epoch")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+
+
+def learning_curves_figure(
+    history: Sequence[Mapping[str, object]],
+    selected_epoch: int | None = None,
+    erasing_start: int | None = None,
+) -> Figure:
+    """Per-epoch statistics, one panel per :func:`curve_panels` (two columns): training values
+    solid, validation values dashed. A solid black line marks ``selected_epoch`` and a dotted
+    purple one ``erasing_start`` (the first epoch of recursive erasing) on every panel, where
+    they lie within the history.
 
     ``history`` holds one dict per epoch (``epoch``, ``train_loss``, ``valid_cl_error``,
-    ``valid_f1_pos``, ``lr``...); only the keys present are drawn, missing/None values are gaps.
-    With more than 20 epochs a trailing 20-epoch moving average is drawn dashed over each curve
-    (except the learning rate, drawn on a log scale). Returns the written path.
+    ``valid_f1_pos``, ``lr``...); missing/None values are gaps. With more than 20 epochs each
+    line is a trailing 20-epoch moving median over the faint per-epoch values. A lone outlier
+    does not stretch a panel's axis (see :func:`outlier_limits`). A constant learning rate is
+    given above the panels instead of a panel of its own.
     """
     if not history:
-        raise ValueError(f"plot_learning_curves: empty history, nothing to plot into {path}")
-    keys = sorted({key for entry in history for key in entry if key != "epoch"})
-    groups: dict[int, list[str]] = {}
-    for key in keys:
-        index = _group_of(key)
-        if index is not None:
-            groups.setdefault(index, []).append(key)
-    if not groups:
-        raise ValueError(f"plot_learning_curves: no plottable key among {keys} for {path}")
+        raise ValueError("learning curves: empty history, nothing to plot")
+    panels = curve_panels(history)
+    if not panels:
+        keys = sorted({key for entry in history for key in entry})
+        raise ValueError(f"learning curves: no plottable key among {keys}")
     epochs = (
         _series(history, "epoch")
         if all("epoch" in entry for entry in history)
         else np.arange(len(history), dtype=float)
     )
-    fig = Figure(figsize=(8, 3 * len(groups)), layout="constrained")
-    axes = fig.subplots(len(groups), 1, sharex=True, squeeze=False)
-    for ax, index in zip(axes[:, 0], sorted(groups)):
-        title, ylabel, _ = CURVE_GROUPS[index]
-        smooth = len(history) > MOVING_AVERAGE and index != LR_GROUP
-        for key in groups[index]:
-            values = _series(history, key)
-            (line,) = ax.plot(epochs, values, marker="." if len(values) < 50 else None, label=key)
-            if smooth:
-                ax.plot(
-                    epochs,
-                    _moving_average(values, MOVING_AVERAGE),
-                    linestyle="--",
-                    color=line.get_color(),
-                    linewidth=1,
-                )
-        if index == LR_GROUP:
-            ax.set_yscale("log")
-        if smooth:
-            title = f"{title} (dashed: {MOVING_AVERAGE}-epoch moving average)"
-        ax.set_title(title)
-        ax.set_ylabel(ylabel)
-        ax.grid(True, alpha=0.3)
-        ax.legend(fontsize=8, loc="best")
-    axes[-1, 0].set_xlabel("epoch")
-    return _save(fig, path)
+    columns = 1 if len(panels) == 1 else 2
+    rows = (len(panels) + columns - 1) // columns
+    fig = Figure(figsize=(6.5 * columns, 3.0 * rows + 0.7), layout="constrained")
+    axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    markers = []
+    if selected_epoch is not None and epochs.min() <= selected_epoch <= epochs.max():
+        markers.append((selected_epoch, SELECTED_STYLE, f"selected epoch {selected_epoch}"))
+    if erasing_start is not None and epochs.min() <= erasing_start <= epochs.max():
+        markers.append((erasing_start, ERASING_STYLE, f"erasing from epoch {erasing_start}"))
+    for ax, panel in zip(axes, panels):
+        _draw_panel(ax, panel, epochs, history)
+        for epoch, style, _ in markers:
+            ax.axvline(epoch, **style)
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    handles = [Line2D([], [], **style, label=label) for _, style, label in markers]
+    handles += [
+        Line2D([], [], color="grey", linestyle=style, label=split)
+        for split, style in SPLIT_STYLES.items()
+    ]
+    rates = sorted({key for entry in history for key in entry if _is_lr(key)})
+    constant = [key for key in rates if _constant(_series(history, key))]
+    note = None
+    if constant and not any(panel.log for panel in panels):
+        values = ", ".join(f"{key} {np.nanmax(_series(history, key)):.3g}" for key in constant)
+        note = f"constant learning rate: {values}"
+    fig.legend(
+        handles=handles,
+        loc="outside upper center",
+        ncols=len(handles),
+        fontsize=9,
+        title=note,
+        title_fontsize=9,
+    )
+    return fig
+
+
+def plot_learning_curves(
+    history: Sequence[Mapping[str, object]],
+    path: str | Path,
+    selected_epoch: int | None = None,
+    erasing_start: int | None = None,
+) -> Path:
+    """Write :func:`learning_curves_figure` as a PNG at ``path``; returns the path."""
+    return _save(learning_curves_figure(history, selected_epoch, erasing_start), path)
 
 
 def plot_comparison_curves(
@@ -182,6 +385,9 @@ def _mean_band(ax: Axes, series: Sequence[np.ndarray], label: str) -> None:
         ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.15)
 
 
+# ----------------------------------------------------------------------------- prediction panels
+
+
 def denormalize_image(tensor: torch.Tensor) -> np.ndarray:
     """``3 x H x W`` image normalised with mean 0.5 / std 0.5 -> ``H x W x 3`` uint8 array."""
     if tensor.dim() != 3 or tensor.shape[0] != 3:
@@ -193,76 +399,113 @@ def denormalize_image(tensor: torch.Tensor) -> np.ndarray:
 def _check_sample(index: int, sample: Mapping[str, object]) -> None:
     missing = [k for k in ("image", "pred_mask", "caption") if k not in sample]
     if missing:
-        raise ValueError(f"save_mask_panels: sample {index} lacks keys {missing}")
+        raise ValueError(f"mask panels: sample {index} lacks keys {missing}")
     image = np.asarray(sample["image"])
     if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
         raise ValueError(
-            f"save_mask_panels: sample {index} image must be an HxWx3 uint8 array, "
+            f"mask panels: sample {index} image must be an HxWx3 uint8 array, "
             f"got shape {image.shape} dtype {image.dtype}"
         )
     for key in ("gt_mask", "pred_mask", "crf_mask"):
         if key in sample and np.asarray(sample[key]).shape != image.shape[:2]:
             raise ValueError(
-                f"save_mask_panels: sample {index} {key} has shape "
+                f"mask panels: sample {index} {key} has shape "
                 f"{np.asarray(sample[key]).shape}, image is {image.shape[:2]}"
             )
 
 
-def _overlay(ax: Axes, image: np.ndarray, mask: np.ndarray) -> None:
-    ax.imshow(image)
-    ax.imshow(
-        mask, cmap="seismic", vmin=0.0, vmax=1.0, alpha=OVERLAY_ALPHA, interpolation="nearest"
-    )
+def _outline(ax: Axes, truth: np.ndarray | None) -> None:
+    """The outline of ``truth`` (>= 0.5) in yellow on a black stroke (nothing without a ground
+    truth or when it is all one value)."""
+    if truth is not None and truth.min() < 0.5 <= truth.max():
+        contours = ax.contour(truth, levels=[0.5], colors=TRUTH_OUTLINE, linewidths=1.5)
+        contours.set_path_effects(OUTLINE_STROKE)
 
 
-def save_mask_panels(
-    samples: Sequence[Mapping[str, object]], path: str | Path, title: str | None = None
-) -> Path:
-    """One row per sample: image, ground-truth overlay, thresholded prediction overlay and
-    continuous prediction overlay ('seismic' colormap, alpha 128/255: blue = 0, red = 1), with
-    the sample's caption above the row. A sample without ``gt_mask`` (an image without a
-    ground truth) shows the plain image in its place. When the samples carry a ``crf_mask``
-    (all of them or none), a fifth column overlays it. Returns the written PNG path."""
+def _grey(ax: Axes, image: np.ndarray) -> None:
+    """``image`` in light grey, a backdrop on which a single-colour fill stands out."""
+    luminance = image.astype(float) @ np.array([0.299, 0.587, 0.114])
+    ax.imshow(luminance, cmap="gray", vmin=-160, vmax=300, interpolation="nearest")
+
+
+def _fill(ax: Axes, region: np.ndarray, colour: str) -> None:
+    """``region`` (>= 0.5) filled with ``colour`` over the grey image, and its outline."""
+    rgba = np.zeros((*region.shape, 4))
+    rgba[..., :3] = to_rgb(colour)
+    rgba[..., 3] = FILL_ALPHA * (region >= 0.5)
+    ax.imshow(rgba, interpolation="nearest")
+    if region.min() < 0.5 <= region.max():
+        ax.contour(region, levels=[0.5], colors=colour, linewidths=1.0)
+
+
+def _draw_row(row: Figure, sample: Mapping[str, object], columns: int) -> None:
+    """One sample's panels and caption (in red for a misclassified image)."""
+    image = np.asarray(sample["image"])
+    pred = np.asarray(sample["pred_mask"], dtype=float)
+    truth = np.asarray(sample["gt_mask"], dtype=float) if "gt_mask" in sample else None
+    axes = row.subplots(1, columns)
+    axes[0].imshow(image)
+    axes[1].set_title(PANEL_TITLES[1] if truth is not None else NO_TRUTH_TITLE, fontsize=9)
+    _grey(axes[1], image)
+    if truth is not None:
+        _fill(axes[1], truth, TRUTH_FILL)
+    _grey(axes[2], image)
+    _fill(axes[2], pred, PREDICTION_FILL)
+    shown = axes[3].imshow(pred, cmap=MAP_COLORMAP, vmin=0.0, vmax=1.0, interpolation="nearest")
+    row.colorbar(shown, ax=axes[3], ticks=[0.0, 0.5, 1.0], fraction=0.08, pad=0.03)
+    if columns == 5:
+        _grey(axes[4], image)
+        _fill(axes[4], np.asarray(sample["crf_mask"], dtype=float), PREDICTION_FILL)
+        note = sample.get("crf_caption")
+        axes[4].set_title(f"{CRF_TITLE}\n{note}" if note else CRF_TITLE, fontsize=9)
+    for column, ax in enumerate(axes):
+        _outline(ax, truth)
+        if column in (0, 2, 3):
+            ax.set_title(PANEL_TITLES[column], fontsize=9)
+        ax.set_xticks([])
+        ax.set_yticks([])
+    colour = MISCLASSIFIED_COLOR if sample.get("correct") is False else "black"
+    row.suptitle(str(sample["caption"]), fontsize=10, color=colour)
+
+
+def mask_panels_figure(samples: Sequence[Mapping[str, object]], title: str | None = None) -> Figure:
+    """One row per sample, with its ``caption`` above it (red when ``correct`` is False): the
+    image, the ground truth filled in gold, the prediction ``pred_mask >= 0.5`` filled in red
+    (both over the image in grey) and the continuous ``pred_mask`` with its colour bar; the
+    ground truth is outlined in yellow on every panel. A sample without ``gt_mask`` (an image
+    without a ground truth) says so and has no outline. When the samples carry a ``crf_mask``
+    (all of them or none), a fifth column fills it like the prediction, titled with the
+    sample's ``crf_caption`` (e.g. its F1 values)."""
     if not samples:
-        raise ValueError(f"save_mask_panels: no sample to draw into {path}")
+        raise ValueError("mask panels: no sample to draw")
     for index, sample in enumerate(samples):
         _check_sample(index, sample)
     with_crf = ["crf_mask" in sample for sample in samples]
     if any(with_crf) and not all(with_crf):
         raise ValueError(
-            f"save_mask_panels: 'crf_mask' given for {sum(with_crf)} of "
+            f"mask panels: 'crf_mask' given for {sum(with_crf)} of "
             f"{len(samples)} samples; give it for all or none"
         )
-    titles = PANEL_TITLES + ((CRF_TITLE,) if all(with_crf) else ())
+    columns = len(PANEL_TITLES) + all(with_crf)
     height, width = np.asarray(samples[0]["image"]).shape[:2]
-    panel_w = 3.0
-    panel_h = max(1.5, min(6.0, panel_w * height / width)) + 0.6
+    panel_w = 2.6
+    panel_h = max(1.3, min(5.2, panel_w * height / width)) + 0.7
     fig = Figure(
-        figsize=(len(titles) * panel_w, panel_h * len(samples) + (0.5 if title else 0)),
-        layout="constrained",
+        figsize=(columns * panel_w + 0.6, panel_h * len(samples) + 0.7), layout="constrained"
     )
     rows = np.atleast_1d(fig.subfigures(len(samples), 1))
     for row, sample in zip(rows, samples):
-        image = np.asarray(sample["image"])
-        pred = np.asarray(sample["pred_mask"], dtype=float)
-        gt = np.asarray(sample["gt_mask"], dtype=float) if "gt_mask" in sample else None
-        panels = (None, gt, (pred >= 0.5).astype(float), pred)
-        if "crf_mask" in sample:
-            panels += (np.asarray(sample["crf_mask"], dtype=float),)
-        row_titles = titles if gt is not None else (titles[0], NO_TRUTH_TITLE, *titles[2:])
-        axes = row.subplots(1, len(titles))
-        for ax, panel_title, mask in zip(axes, row_titles, panels):
-            if mask is None:
-                ax.imshow(image)
-            else:
-                _overlay(ax, image, mask)
-            ax.set_title(panel_title, fontsize=9)
-            ax.set_xticks([])
-            ax.set_yticks([])
-        row.suptitle(str(sample["caption"]), fontsize=10)
-    if title:
-        fig.suptitle(title, fontsize=12, fontweight="bold")
-    return _save(fig, path)
+        _draw_row(row, sample, columns)
+    heading = f"{title}\n{PANELS_KEY}" if title else PANELS_KEY
+    fig.suptitle(heading, fontsize=10)
+    return fig
+
+
+def save_mask_panels(
+    samples: Sequence[Mapping[str, object]], path: str | Path, title: str | None = None
+) -> Path:
+    """Write :func:`mask_panels_figure` as a PNG at ``path``; returns the path."""
+    return _save(mask_panels_figure(samples, title), path)
 
 
 def _region_overlay(
@@ -279,8 +522,7 @@ def _region_overlay(
         alpha=REGION_ALPHA,
         interpolation="nearest",
     )
-    if truth is not None and truth.min() != truth.max():
-        ax.contour(truth, levels=[0.5], colors=TRUTH_OUTLINE, linewidths=1.0)
+    _outline(ax, truth)
 
 
 def save_method_comparison(
@@ -330,6 +572,9 @@ def save_method_comparison(
     return _save(fig, path)
 
 
+# ----------------------------------------------------------------------------- histograms
+
+
 def plot_mask_histograms(
     inside_values: np.ndarray | torch.Tensor,
     outside_values: np.ndarray | torch.Tensor,
@@ -337,9 +582,11 @@ def plot_mask_histograms(
     bins: int = 50,
     log_y: bool = False,
     title: str | None = None,
+    best_threshold: float | None = None,
 ) -> Path:
     """Density-normalised histograms, on [0, 1], of predicted mask values at pixels inside and
-    outside the ground-truth foreground (log y axis with ``log_y``). Returns the PNG path."""
+    outside the ground-truth foreground, as :func:`score_histograms_figure` draws them.
+    Returns the PNG path."""
     edges = np.linspace(0.0, 1.0, bins + 1)
     counts = []
     for name, group in (("outside", outside_values), ("inside", inside_values)):
@@ -350,25 +597,27 @@ def plot_mask_histograms(
                 f"non-empty and in [0, 1] ({array.size} given) for {path}"
             )
         counts.append(np.histogram(array, bins=edges)[0])
-    return plot_score_histograms(np.stack(counts), path, log_y=log_y, title=title)
+    return plot_score_histograms(np.stack(counts), path, log_y, title, best_threshold)
 
 
-def plot_score_histograms(
+def score_histograms_figure(
     counts: np.ndarray | torch.Tensor,
-    path: str | Path,
     log_y: bool = False,
     title: str | None = None,
-) -> Path:
+    best_threshold: float | None = None,
+) -> Figure:
     """Density-normalised histograms from pixel counts per bin of [0, 1]: row 0 for pixels
-    outside the ground-truth foreground, row 1 inside (the state of ``PxAPMeter``)."""
+    outside the ground-truth foreground, row 1 inside (the state of ``PxAPMeter``); log y axis
+    with ``log_y``. A dashed black line marks the threshold 0.5 of F1+, F1- and IoU, a dotted
+    green one ``best_threshold`` (the validation set's best, when given and finite)."""
     counts = np.asarray(torch.as_tensor(counts).cpu(), dtype=float)
     if counts.ndim != 2 or len(counts) != 2 or (counts.sum(axis=1) == 0).any():
         raise ValueError(
-            f"plot_score_histograms: need 2 x bins counts with pixels in both rows "
-            f"for {path}, got shape {counts.shape}"
+            f"score histograms: need 2 x bins counts with pixels in both rows, "
+            f"got shape {counts.shape}"
         )
     edges = np.linspace(0.0, 1.0, counts.shape[1] + 1)
-    fig = Figure(figsize=(6, 4), layout="constrained")
+    fig = Figure(figsize=(6.5, 4.6), layout="constrained")
     ax = fig.subplots()
     rows = (
         ("inside the ground truth", counts[1], "tab:red"),
@@ -380,6 +629,17 @@ def plot_score_histograms(
             density, edges, fill=True, alpha=0.4, color=color, label=f"{name} ({int(row.sum())} px)"
         )
         ax.stairs(density, edges, color=color)
+    ax.axvline(
+        DEFAULT_THRESHOLD, color="black", linestyle="--", label="threshold 0.5 (F1+, F1-, IoU)"
+    )
+    if best_threshold is not None and math.isfinite(best_threshold):
+        ax.axvline(
+            best_threshold,
+            color="tab:green",
+            linestyle=":",
+            linewidth=2,
+            label=f"best validation threshold {best_threshold:.2f}",
+        )
     if log_y:
         ax.set_yscale("log")
     ax.set_xlim(0, 1)
@@ -387,8 +647,19 @@ def plot_score_histograms(
     ax.set_ylabel("density")
     ax.set_title(title or "predicted mask values")
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="upper center")
-    return _save(fig, path)
+    fig.legend(fontsize=8, loc="outside lower center", ncols=2)
+    return fig
+
+
+def plot_score_histograms(
+    counts: np.ndarray | torch.Tensor,
+    path: str | Path,
+    log_y: bool = False,
+    title: str | None = None,
+    best_threshold: float | None = None,
+) -> Path:
+    """Write :func:`score_histograms_figure` as a PNG at ``path``; returns the path."""
+    return _save(score_histograms_figure(counts, log_y, title, best_threshold), path)
 
 
 def _save(fig: Figure, path: str | Path) -> Path:
