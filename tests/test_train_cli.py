@@ -4,8 +4,13 @@ tests read or compare with the session's ``reference`` run (tests/conftest.py)."
 import json
 import math
 
+import numpy as np
 import pytest
 
+import loader
+from deepmil import predict
+from deepmil.config import load_config
+from deepmil.scoremaps import read_scoremaps, scoremap_path
 from helpers import epoch_metrics, final_metrics, only_folder, run_cli, tiny_args
 
 EXPECTED_FILES = [
@@ -167,5 +172,12 @@ def test_cam_run_then_post_hoc_grad_cam_on_its_classifier(dataset, tmp_path):
     assert grad_cam_test["cl_error"] == cam_test["cl_error"]
     assert grad_cam_test["loss_cl"] == cam_test["loss_cl"]
     assert "loss_pos" not in cam_test
+    for folder in (trained, only_folder(tmp_path / "gradcam")):
+        predictor = predict.load(config=folder / "config.yaml", weights=trained / "best_model.pt")
+        stored = next(read_scoremaps(scoremap_path(folder, "test")))
+        data = loader.DataConfig.from_config(load_config(folder / "config.yaml"))
+        result = predictor.predict(loader.dataset_root(data) / stored["image"])
+        np.testing.assert_array_equal(result.map, stored["mask"][0].numpy())
+        assert result.predicted == stored["predicted"]
     erasing = run_cli(tiny_args(dataset, "--method", "wildcat", exp_root=str(tmp_path / "refused")))
     assert erasing.returncode == 1 and "for method 'wildcat'" in erasing.stderr
