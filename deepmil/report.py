@@ -367,8 +367,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=FIGURE_IMAGES,
         choices=range(1, STORED_IMAGES + 1),
         metavar=f"1..{STORED_IMAGES}",
-        help=f"test images in the figure (default {FIGURE_IMAGES}; each run "
-        f"stores {STORED_IMAGES})",
+        help=f"test images in the figure (default {FIGURE_IMAGES}; every run stores the same "
+        f"first {STORED_IMAGES}, then its own misclassified and lowest-F1+ ones)",
     )
     return parser.parse_args(argv)
 
