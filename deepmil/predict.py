@@ -293,8 +293,7 @@ def write_outputs(
 
 
 def write_bytes(path: Path, content: bytes) -> None:
-    """Write ``content`` to ``path`` atomically, creating its folder."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``content`` to ``path`` atomically (its folder is created)."""
     files.atomic_write(path, lambda stream: stream.write(content))
 
 
@@ -397,7 +396,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         images = find_images(args.images)
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
         batch_size = args.batch_size or predictor.batch_size
         results, failures = predict_files(predictor, images, out, batch_size, args.map_format)
         files.write_text(csv_text(results, predictor.classes), out / "predictions.csv")

@@ -18,6 +18,13 @@ from deepmil.metrics import f1_pos_neg
 from deepmil.settings import RunSettings
 
 
+def run_predict(exp: Path, images: str, out: str, *extra: str) -> int:
+    """``python -m deepmil.predict`` on the CPU, in this process; its exit code."""
+    return predict.main(
+        ["--exp", str(exp), "--images", images, "--out", out, "--cudaid", "cpu", *extra]
+    )
+
+
 @pytest.fixture(scope="module")
 def test_set(reference) -> loader.PhotoDataset:
     """The reference run's test set."""
@@ -44,20 +51,7 @@ def test_predict_on_a_folder_reproduces_the_test_set_masks(
     images.mkdir()
     for path in test_set.image_paths:
         shutil.copy(path, images / path.name)
-    code = predict.main(
-        [
-            "--exp",
-            str(reference),
-            "--images",
-            str(images),
-            "--out",
-            str(tmp_path / "out"),
-            "--cudaid",
-            "cpu",
-            "--map-format",
-            "npy",
-        ]
-    )
+    code = run_predict(reference, str(images), str(tmp_path / "out"), "--map-format", "npy")
     assert code == 0
     predictor = predict.load(reference)
     with (tmp_path / "out" / "predictions.csv").open() as handle:
@@ -121,18 +115,7 @@ def test_any_size_and_the_16_bit_map(reference, tmp_path):
     assert result.map.shape == (37, 91)
     assert 0.0 <= result.map.min() and result.map.max() <= 1.0
     image.save(tmp_path / "odd.jpg")
-    code = predict.main(
-        [
-            "--exp",
-            str(reference),
-            "--images",
-            str(tmp_path / "*.jpg"),
-            "--out",
-            str(tmp_path / "out"),
-            "--cudaid",
-            "cpu",
-        ]
-    )
+    code = run_predict(reference, str(tmp_path / "*.jpg"), str(tmp_path / "out"))
     assert code == 0
     saved = np.asarray(Image.open(tmp_path / "out" / "maps" / "odd.jpg.png"))
     assert saved.dtype == np.uint16 and saved.shape == (37, 91)
@@ -150,18 +133,7 @@ def test_unreadable_images_are_reported_and_the_rest_predicted(
     (images / "notes.txt").write_text("ignored: not an image format")
     truncated = test_set.image_paths[1].read_bytes()
     (images / "truncated.png").write_bytes(truncated[: len(truncated) // 2])
-    code = predict.main(
-        [
-            "--exp",
-            str(reference),
-            "--images",
-            str(images),
-            "--out",
-            str(tmp_path / "out"),
-            "--cudaid",
-            "cpu",
-        ]
-    )
+    code = run_predict(reference, str(images), str(tmp_path / "out"))
     captured = capsys.readouterr()
     assert code == 1
     assert "1 of 3 images predicted" in captured.out
