@@ -52,14 +52,15 @@ def run_name(setting: str, seed: int) -> str:
     return f"{setting}-seed{seed}"
 
 
-def train_command(yaml_name: str, folder: Path, extra: list[str]) -> list[str]:
-    """``train_deepmil.py`` arguments that start the run in ``folder``, or resume it."""
+def train_command(yaml_name: str, folder: Path, extra: list[str], crf: bool = True) -> list[str]:
+    """``train_deepmil.py`` arguments that start the run in ``folder`` (evaluated with the CRF
+    too if ``crf``), or resume it."""
     if (folder / "checkpoint.pt").is_file():
         return ["--resume", str(folder), "--quiet", *device_options(extra)]
     return [
         "--yaml",
         yaml_name,
-        "--crf",
+        *(["--crf"] if crf else []),
         "--exp-root",
         str(folder.parent),
         "--exp-name",
@@ -98,7 +99,9 @@ def run_training(arguments: list[str], seed: int, log: Path) -> None:
         )
 
 
-def run_setting(setting: str, yaml_name: str, seed: int, root: Path, extra: list[str]) -> Path:
+def run_setting(
+    setting: str, yaml_name: str, seed: int, root: Path, extra: list[str], crf: bool = True
+) -> Path:
     """Train (or reuse) one setting for one seed; returns its experiment folder."""
     folder = root / run_name(setting, seed)
     if (folder / "final_metrics.json").is_file():
@@ -106,7 +109,7 @@ def run_setting(setting: str, yaml_name: str, seed: int, root: Path, extra: list
         return folder
     began = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
-    run_training(train_command(yaml_name, folder, extra), seed, root / f"{folder.name}.log")
+    run_training(train_command(yaml_name, folder, extra, crf), seed, root / f"{folder.name}.log")
     print(f"  {folder.name}: {time.perf_counter() - began:.0f} s", flush=True)
     return folder
 
