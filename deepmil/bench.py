@@ -193,7 +193,7 @@ def bench_step(args: argparse.Namespace, device: torch.device) -> dict[str, floa
     def plain() -> None:
         optimizer.zero_grad(set_to_none=True)
         plain_step(model, images, labels, seed=0, precision=precision)
-        optimizer.step()
+        precision.step(optimizer)
 
     passes = []
 
@@ -208,7 +208,7 @@ def bench_step(args: argparse.Namespace, device: torch.device) -> dict[str, floa
             sigma_erase=args.sigma_erase,
             precision=precision,
         )
-        optimizer.step()
+        precision.step(optimizer)
         passes.append(int(stats["erasing_passes"]))
 
     erasing_name = f"step_{args.erase}_erasing_s"
