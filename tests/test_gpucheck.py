@@ -13,6 +13,8 @@ TINY = [
     "--model",
     "resnet18",
     "--batch",
+    "4",
+    "--small-batches",
     "2",
     "--size",
     "64",
@@ -55,10 +57,11 @@ def test_the_check_runs_every_section_end_to_end_on_the_cpu(tmp_path):
     assert report["failures"] == []
     assert all("error" not in report[name] for name in gpucheck.SECTIONS)
     rows = report["step"]["rows"]
-    assert [(row["amp"], row["channels_last"], row["compile"]) for row in rows] == [
-        ("fp32", False, None),
-        ("fp32", True, None),
-        ("fp32", report["step"]["fastest"]["channels_last"], "eager"),
+    assert [(row["amp"], row["batch"], row["channels_last"], row["compile"]) for row in rows] == [
+        ("fp32", 4, False, None),
+        ("fp32", 4, True, None),
+        ("fp32", 4, report["step"]["fastest"]["channels_last"], "eager"),
+        ("fp32", 2, False, None),
     ]
     assert all(row["erasing_passes_run"] >= 1 and row["step_erasing_s"] > 0 for row in rows)
     assert report["eval"]["rows"][0]["padded"] == "64x64"
