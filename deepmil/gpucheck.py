@@ -69,6 +69,7 @@ TOLERANCE = 5.0
 COMPARED = ("cl_error", "f1_pos", "f1_neg")
 ERASING_PASSES = 4
 DETERMINISTIC_METHODS = ("minmax", "cam", "wildcat", "gradcam")
+LOADER_EPOCHS = 2  # timed loader epochs per setting (the median is reported)
 
 
 class CheckFailed(DeepMILError, AssertionError):
@@ -398,6 +399,7 @@ def check_loader(args: argparse.Namespace, device: torch.device, consumed: float
     """Loader images/s per worker count at the step's size, and the workers the step needs."""
     options = bench_options(args)
     options.loader_workers = [count for count in args.loader_workers if count <= os.cpu_count()]
+    options.warmup, options.repeats = 0, LOADER_EPOCHS
     rates = bench.bench_loader(options, torch.device("cpu"), None)
     workers = min(count for count in options.loader_workers if count > 0)
     per_worker = rates[f"workers_{workers}_preload_off_img_s"] / workers
