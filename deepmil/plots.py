@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from matplotlib import patheffects
+from matplotlib import patheffects, rcParams
 from matplotlib.axes import Axes
 from matplotlib.colors import to_rgb
 from matplotlib.figure import Figure
@@ -324,13 +324,22 @@ def plot_comparison_curves(
     path: str | Path,
     references: Mapping[str, tuple[str, str]] | None = None,
 ) -> Path:
+    """Write :func:`comparison_curves_figure` to ``path``; returns the written path."""
+    return _save(comparison_curves_figure(histories, panels, references), path)
+
+
+def comparison_curves_figure(
+    histories: Mapping[str, Sequence[Sequence[Mapping[str, object]]]],
+    panels: Sequence[tuple[str, str]],
+    references: Mapping[str, tuple[str, str]] | None = None,
+) -> Figure:
     """Per-epoch curves of several settings, one panel per ``(key, title)`` of ``panels``.
 
     ``histories`` maps a setting's label to its runs' histories (one dict per epoch, as in
     ``metrics.jsonl``); each line is the mean over the runs, shaded between their minimum and
-    maximum. Settings without the panel's key are left out of it. ``references`` maps a panel's
-    key to ``(key, label)`` of a value drawn dotted in black on it, averaged over every run (e.g.
-    the ground truth's area on the mask-area panel). Returns the written path.
+    maximum, in the setting's colour on every panel. Settings without the panel's key are left
+    out of it. ``references`` maps a panel's key to ``(key, label)`` of a value drawn dotted in
+    black on it, averaged over every run (e.g. the ground truth's area on the mask-area panel).
     """
     references = references or {}
     drawn = [
@@ -344,11 +353,12 @@ def plot_comparison_curves(
     rows = (len(drawn) + columns - 1) // columns
     fig = Figure(figsize=(6 * columns, 3.2 * rows), layout="constrained")
     axes = fig.subplots(rows, columns, squeeze=False).ravel()
+    colours = setting_colours(list(histories))
     for ax, (key, title) in zip(axes, drawn):
         for label, runs in histories.items():
             series = [_series(run, key) for run in runs if any(key in entry for entry in run)]
             if series:
-                _mean_band(ax, series, label)
+                _mean_band(ax, series, label, colours[label])
         if key in references:
             reference, name = references[key]
             series = [_series(run, reference) for runs in histories.values() for run in runs]
@@ -363,7 +373,7 @@ def plot_comparison_curves(
         ax.legend(fontsize=7, loc="best")
     for ax in axes[len(drawn) :]:
         ax.set_visible(False)
-    return _save(fig, path)
+    return fig
 
 
 def _stacked(series: Sequence[np.ndarray]) -> np.ndarray:
@@ -375,14 +385,20 @@ def _stacked(series: Sequence[np.ndarray]) -> np.ndarray:
     return out
 
 
-def _mean_band(ax: Axes, series: Sequence[np.ndarray], label: str) -> None:
-    """The mean of ``series`` per epoch, shaded between their minimum and maximum."""
+def setting_colours(labels: Sequence[str]) -> dict[str, str]:
+    """One colour per setting, the same on every panel (matplotlib's default cycle)."""
+    cycle = rcParams["axes.prop_cycle"].by_key()["color"]
+    return {label: cycle[index % len(cycle)] for index, label in enumerate(labels)}
+
+
+def _mean_band(ax: Axes, series: Sequence[np.ndarray], label: str, colour: str) -> None:
+    """The mean of ``series`` per epoch in ``colour``, shaded between their minimum and maximum."""
     stacked = _stacked(series)
     epochs = np.arange(stacked.shape[1])
-    (line,) = ax.plot(epochs, np.nanmean(stacked, axis=0), marker=".", label=label)
+    ax.plot(epochs, np.nanmean(stacked, axis=0), marker=".", label=label, color=colour)
     if len(series) > 1:
         low, high = np.nanmin(stacked, axis=0), np.nanmax(stacked, axis=0)
-        ax.fill_between(epochs, low, high, color=line.get_color(), alpha=0.15)
+        ax.fill_between(epochs, low, high, color=colour, alpha=0.15)
 
 
 # ----------------------------------------------------------------------------- prediction panels

@@ -279,3 +279,18 @@ def test_curves_of_runs_of_unequal_length_are_padded_with_gaps():
     stacked = plots._stacked([np.array([1.0, 2.0]), np.array([3.0])])
     np.testing.assert_array_equal(stacked, [[1.0, 2.0], [3.0, np.nan]])
     assert np.nanmean(stacked, axis=0).tolist() == [2.0, 2.0]
+
+
+def test_a_setting_keeps_its_colour_on_every_panel():
+    """Symptom: a panel that lacked the first setting drew the second in the first's colour."""
+    baseline = [[{"epoch": e, "train_loss_cl": 1.0, "valid_f1_neg": 50.0} for e in range(3)]]
+    ours = [[{"epoch": e, "train_loss_pos": 1.0, "valid_f1_neg": 60.0} for e in range(3)]]
+    panels = [("valid_f1_neg", "F1-"), ("train_loss_cl", "L_cl"), ("train_loss_pos", "L_pos")]
+    figure = plots.comparison_curves_figure({"CAM": baseline, "ours": ours}, panels)
+    colours = {}
+    for ax in figure.axes:
+        for line in ax.lines:
+            colours.setdefault(line.get_label(), set()).add(line.get_color())
+    assert len(colours["CAM"]) == len(colours["ours"]) == 1
+    assert colours["CAM"] != colours["ours"]
+    assert [line.get_label() for line in figure.axes[2].lines] == ["ours"]
