@@ -8,10 +8,12 @@ Each variant is a shipped ``synthetic-transfer-*`` configuration with a few keys
 * ``erasing``: when recursive erasing starts (never, epoch 1 as in the paper, epoch 4);
 * ``normalisation``: the mask min-max normalised over the whole batch (the paper) or per sample;
 * ``pooling``: WILDCAT dropout 0.75 (the paper's) against none, with k = 1 selected cell (4x4
-  classifier map, 256-px images) and k = 2 (5x5 map, 320-px images; kmax 0.09 of 25 cells).
+  classifier map, 256-px images) and k = 2 (5x5 map, 320-px images; kmax 0.09 of 25 cells),
+  beside CAM at both sizes (so that a gain of the larger images is not read as the method's).
 
 The variants equal to a shipped configuration are the comparison's own runs
-(``deepmil.compare``, its ``--exp-root``): reused when there, trained otherwise. Settings are
+(``deepmil.compare``, its ``--exp-root``): reused when there, trained as the comparison trains
+them otherwise. Settings are
 compared on the validation split only (the split that selects a run's epoch), never on test.
 Writes ``synthetic-transfer-study.md`` (one table per question) and
 ``synthetic-transfer-study-<question>.png`` (per-epoch validation error of both heads, F1-,
@@ -88,6 +90,8 @@ QUESTIONS: dict[str, tuple[str, tuple[Variant, ...]]] = {
                 "no-erasing",
                 (*SIZE_320, "model.dropout=0.0"),
             ),
+            Variant("cam", "CAM, 256 px (reference)", "cam"),
+            Variant("cam-320px", "CAM, 320 px (reference)", "cam", SIZE_320),
         ),
     ),
 }
@@ -104,11 +108,13 @@ def set_options(changes: tuple[str, ...]) -> list[str]:
 
 
 def train_variant(variant: Variant, seed: int, roots: dict[bool, Path], extra: list[str]) -> Path:
-    """Train (or reuse) ``variant`` with ``seed``; returns its experiment folder."""
+    """Train (or reuse) ``variant`` with ``seed``; returns its experiment folder. A shipped
+    variant is a comparison run and is trained as the comparison trains it (with the CRF); the
+    changed ones skip the CRF, which the study does not report."""
     yaml_name = compare.config_name("transfer", variant.config)
     options = extra + set_options(variant.changes)
     root = roots[shipped(variant)]
-    return compare.run_setting(variant.name, yaml_name, seed, root, options, crf=False)
+    return compare.run_setting(variant.name, yaml_name, seed, root, options, crf=shipped(variant))
 
 
 def question_settings(variants: tuple[Variant, ...], folders: dict[str, Path]) -> list:

@@ -32,7 +32,7 @@ def test_every_variant_resolves_to_a_valid_configuration(name, tmp_path):
     changed = {key for key in config if config[key] != shipped[key]}
     expected = {change.split("=")[0].split(".")[0] for change in variant.changes}
     assert changed == expected
-    assert config["method"] == "minmax"
+    assert config["method"] == ("cam" if variant.config == "cam" else "minmax")
 
 
 @pytest.mark.parametrize(("name", "side", "k"), [("dropout-0", 4, 1), ("320px", 5, 2)])
@@ -54,12 +54,23 @@ def test_the_variants_of_the_paper_settings_are_the_comparison_runs():
     assert names and names <= trained
 
 
-def test_a_study_run_is_trained_without_the_crf(tmp_path):
-    command = compare.train_command("synthetic-transfer-no-erasing.yaml", tmp_path / "r", [], False)
-    assert "--crf" not in command
-    assert "--crf" in compare.train_command(
-        "synthetic-transfer-no-erasing.yaml", tmp_path / "r", []
-    )
+def test_only_the_comparison_runs_of_the_study_are_trained_with_the_crf(tmp_path, monkeypatch):
+    calls = {}
+
+    def record(setting, yaml_name, seed, root, extra, crf=True):
+        calls[setting] = (root, crf)
+        return root / setting
+
+    monkeypatch.setattr(compare, "run_setting", record)
+    roots = {True: tmp_path / "compare", False: tmp_path / "study"}
+    for variant in VARIANTS.values():
+        study.train_variant(variant, 0, roots, [])
+    assert calls["minmax-no-erasing"] == (roots[True], True)
+    assert calls["cam"] == (roots[True], True)
+    assert calls["dropout-0"] == (roots[False], False)
+    assert calls["cam-320px"] == (roots[False], False)
+    assert "--crf" not in compare.train_command("x.yaml", tmp_path / "r", [], False)
+    assert "--crf" in compare.train_command("x.yaml", tmp_path / "r", [])
 
 
 def fake_finished_run(folder, variant, epochs=3):
