@@ -538,7 +538,7 @@ def main(argv: list[str] | None = None) -> dict:
         for name, value in values.items():
             label, shown = readable(name, value)
             print(f"  {label:<48} {shown}")
-    report = {"setting": setting, **results}
+    report = {"setting": setting, "device": device.type, **results}
     args.json.parent.mkdir(parents=True, exist_ok=True)
     files.write_json(report, args.json)
     print(f"figures (seconds, images/s, MiB, ratios) written to {args.json}")

@@ -11,8 +11,8 @@ and erasing start and the sizes of the published split: training steps, per-epoc
 the final evaluation of the test set and its CRF over ``--crf-workers`` processes. With ``torchrun``
 over N GPUs the paper's batch is split (``batch_size / N`` per GPU), so every step runs at that
 smaller batch: measured when the JSON has it (``gpucheck``'s per-GPU batches), else divided by N
-and marked as ideal. The figures are projections: only the per-step and per-image times are
-measured.
+and marked as ideal. Figures measured on a CPU count machines instead of GPUs. The figures are
+projections: only the per-step and per-image times are measured.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ class Measured:
     """Per-step and per-image seconds of the paper setting, on one device."""
 
     source: str
+    unit: str
     batch: int
     plain_s: float
     erasing_s: float
@@ -72,6 +73,11 @@ def read_json(path: Path) -> dict:
         raise CostError(f"{path}: cannot read the measured figures ({error})") from error
 
 
+def device_unit(report: dict) -> str:
+    """What the table counts: ``GPU`` for CUDA figures, ``machine`` for CPU ones."""
+    return {"cuda": "GPU", "cpu": "machine"}.get(report.get("device"), "device")
+
+
 def from_gpucheck(report: dict, path: Path) -> Measured:
     """The float32 figures of a ``deepmil.gpucheck`` report."""
     rows = [row for row in report["step"]["rows"] if row["amp"] == "fp32" and not row["compile"]]
@@ -81,6 +87,7 @@ def from_gpucheck(report: dict, path: Path) -> Measured:
     evaluation = next(row for row in report["eval"]["rows"] if row["amp"] == "fp32")
     return Measured(
         source=f"{path} ({report['setting']})",
+        unit=device_unit(report),
         batch=batch,
         plain_s=full["step_no_erasing_s"],
         erasing_s=full["step_erasing_s"],
@@ -98,6 +105,7 @@ def from_bench(report: dict, path: Path) -> Measured:
     erasing = next(key for key in step if key.endswith("_erasing_s") and key[5].isdigit())
     return Measured(
         source=f"{path} ({report['setting']})",
+        unit=device_unit(report),
         batch=int(round(step["consumed_no_erasing_img_s"] * step["step_no_erasing_s"])),
         plain_s=step["step_no_erasing_s"],
         erasing_s=step[erasing],
@@ -205,12 +213,12 @@ def cost_table(measured: Measured, gpus: list[int], crf_workers: int) -> str:
         "config",
         "train / valid / test",
         "steps",
-        "epoch (1 GPU)",
+        f"epoch (1 {measured.unit})",
         "final eval",
         "CRF of test",
         "disk",
     ]
-    columns += [f"total, {count} GPU{'s' * (count > 1)}" for count in gpus]
+    columns += [f"total, {count} {measured.unit}{'s' * (count > 1)}" for count in gpus]
     lines = ["| " + " | ".join(columns) + " |", "|---|---:|" + "---:|" * (len(columns) - 2)]
     for dataset in SPLIT_SIZES:
         for setting in SETTINGS:

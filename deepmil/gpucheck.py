@@ -438,7 +438,7 @@ def run_section(
 def run_checks(args: argparse.Namespace) -> tuple[dict, list[str]]:
     """Every selected section in order; the report and the failures."""
     device = torch.device(args.device)
-    report: dict[str, Any] = {"setting": setting_text(args, device)}
+    report: dict[str, Any] = {"setting": setting_text(args, device), "device": device.type}
     failures: list[str] = []
     sections = set(args.sections)
     fast = {"amp": "fp32", "channels_last": False}

@@ -133,7 +133,7 @@ def test_sections_can_be_selected(tmp_path):
             str(tmp_path / "bench.json"),
         ]
     )
-    assert sorted(report) == ["crf", "setting"]
+    assert sorted(report) == ["crf", "device", "setting"] and report["device"] == "cpu"
     assert sorted(report["crf"]) == sorted(key.replace("48", "32") for key in EXPECTED["crf"])
 
 

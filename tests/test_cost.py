@@ -21,6 +21,7 @@ def gpucheck_report(path):
     ]  # fmt: skip
     report = {
         "setting": "a GPU",
+        "device": "cuda",
         "step": {"rows": rows},
         "eval": {"rows": [{"amp": "fp32", "batch_1_img_s": 10.0}]},
     }
@@ -48,11 +49,14 @@ def test_glas_with_erasing_from_a_gpucheck_report(tmp_path):
     four = cost.config_cost("glas", "no-erasing", measured, 4, crf_workers=8)
     assert not four["measured_step"]  # batch 2 was not: the batch-8 step divided by 4
     assert four["total_s"] == pytest.approx(9 * 400 * 0.25 + validation / 4 + final / 4)
+    table = cost.cost_table(measured, [1, 4], crf_workers=8)
+    assert "| epoch (1 GPU) |" in table and "| total, 4 GPUs |" in table
 
 
 def test_cub_from_a_bench_report_with_the_crf(tmp_path):
     report = {
         "setting": "CPU",
+        "device": "cpu",
         "step": {
             "step_no_erasing_s": 20.0,
             "step_4_erasing_s": 50.0,
@@ -77,6 +81,7 @@ def test_cub_from_a_bench_report_with_the_crf(tmp_path):
         and "| cuball-no-erasing | 4794 / 1200 / 5794 | 240000 |" in table
     )
     assert "(ideal)" in table
+    assert "| epoch (1 machine) |" in table and "| total, 2 machines |" in table
 
 
 def test_the_disk_column_counts_the_download_and_three_parameter_copies():
